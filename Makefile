@@ -1,0 +1,26 @@
+# Everything installs itself into .venv on first use; `make demo` and `make test` are all a
+# fresh machine needs (Python 3.9+, pip, venv).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+EDGEPROP := $(VENV)/bin/edgeprop
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
+	touch $@
+
+.PHONY: demo test bench clean
+demo: $(VENV)/.installed  ## export NoProp-DT for digits, train it with onnxruntime, print test accuracy
+	$(EDGEPROP) export --rule noprop-dt --model mlp --data digits --out runs/digits --force
+	$(EDGEPROP) train runs/digits --data digits --epochs 40
+	$(EDGEPROP) eval runs/digits --data digits --runs 5
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q
+
+bench: $(VENV)/.installed
+	$(PY) bench/noprop_digits.py
+
+clean:
+	rm -rf runs bench/results

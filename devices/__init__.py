@@ -1,0 +1,1 @@
+"""Device profiles (data files: RAM, flash, arch, cores, engines). Empty until the memory-budget work lands."""

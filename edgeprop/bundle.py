@@ -1,0 +1,209 @@
+"""The bundle: what the desktop hands the device, loadable without pickle or code execution.
+
+    BUNDLE/
+      manifest.json        schema version, rule, model, hyperparameters, noise schedule,
+                           every graph's inputs/outputs and every state tensor (name, shape,
+                           dtype), sha256 of every file below
+      graphs/*.onnx        per-unit step graphs and inference graphs
+      state/init.npz       initial parameters and optimizer state of every unit, "UNIT/KEY";
+                           "embedding" holds the fixed label embedding W_embed (classes × d)
+      checkpoints/         written by `edgeprop train` (not covered by the manifest)
+
+A unit is one thing the device steps on its own: a NoProp block or the classifier head.
+Identical blocks share one step graph file; their weights differ.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+
+from .errors import BundleError
+from .schedule import NoiseSchedule
+from .storage import load_arrays, sha256_of, write_atomic
+
+SCHEMA_VERSION = 1
+RULES = ("noprop-dt",)
+MANIFEST = "manifest.json"
+INIT_STATE = "state/init.npz"
+CHECKPOINT = "checkpoints/last.npz"
+
+
+@dataclass(frozen=True)
+class Tensor:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+
+    @classmethod
+    def from_json(cls, d: dict, where: str) -> "Tensor":
+        try:
+            return cls(str(d["name"]), tuple(int(s) for s in d["shape"]), str(np.dtype(d["dtype"])))
+        except (KeyError, TypeError, ValueError) as e:
+            raise BundleError(f"manifest.json: bad tensor description in {where} ({e!r})") from None
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
+
+    def check(self, value: np.ndarray, where: str) -> None:
+        if tuple(value.shape) != self.shape or str(value.dtype) != self.dtype:
+            raise BundleError(f"{where}: '{self.name}' is {value.dtype}{list(value.shape)}, "
+                              f"the manifest says {self.dtype}{list(self.shape)}")
+        if value.dtype.kind == "f" and not np.all(np.isfinite(value)):
+            raise BundleError(f"{where}: '{self.name}' holds NaN or inf")
+
+
+@dataclass(frozen=True)
+class Graph:
+    file: str
+    inputs: tuple[Tensor, ...]
+    outputs: tuple[Tensor, ...]
+
+
+@dataclass(frozen=True)
+class Unit:
+    name: str
+    role: str            # "block" or "head"
+    t: int | None        # block index 1..T (None for the head)
+    step_graph: str      # key into Bundle.graphs
+    infer_graph: str
+    state: tuple[Tensor, ...]  # parameters ("param.*") and optimizer state ("opt.*")
+
+    @property
+    def params(self) -> tuple[Tensor, ...]:
+        return tuple(s for s in self.state if s.name.startswith("param."))
+
+
+class Bundle:
+    """A loaded, fully validated bundle."""
+
+    def __init__(self, root: Path, manifest: dict):
+        self.root = Path(root)
+        self.manifest = manifest
+        self.id = hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()[:16]
+        try:
+            self.rule = manifest["rule"]
+            self.model = manifest["model"]
+            self.input_shape = [int(s) for s in self.model["input_shape"]]
+            self.num_classes = int(self.model["num_classes"])
+            self.batch_size = int(manifest["batch_size"])
+            self.optimizer = manifest["optimizer"]
+            self.input_norm = (float(manifest["input_norm"]["mean"]), float(manifest["input_norm"]["std"]))
+            self.graphs = {k: Graph(g["file"], tuple(Tensor.from_json(t, k) for t in g["inputs"]),
+                                    tuple(Tensor.from_json(t, k) for t in g["outputs"]))
+                           for k, g in manifest["graphs"].items()}
+            self.units = [Unit(u["name"], u["role"], u.get("t"), u["step_graph"], u["infer_graph"],
+                               tuple(Tensor.from_json(t, u["name"]) for t in u["state"]))
+                          for u in manifest["units"]]
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise BundleError(f"{self.root / MANIFEST}: missing or malformed field ({e!r})") from None
+        if self.rule not in RULES:
+            raise BundleError(f"{self.root / MANIFEST}: rule '{self.rule}' is not one this edgeprop runs ({', '.join(RULES)})")
+        self.schedule = NoiseSchedule.from_json(manifest.get("noise", {}))
+
+    @property
+    def blocks(self) -> list[Unit]:
+        return [u for u in self.units if u.role == "block"]
+
+    @property
+    def head(self) -> Unit:
+        return next(u for u in self.units if u.role == "head")
+
+    def path(self, rel: str) -> Path:
+        return self.root / rel
+
+    def graph_path(self, key: str) -> Path:
+        return self.root / self.graphs[key].file
+
+    def initial_state(self) -> tuple[dict[str, dict[str, np.ndarray]], np.ndarray]:
+        """({unit: {key: array}}, embedding), checked against the manifest."""
+        arrays, _ = load_arrays(self.path(INIT_STATE))
+        return split_state(self, arrays, INIT_STATE), _embedding(self, arrays)
+
+    def checkpoint_path(self) -> Path:
+        return self.path(CHECKPOINT)
+
+
+def split_state(bundle: Bundle, arrays: dict[str, np.ndarray], where: str) -> dict[str, dict[str, np.ndarray]]:
+    state = {}
+    for unit in bundle.units:
+        state[unit.name] = {}
+        for t in unit.state:
+            key = f"{unit.name}/{t.name}"
+            if key not in arrays:
+                raise BundleError(f"{where}: tensor '{key}' is missing")
+            t.check(arrays[key], where)
+            state[unit.name][t.name] = arrays[key]
+    return state
+
+
+def join_state(state: dict[str, dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    return {f"{u}/{k}": v for u, tensors in state.items() for k, v in tensors.items()}
+
+
+def _embedding(bundle: Bundle, arrays: dict[str, np.ndarray]) -> np.ndarray:
+    emb = arrays.get("embedding")
+    d = int(bundle.model["embed_dim"])
+    if emb is None or emb.shape != (bundle.num_classes, d) or not np.all(np.isfinite(emb)):
+        raise BundleError(f"{INIT_STATE}: 'embedding' must be a finite {bundle.num_classes}×{d} array")
+    return emb
+
+
+def _safe_relative(rel: str, root: Path) -> Path:
+    p = PurePosixPath(rel)
+    if p.is_absolute() or ".." in p.parts or not p.parts:
+        raise BundleError(f"{root / MANIFEST}: file path '{rel}' leaves the bundle folder")
+    return root / p
+
+
+def load(path: str | Path) -> Bundle:
+    """Load and validate a bundle folder: schema, checksums, tensor shapes, schedule invariants."""
+    root = Path(path)
+    if not root.is_dir():
+        raise BundleError(f"{root}: no bundle folder here (run `edgeprop export` first)")
+    mpath = root / MANIFEST
+    if not mpath.is_file():
+        raise BundleError(f"{mpath}: file is missing")
+    try:
+        manifest = json.loads(mpath.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BundleError(f"{mpath}: not valid JSON ({e})") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("schema_version"), int):
+        raise BundleError(f"{mpath}: no integer schema_version; not an edgeprop bundle")
+    version = manifest["schema_version"]
+    if version > SCHEMA_VERSION:
+        raise BundleError(f"{mpath}: schema version {version} is newer than this edgeprop understands "
+                          f"({SCHEMA_VERSION}); upgrade edgeprop on this device")
+    if version < 1:
+        raise BundleError(f"{mpath}: schema version {version} is not valid")
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not files:
+        raise BundleError(f"{mpath}: no 'files' table of checksums")
+    for rel, digest in files.items():
+        fpath = _safe_relative(rel, root)
+        if not fpath.is_file():
+            raise BundleError(f"{fpath}: file is missing (listed in manifest.json)")
+        if sha256_of(fpath) != digest:
+            raise BundleError(f"{fpath}: sha256 does not match manifest.json (corrupt or modified file)")
+    bundle = Bundle(root, manifest)
+    needed = {g.file for g in bundle.graphs.values()} | {INIT_STATE}
+    for rel in sorted(needed - set(files)):
+        raise BundleError(f"{mpath}: '{rel}' is used but has no checksum in 'files'")
+    for unit in bundle.units:
+        for key in (unit.step_graph, unit.infer_graph):
+            if key not in bundle.graphs:
+                raise BundleError(f"{mpath}: unit '{unit.name}' names graph '{key}', which is not listed")
+    bundle.initial_state()  # shapes, dtypes, finiteness of every initial tensor
+    return bundle
+
+
+def write_manifest(root: Path, manifest: dict) -> None:
+    """Fill in the checksums of every file the manifest names and write it atomically."""
+    root = Path(root)
+    files = sorted({g["file"] for g in manifest["graphs"].values()} | {INIT_STATE})
+    manifest = dict(manifest, schema_version=SCHEMA_VERSION,
+                    files={rel: sha256_of(root / rel) for rel in files})
+    write_atomic(root / MANIFEST, (json.dumps(manifest, indent=1) + "\n").encode())

@@ -1,0 +1,149 @@
+"""Data sources for `--data`: the bundled digits set, an .npz file, or a folder of IDX files.
+
+    digits          scikit-learn's 8x8 digits (1797 images, values 0..16), shipped inside
+                    edgeprop so a device needs neither scikit-learn nor a download; a fixed
+                    stratified 75/25 train/test split
+    FILE.npz        arrays x (N, ...) and y (N,), or x_train/y_train/x_test/y_test
+    FOLDER/         MNIST / Fashion-MNIST IDX files, gzipped or not:
+                    {train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]
+"""
+from __future__ import annotations
+
+import gzip
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import DataError
+
+SPLITS = ("train", "test")
+DIGITS_FILE = Path(__file__).parent / "data" / "digits.npz"
+
+
+@dataclass
+class Dataset:
+    x: np.ndarray  # (N, ...) float32, raw values (the bundle's normalisation is applied later)
+    y: np.ndarray  # (N,) int64
+    name: str
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+
+def load(source: str, split: str) -> Dataset:
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}")
+    if source == "digits":
+        x, y = _digits(split)
+    else:
+        path = Path(source)
+        if path.is_dir():
+            x, y = _idx_folder(path, split)
+        elif path.suffix == ".npz" and path.is_file():
+            x, y = _npz(path, split)
+        elif not path.exists():
+            raise DataError(f"--data {source}: no such file or folder (use 'digits', an .npz file or an IDX folder)")
+        else:
+            raise DataError(f"--data {source}: not an .npz file or an IDX folder")
+    return Dataset(np.asarray(x, dtype=np.float32), _labels(y, source), f"{source}:{split}")
+
+
+def stratified_split(y: np.ndarray, test_fraction: float = 0.25, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (train, test): the same share of every class goes to test, fixed by `seed`."""
+    rng = np.random.default_rng(seed)
+    train, test = [], []
+    for c in np.unique(y):
+        idx = rng.permutation(np.flatnonzero(y == c))
+        n_test = int(round(test_fraction * len(idx)))
+        test.append(idx[:n_test])
+        train.append(idx[n_test:])
+    return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
+
+
+def _digits(split: str):
+    with np.load(DIGITS_FILE, allow_pickle=False) as f:
+        x, y = f["x"], f["y"]
+    train, test = stratified_split(y)
+    idx = train if split == "train" else test
+    return x[idx], y[idx]
+
+
+def _npz(path: Path, split: str):
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            arrays = {k: f[k] for k in f.files}
+    except Exception as e:  # a corrupt zip, or object arrays that would need pickle
+        raise DataError(f"{path}: cannot read arrays without pickle ({e})") from None
+    for xk, yk in ((f"x_{split}", f"y_{split}"), ("x", "y")):
+        if xk in arrays and yk in arrays:
+            x, y = arrays[xk], arrays[yk]
+            if len(x) != len(y):
+                raise DataError(f"{path}: {xk} has {len(x)} rows but {yk} has {len(y)}")
+            return x, y
+    raise DataError(f"{path}: expected arrays x and y, or x_{split} and y_{split}; found {sorted(arrays)}")
+
+
+_IDX_TYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+
+def read_idx(path: Path) -> np.ndarray:
+    raw = (gzip.open if path.suffix == ".gz" else open)(path, "rb").read()
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_TYPES:
+        raise DataError(f"{path}: not an IDX file (bad magic number)")
+    ndim = raw[3]
+    shape = tuple(int(d) for d in np.frombuffer(raw, ">u4", count=ndim, offset=4))
+    dtype = np.dtype(_IDX_TYPES[raw[2]])
+    offset = 4 + 4 * ndim
+    expected = int(np.prod(shape)) * dtype.itemsize
+    if len(raw) - offset != expected:
+        raise DataError(f"{path}: header says shape {shape} ({expected} bytes) but {len(raw) - offset} bytes follow")
+    return np.frombuffer(raw, dtype, offset=offset).reshape(shape).astype(dtype.newbyteorder("="))
+
+
+def _idx_folder(folder: Path, split: str):
+    prefix = "train" if split == "train" else "t10k"
+
+    def find(kind: str) -> Path:
+        hits = sorted(folder.glob(f"{prefix}-{kind}*ubyte*"))
+        if not hits:
+            raise DataError(f"{folder}: no {prefix}-{kind}-ubyte[.gz] file for the {split} split")
+        return hits[0]
+
+    x, y = read_idx(find("images")), read_idx(find("labels"))
+    if len(x) != len(y):
+        raise DataError(f"{folder}: {len(x)} images but {len(y)} labels in the {split} split")
+    return x, y
+
+
+def _labels(y: np.ndarray, source: str) -> np.ndarray:
+    y = np.asarray(y)
+    if y.ndim != 1:
+        raise DataError(f"{source}: labels must be a 1-D array of class indices, got shape {y.shape}")
+    if y.dtype.kind == "f":
+        if not np.all(np.isfinite(y)) or not np.all(y == np.round(y)):
+            raise DataError(f"{source}: labels must be whole class indices")
+    elif y.dtype.kind not in "iu":
+        raise DataError(f"{source}: labels must be integers, got dtype {y.dtype}")
+    return y.astype(np.int64)
+
+
+def check(data: Dataset, input_shape: list[int], num_classes: int) -> None:
+    """Reject data the model cannot train on, before any work starts."""
+    n_features = int(np.prod(input_shape))
+    if len(data) == 0:
+        raise DataError(f"{data.name}: no samples")
+    got = int(np.prod(data.x.shape[1:]))
+    if got != n_features:
+        raise DataError(f"{data.name}: samples have {got} features (shape {list(data.x.shape[1:])}); "
+                        f"the model expects {n_features} (input shape {list(input_shape)})")
+    bad = ~np.isfinite(data.x.reshape(len(data), -1))
+    if bad.any():
+        row = int(np.flatnonzero(bad.any(axis=1))[0])
+        raise DataError(f"{data.name}: {int(np.isnan(data.x).sum())} NaN and {int(np.isinf(data.x).sum())} "
+                        f"inf values in x (first in sample {row})")
+    out = (data.y < 0) | (data.y >= num_classes)
+    if out.any():
+        row = int(np.flatnonzero(out)[0])
+        raise DataError(f"{data.name}: label {int(data.y[row])} in sample {row} is outside the model's "
+                        f"{num_classes} classes (0..{num_classes - 1})")

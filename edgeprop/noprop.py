@@ -1,0 +1,121 @@
+"""NoProp-DT orchestration in numpy: what each step is fed, and how a trained chain predicts.
+
+The device runtime and the torch reference both draw their batches and noise here, so the
+two see identical inputs step for step. Every random draw comes from a generator seeded by
+(seed, epoch, batch, unit): no generator state to checkpoint, and a resumed run replays
+exactly what an uninterrupted one would have drawn.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from .bundle import Bundle, Unit
+from .datasets import Dataset
+
+ORDERS = ("interleaved", "block-sequential")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The whole run as a flat sequence of work items (unit, epoch, batch)."""
+    n_units: int
+    n_batches: int
+    epochs: int
+    order: str
+
+    @property
+    def total(self) -> int:
+        return self.n_units * self.n_batches * self.epochs
+
+    def item(self, i: int) -> tuple[int, int, int]:
+        U, B, E = self.n_units, self.n_batches, self.epochs
+        if self.order == "interleaved":  # every unit steps on each batch
+            return i % U, (i // (U * B)), (i // U) % B
+        return i // (B * E), (i // B) % E, i % B  # block-sequential: one unit to completion
+
+
+def normalise(bundle: Bundle, data: Dataset) -> np.ndarray:
+    mean, std = bundle.input_norm
+    x = data.x.reshape(len(data), *bundle.input_shape)
+    return ((x - mean) / std).astype(np.float32)
+
+
+class Feeder:
+    """Builds the data inputs of a unit's step graph for one work item."""
+
+    def __init__(self, bundle: Bundle, embedding: np.ndarray, data: Dataset, seed: int):
+        self.bundle, self.embedding, self.seed = bundle, embedding.astype(np.float32), seed
+        self.x, self.y = normalise(bundle, data), data.y
+        self.n_batches = -(-len(self.y) // bundle.batch_size)
+        self._perm_epoch, self._perm = None, None
+
+    def _batch_indices(self, epoch: int, batch: int) -> np.ndarray:
+        if self._perm_epoch != epoch:
+            self._perm = np.random.default_rng([self.seed, epoch]).permutation(len(self.y))
+            self._perm_epoch = epoch
+        B = self.bundle.batch_size
+        return self._perm[batch * B:(batch + 1) * B]
+
+    def feeds(self, unit_index: int, epoch: int, batch: int) -> dict[str, np.ndarray]:
+        unit = self.bundle.units[unit_index]
+        idx = self._batch_indices(epoch, batch)
+        B, n = self.bundle.batch_size, len(idx)
+        # The graph has a fixed batch size; a short last batch is padded and masked out.
+        mask = np.zeros(B, np.float32)
+        mask[:n] = 1.0
+        pad = np.zeros(B - n, np.int64)
+        y = np.concatenate([self.y[idx], pad])
+        u = self.embedding[y]
+        rng = np.random.default_rng([self.seed, epoch, batch, unit_index])
+        eps = rng.standard_normal(u.shape, dtype=np.float32)
+        sched = self.bundle.schedule
+        if unit.role == "block":
+            # Block t denoises z_{t-1} ~ q(z_{t-1} | y) towards u_y.
+            ab = sched.alpha_bar[unit.t - 1]
+            x = np.concatenate([self.x[idx], np.zeros((B - n, *self.x.shape[1:]), np.float32)])
+            z = (np.sqrt(ab) * u + np.sqrt(1 - ab) * eps).astype(np.float32)
+            return {"x": x, "z": z, "target": u, "mask": mask,
+                    "loss_scale": np.array(sched.weights[unit.t - 1], np.float32)}
+        # The head learns p(y | z_T) on z_T ~ q(z_T | y): never on a block's output.
+        ab = sched.alpha_bar[-1]
+        z = (np.sqrt(ab) * u + np.sqrt(1 - ab) * eps).astype(np.float32)
+        onehot = np.eye(self.bundle.num_classes, dtype=np.float32)[y]
+        return {"z": z, "target": onehot, "mask": mask}
+
+
+RunUnit = Callable[[Unit, dict[str, np.ndarray]], np.ndarray]
+
+
+def predict(bundle: Bundle, embedding: np.ndarray, x: np.ndarray, run_unit: RunUnit, seed: int):
+    """Stochastic NoProp-DT inference; labels are never an input.
+
+    z_0 ~ N(0, I);  z_t = a_t û_t(z_{t-1}, x) + b_t z_{t-1} + √c_t ε;  ŷ = argmax head(z_T).
+    `run_unit(unit, feeds)` runs a unit's inference graph on one fixed-size batch.
+    Returns (predicted classes (N,), per-block classes (T, N) read off each û_t).
+    """
+    B, N, d = bundle.batch_size, len(x), embedding.shape[1]
+    rng = np.random.default_rng([seed, 0x1FE2])
+    preds, block_preds = [], []
+    for start in range(0, N, B):
+        xb = x[start:start + B]
+        n = len(xb)
+        xb = np.concatenate([xb, np.zeros((B - n, *xb.shape[1:]), np.float32)])
+        z = rng.standard_normal((B, d), dtype=np.float32)
+        per_block = []
+        for unit in bundle.blocks:
+            u_hat = run_unit(unit, {"x": xb, "z": z})
+            per_block.append(nearest_class(u_hat, embedding)[:n])
+            a, b, c = bundle.schedule.coefficients(unit.t)
+            z = (a * u_hat + b * z + np.sqrt(c) * rng.standard_normal((B, d), dtype=np.float32)).astype(np.float32)
+        logits = run_unit(bundle.head, {"z": z})
+        preds.append(np.argmax(logits, axis=1)[:n])
+        block_preds.append(np.stack(per_block))
+    return np.concatenate(preds), np.concatenate(block_preds, axis=1)
+
+
+def nearest_class(u_hat: np.ndarray, embedding: np.ndarray) -> np.ndarray:
+    d2 = (u_hat ** 2).sum(1, keepdims=True) - 2 * u_hat @ embedding.T + (embedding ** 2).sum(1)
+    return np.argmin(d2, axis=1)

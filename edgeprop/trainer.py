@@ -1,0 +1,145 @@
+"""The device-side trainer: feeds each unit's step graph, keeps weights, checkpoints, resumes.
+
+Imports numpy and an engine only. The learning itself (forward, local loss, in-block
+gradient, optimizer update) happens inside the compiled step graphs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .bundle import Bundle, join_state, split_state
+from .datasets import Dataset
+from .errors import EdgepropError
+from .noprop import ORDERS, Feeder, Plan, normalise, predict
+from .progress import Progress
+from .storage import load_arrays, save_arrays
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 30
+    order: str = "interleaved"
+    seed: int = 0
+    lr: float | None = None        # None: the learning rate the bundle was exported with
+    checkpoint_every: int = 500    # work items (one unit's optimizer step each)
+
+    def check(self) -> "TrainConfig":
+        if self.order not in ORDERS:
+            raise EdgepropError(f"--order must be one of {', '.join(ORDERS)}")
+        if self.epochs < 1:
+            raise EdgepropError("--epochs must be at least 1")
+        if self.lr is not None and not (np.isfinite(self.lr) and self.lr > 0):
+            raise EdgepropError("--lr must be a positive number")
+        if self.checkpoint_every < 1:
+            raise EdgepropError("--checkpoint-every must be at least 1")
+        return self
+
+
+class Trainer:
+    def __init__(self, bundle: Bundle, engine, data: Dataset, config: TrainConfig):
+        self.bundle, self.engine, self.config = bundle, engine, config.check()
+        self.state, self.embedding = bundle.initial_state()
+        self.feeder = Feeder(bundle, self.embedding, data, config.seed)
+        self.plan = Plan(len(bundle.units), self.feeder.n_batches, config.epochs, config.order)
+        self.lr = np.array(config.lr if config.lr is not None else bundle.optimizer["lr"], np.float32)
+        self.done = 0
+        self.steps = {u.name: 0 for u in bundle.units}
+        self.losses = {u.name: float("nan") for u in bundle.units}
+        self._graphs = {}
+
+    def graph(self, key: str):
+        if key not in self._graphs:
+            self._graphs[key] = self.engine.load(self.bundle.graph_path(key))
+        return self._graphs[key]
+
+    # -- checkpoints -------------------------------------------------------------------------
+    def _meta(self) -> dict:
+        c = self.config
+        return {"bundle": self.bundle.id, "done": self.done, "total": self.plan.total, "steps": self.steps,
+                "losses": self.losses, "epochs": c.epochs, "order": c.order, "seed": c.seed,
+                "lr": float(self.lr), "n_batches": self.plan.n_batches}
+
+    def save(self) -> None:
+        save_arrays(self.bundle.checkpoint_path(), join_state(self.state), self._meta())
+
+    def resume(self) -> None:
+        """Continue from the bundle's checkpoint, which must come from the same run settings."""
+        path = self.bundle.checkpoint_path()
+        if not path.is_file():
+            raise EdgepropError(f"{path}: no checkpoint to resume from")
+        arrays, meta = load_arrays(path)
+        mine = self._meta()
+        for key in ("bundle", "epochs", "order", "seed", "lr", "n_batches"):
+            if meta.get(key) != mine[key]:
+                raise EdgepropError(f"{path}: checkpoint was written with {key}={meta.get(key)!r}, "
+                                    f"this run has {key}={mine[key]!r}; resume with the same settings")
+        self.state = split_state(self.bundle, arrays, str(path))
+        self.done, self.steps, self.losses = int(meta["done"]), meta["steps"], meta["losses"]
+
+    # -- training ----------------------------------------------------------------------------
+    def step(self, i: int) -> float:
+        unit_index, epoch, batch = self.plan.item(i)
+        unit = self.bundle.units[unit_index]
+        state = self.state[unit.name]
+        n = self.steps[unit.name] + 1
+        feeds = {**state, **self.feeder.feeds(unit_index, epoch, batch),
+                 "lr": self.lr, "step": np.array(n, np.float32)}
+        out = self.graph(unit.step_graph).run(feeds)
+        loss = float(out["loss"])
+        if not np.isfinite(loss):
+            raise EdgepropError(f"training diverged: {unit.name} step {n} gave loss {loss}; "
+                                f"the last checkpoint (work item {self.done}) is kept")
+        self.state[unit.name] = {k: out[f"next.{k}"] for k in state}
+        self.steps[unit.name] = n
+        self.losses[unit.name] = loss
+        return loss
+
+    def run(self, limit: int | None = None, progress: bool = True, checkpoints: bool = True) -> None:
+        end = self.plan.total if limit is None else min(self.plan.total, limit)
+        bar = Progress(end, "train", start=self.done, enabled=progress)
+        try:
+            while self.done < end:
+                self.step(self.done)
+                self.done += 1
+                if checkpoints and (self.done % self.config.checkpoint_every == 0 or self.done == end):
+                    self.save()
+                unit, epoch, _ = self.plan.item(self.done - 1)
+                bar.update(self.done, f"epoch {epoch + 1}/{self.plan.epochs} {self.bundle.units[unit].name}")
+        finally:
+            bar.close()
+
+
+def load_trained_state(bundle: Bundle) -> tuple[dict, dict]:
+    """The checkpoint's state if there is one, else the initial state; plus the checkpoint meta."""
+    path = bundle.checkpoint_path()
+    if not path.is_file():
+        state, _ = bundle.initial_state()
+        return state, {}
+    arrays, meta = load_arrays(path)
+    if meta.get("bundle") != bundle.id:
+        raise EdgepropError(f"{path}: checkpoint belongs to a different bundle")
+    return split_state(bundle, arrays, str(path)), meta
+
+
+def evaluate(bundle: Bundle, engine, data: Dataset, state: dict, seed: int = 0, runs: int = 1) -> dict:
+    """Test accuracy of the full stochastic chain, averaged over `runs`, and of each block's û."""
+    _, embedding = bundle.initial_state()
+    graphs = {}
+
+    def run_unit(unit, feeds):
+        key = unit.infer_graph
+        if key not in graphs:
+            graphs[key] = engine.load(bundle.graph_path(key))
+        g = graphs[key]
+        return next(iter(g.run({**{k: v for k, v in state[unit.name].items() if k.startswith("param.")}, **feeds}).values()))
+
+    x = normalise(bundle, data)
+    accs, block_accs = [], []
+    for r in range(runs):
+        pred, block_pred = predict(bundle, embedding, x, run_unit, seed + r)
+        accs.append(float(np.mean(pred == data.y)))
+        block_accs.append(np.mean(block_pred == data.y[None, :], axis=1))
+    return {"accuracy": float(np.mean(accs)), "accuracy_runs": accs, "n": int(len(data)), "runs": runs,
+            "per_block_accuracy": [round(float(a), 4) for a in np.mean(block_accs, axis=0)]}

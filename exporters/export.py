@@ -1,0 +1,121 @@
+"""Write a NoProp-DT bundle: step and inference graphs, initial state, manifest."""
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from edgeprop import datasets
+from edgeprop.bundle import INIT_STATE, write_manifest
+from edgeprop.bundle import load as load_bundle
+from edgeprop.errors import EdgepropError
+from edgeprop.progress import Progress
+from edgeprop.schedule import NoiseSchedule
+from edgeprop.storage import save_arrays
+
+from .models import build_unit, label_embedding
+from .optim import Optimizer
+from .trace import describe, to_onnx, trace_infer, trace_step
+
+
+def example_inputs(role: str, batch: int, n_features: int, classes: int, dim: int) -> dict[str, torch.Tensor]:
+    """Example data inputs of a unit's step graph; their shapes fix the graph's batch size."""
+    g = torch.Generator().manual_seed(0)
+    mask = torch.ones(batch)
+    if role == "head":
+        return {"z": torch.randn(batch, dim, generator=g), "target": torch.eye(classes)[torch.arange(batch) % classes],
+                "mask": mask}
+    return {"x": torch.randn(batch, n_features, generator=g), "z": torch.randn(batch, dim, generator=g),
+            "target": torch.randn(batch, dim, generator=g), "mask": mask, "loss_scale": torch.tensor(1.0)}
+
+
+def export(out: str | Path, *, rule: str = "noprop-dt", model: str = "mlp", data: str = "digits",
+           blocks: int = 10, width: int = 128, embedding: str = "one-hot", embed_dim: int | None = None,
+           batch_size: int = 64, optimizer: str = "adamw", lr: float = 1e-3, weight_decay: float = 1e-3,
+           momentum: float = 0.9, eta: float = 0.1, seed: int = 0, force: bool = False,
+           progress: bool = True) -> Path:
+    """Export a NoProp-DT model for `data` as a bundle folder at `out` and return its path.
+
+    Files written: manifest.json, graphs/{block,head}_{step,infer}.onnx, state/init.npz
+    (see edgeprop.bundle). The bundle is built beside `out` and moved into place at the end,
+    so a failed export never leaves half a bundle; an existing bundle is replaced only with
+    `force=True` (its checkpoints go with it).
+    """
+    if rule != "noprop-dt":
+        raise EdgepropError(f"--rule {rule}: only noprop-dt is available so far")
+    if model != "mlp":
+        raise EdgepropError(f"--model {model}: only mlp is available so far")
+    if batch_size < 1 or blocks < 1 or width < 1:
+        raise EdgepropError("--batch-size, --blocks and --width must be at least 1")
+    out = Path(out)
+    if (out / "manifest.json").exists() and not force:
+        raise EdgepropError(f"{out} already holds a bundle; pass --force to replace it (and its checkpoints)")
+    if out.exists() and any(out.iterdir()) and not (out / "manifest.json").exists():
+        raise EdgepropError(f"{out} exists and is not an edgeprop bundle; choose another --out")
+
+    train = datasets.load(data, "train")
+    if train.y.min() < 0:
+        raise EdgepropError(f"{train.name}: negative labels")
+    classes = int(train.y.max()) + 1
+    input_shape = [int(np.prod(train.x.shape[1:]))]  # flat MLP input
+    datasets.check(train, input_shape, classes)
+    try:
+        emb = label_embedding(embedding, classes, embed_dim, seed)
+        opt = Optimizer(optimizer, lr=lr, weight_decay=weight_decay, momentum=momentum)
+    except ValueError as e:
+        raise EdgepropError(str(e)) from None
+    sched = NoiseSchedule.cosine(blocks, eta=eta).check()
+    model_json = {"kind": model, "input_shape": input_shape, "num_classes": classes,
+                  "embed_dim": int(emb.shape[1]), "embedding": embedding, "width": width, "blocks": blocks}
+
+    torch.manual_seed(seed)
+    units = [(f"block{t}", "block", t, build_unit(model_json, "block", emb)) for t in range(1, blocks + 1)]
+    units.append(("head", "head", None, build_unit(model_json, "head", emb)))
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp.chmod(0o755)
+    try:
+        bar = Progress(4, "export", unit="graphs", enabled=progress)
+        graphs = {}
+        for role, module in (("block", units[0][3]), ("head", units[-1][3])):
+            data_in = example_inputs(role, batch_size, input_shape[0], classes, emb.shape[1])
+            rel = f"graphs/{role}_step.onnx"
+            graphs[f"{role}_step"] = describe(to_onnx(*trace_step(module, role, opt, data_in), tmp / rel), rel)
+            bar.update(len(graphs))
+            infer_in = {k: data_in[k] for k in (("z",) if role == "head" else ("x", "z"))}
+            rel = f"graphs/{role}_infer.onnx"
+            output = "logits" if role == "head" else "u_hat"
+            graphs[f"{role}_infer"] = describe(to_onnx(*trace_infer(module, infer_in, output), tmp / rel), rel)
+            bar.update(len(graphs))
+        bar.close()
+
+        arrays, units_json = {"embedding": emb}, []
+        for name, role, t, module in units:
+            state = []
+            for pname, p in module.named_parameters():
+                value = p.detach().numpy().astype(np.float32)
+                for key in [f"param.{pname}"] + [f"opt.{s}.{pname}" for s in opt.slots]:
+                    arrays[f"{name}/{key}"] = value if key.startswith("param.") else np.zeros_like(value)
+                    state.append({"name": key, "shape": list(value.shape), "dtype": "float32"})
+            units_json.append({"name": name, "role": role, "t": t, "step_graph": f"{role}_step",
+                               "infer_graph": f"{role}_infer", "state": state})
+        save_arrays(tmp / INIT_STATE, arrays)
+
+        write_manifest(tmp, {
+            "format": "edgeprop-bundle", "rule": rule, "model": model_json, "batch_size": batch_size,
+            "optimizer": opt.to_json(), "noise": sched.to_json(), "seed": seed,
+            "data": {"source": data, "n_train": len(train)},
+            "input_norm": {"mean": float(train.x.mean()), "std": float(train.x.std()) or 1.0},
+            "graphs": graphs, "units": units_json})
+        load_bundle(tmp)  # the device-side loader must accept what we wrote
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return out

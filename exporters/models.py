@@ -1,0 +1,83 @@
+"""NoProp-DT's networks in torch (desktop side): T independent blocks and a classifier head.
+
+A block sees the input x and a noisy label embedding z_{t-1} and predicts the clean
+embedding as a convex combination of class embeddings, û = softmax(logits) · W_embed
+(research/noprop.md §4.4). Every block has its own input encoder: no shared trunk (§4.7).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+
+class MLPBlock(nn.Module):
+    """One NoProp-DT block for flat inputs."""
+
+    def __init__(self, in_features: int, embedding: np.ndarray, width: int = 128):
+        super().__init__()
+        num_classes, embed_dim = embedding.shape
+        self.image = nn.Sequential(nn.Linear(in_features, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU())
+        self.label = nn.Sequential(nn.Linear(embed_dim, width), nn.ReLU())
+        self.joint = nn.Sequential(nn.Linear(2 * width, width), nn.ReLU(), nn.Linear(width, num_classes))
+        # Fixed, not trained: baked into the graphs as a constant.
+        self.register_buffer("embedding", torch.as_tensor(embedding, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:  # (B, F), (B, d) -> (B, d)
+        logits = self.joint(torch.cat([self.image(x), self.label(z)], dim=-1))
+        return torch.softmax(logits, dim=-1) @ self.embedding
+
+
+class Head(nn.Module):
+    """p̂(y | z_T): a linear classifier on the clean-end latent."""
+
+    def __init__(self, embedding: np.ndarray):
+        super().__init__()
+        num_classes, embed_dim = embedding.shape
+        self.linear = nn.Linear(embed_dim, num_classes)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:  # (B, d) -> (B, classes)
+        return self.linear(z)
+
+
+def build_unit(model: dict, role: str, embedding: np.ndarray) -> nn.Module:
+    """The torch module of one unit, from the manifest's model description."""
+    if role == "head":
+        return Head(embedding)
+    if model["kind"] != "mlp":
+        raise ValueError(f"unknown model kind {model['kind']!r}")
+    return MLPBlock(int(np.prod(model["input_shape"])), embedding, int(model["width"]))
+
+
+def label_embedding(kind: str, num_classes: int, dim: int | None, seed: int) -> np.ndarray:
+    """Fixed W_embed (classes × d): one-hot (d = classes) or orthonormal rows (d ≥ classes)."""
+    if kind == "one-hot":
+        return np.eye(num_classes, dtype=np.float32)
+    if kind == "orthogonal":
+        dim = dim or num_classes
+        if dim < num_classes:
+            raise ValueError(f"an orthogonal embedding needs --embed-dim ≥ {num_classes} classes, got {dim}")
+        q, _ = np.linalg.qr(np.random.default_rng(seed).standard_normal((dim, num_classes)))
+        return q.T.astype(np.float32)
+    raise ValueError(f"unknown embedding {kind!r} (one-hot or orthogonal)")
+
+
+def denoise_loss(u_hat, target, mask, scale):
+    """Block t's loss: w_t · mean over real samples of ||û − u_y||², summed over d (§4.3)."""
+    per_sample = ((u_hat - target) ** 2).sum(dim=-1)
+    return scale * (per_sample * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+def cross_entropy(logits, onehot, mask):
+    """Cross-entropy from elementary ops: F.cross_entropy's exported backward loses the mean (DESIGN.md)."""
+    shift = logits.amax(dim=-1, keepdim=True).detach()
+    log_z = torch.log(torch.exp(logits - shift).sum(dim=-1)) + shift.squeeze(-1)
+    per_sample = log_z - (onehot * logits).sum(dim=-1)
+    return (per_sample * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+def unit_loss(role: str, module: nn.Module, feeds: dict):
+    """The local loss of one unit on one batch of step-graph inputs."""
+    if role == "head":
+        return cross_entropy(module(feeds["z"]), feeds["target"], feeds["mask"])
+    return denoise_loss(module(feeds["x"], feeds["z"]), feeds["target"], feeds["mask"], feeds["loss_scale"])

@@ -1,0 +1,77 @@
+"""The torch reference trainer: the same rule, run eagerly with autograd and torch.optim.
+
+It draws every batch and every noise sample from edgeprop.noprop.Feeder, exactly as the
+device runtime does, so the two can be compared step for step. Nothing here is traced:
+a disagreement with the runtime points at the exporter or the engine.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from edgeprop.bundle import Bundle
+from edgeprop.datasets import Dataset
+from edgeprop.errors import EdgepropError
+from edgeprop.noprop import Feeder, Plan
+from edgeprop.trainer import TrainConfig
+
+from .models import build_unit, unit_loss
+from .optim import Optimizer
+
+
+def torch_device(name: str) -> torch.device:
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise EdgepropError("--reference-device cuda: no CUDA GPU is visible to torch here")
+    return torch.device(name)
+
+
+class TorchReference:
+    def __init__(self, bundle: Bundle, data: Dataset, config: TrainConfig, device: str = "cpu"):
+        self.bundle, self.device = bundle, torch_device(device)
+        state, embedding = bundle.initial_state()
+        self.feeder = Feeder(bundle, embedding, data, config.seed)
+        self.plan = Plan(len(bundle.units), self.feeder.n_batches, config.epochs, config.order)
+        opt = bundle.optimizer
+        self.spec = spec = Optimizer(opt["name"], opt["lr"], opt["weight_decay"], tuple(opt["betas"]), opt["eps"],
+                                     opt["momentum"])
+        lr = config.lr if config.lr is not None else opt["lr"]
+        self.modules, self.optimizers = [], []
+        for unit in bundle.units:
+            module = build_unit(bundle.model, unit.role, embedding).to(self.device)
+            module.load_state_dict({k[len("param."):]: torch.from_numpy(v) for k, v in state[unit.name].items()
+                                    if k.startswith("param.")}, strict=False)
+            self.modules.append(module)
+            self.optimizers.append(spec.torch_optimizer(module.parameters(), lr))
+        self.done = 0
+        self.steps = [0] * len(bundle.units)
+
+    def step(self, i: int) -> float:
+        index, epoch, batch = self.plan.item(i)
+        feeds = {k: torch.from_numpy(np.asarray(v)).to(self.device)
+                 for k, v in self.feeder.feeds(index, epoch, batch).items()}
+        module, opt = self.modules[index], self.optimizers[index]
+        opt.zero_grad(set_to_none=True)
+        loss = unit_loss(self.bundle.units[index].role, module, feeds)
+        loss.backward()
+        opt.step()
+        self.steps[index] += 1
+        return float(loss.detach())
+
+    def run(self, limit: int) -> None:
+        while self.done < min(limit, self.plan.total):
+            self.step(self.done)
+            self.done += 1
+
+    def unit_state(self, index: int) -> tuple[dict[str, np.ndarray], int]:
+        """One unit's parameters and optimizer slots in the bundle's naming, and its step count."""
+        module, opt = self.modules[index], self.optimizers[index]
+        state = {}
+        for name, p in module.named_parameters():
+            state[f"param.{name}"] = p.detach().cpu().numpy().copy()
+            for slot, value in self.spec.slots_of(opt, p).items():
+                state[f"opt.{slot}.{name}"] = value.copy()
+        return state, self.steps[index]
+
+    def params(self) -> dict[str, dict[str, np.ndarray]]:
+        return {unit.name: {f"param.{k}": v.detach().cpu().numpy() for k, v in module.named_parameters()}
+                for unit, module in zip(self.bundle.units, self.modules)}
