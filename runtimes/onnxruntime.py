@@ -16,7 +16,12 @@ class Graph:
         self.output_names = [o.name for o in session.get_outputs()]
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return dict(zip(self.output_names, self.session.run(self.output_names, feeds)))
+        missing = [n for n in self.input_names if n not in feeds]
+        if missing:
+            raise BundleError(f"graph input(s) {missing} were not fed")
+        # Feed exactly the graph's inputs: an exporter may drop an input the graph never reads.
+        outputs = self.session.run(self.output_names, {n: feeds[n] for n in self.input_names})
+        return dict(zip(self.output_names, outputs))
 
 
 class Engine:

@@ -1,0 +1,41 @@
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# A child process in which `import torch` raises ImportError: the device side must not need it.
+NO_TORCH = ("import sys; sys.modules['torch'] = None; "
+            "from edgeprop.cli import main; code = main(sys.argv[1:]); "
+            "assert 'torch' not in [m for m, v in sys.modules.items() if v is not None], 'torch was imported'; "
+            "sys.exit(code)")
+
+
+def edgeprop(*args, torch_allowed=False, check=True, timeout=600):
+    """Run the edgeprop CLI in a subprocess; on the device side, with torch made unimportable."""
+    cmd = [sys.executable, "-m", "edgeprop", *map(str, args)] if torch_allowed else \
+          [sys.executable, "-c", NO_TORCH, *map(str, args)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+                          env={**os.environ, "PYTHONHASHSEED": "0"})
+    if check and proc.returncode != 0:
+        raise AssertionError(f"edgeprop {' '.join(map(str, args))} exited {proc.returncode}\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def digits_bundle(tmp_path_factory) -> Path:
+    """The default NoProp-DT digits bundle (batch 64), exported once per session."""
+    from edgeprop.exporters import export
+    return export(tmp_path_factory.mktemp("bundles") / "digits", data="digits", progress=False)
+
+
+@pytest.fixture
+def bundle_copy(digits_bundle, tmp_path) -> Path:
+    """A private copy of the digits bundle that a test may train, corrupt or delete from."""
+    dst = tmp_path / "digits"
+    shutil.copytree(digits_bundle, dst)
+    return dst

@@ -1,0 +1,102 @@
+"""End to end through the CLI, the device side in processes where torch cannot be imported."""
+import json
+
+import numpy as np
+import pytest
+
+from conftest import edgeprop
+
+from edgeprop.storage import load_arrays
+
+
+def test_export_train_eval_on_digits_reaches_95_percent(bundle_copy):
+    train = edgeprop("train", bundle_copy, "--data", "digits", "--epochs", "40", "--quiet")
+    assert "trained" in train.stdout
+    report = json.loads(edgeprop("eval", bundle_copy, "--data", "digits", "--json", "--runs", "3").stdout)
+    assert report["n"] == 450
+    assert report["accuracy"] >= 0.95, report
+    # The paper's sanity check: every block's û alone classifies well once trained.
+    assert len(report["per_block_accuracy"]) == 10
+    assert min(report["per_block_accuracy"]) > 0.8, report
+    info = edgeprop("info", bundle_copy).stdout
+    assert "noprop-dt" in info and "10 blocks" in info and "checkpoint" in info
+
+
+def test_untrained_eval_is_near_chance(digits_bundle):
+    report = json.loads(edgeprop("eval", digits_bundle, "--json").stdout)
+    assert report["accuracy"] < 0.4 and report["trained_steps"] == 0
+
+
+def test_block_sequential_order_trains_each_block_to_completion(bundle_copy):
+    edgeprop("train", bundle_copy, "--epochs", "1", "--order", "block-sequential", "--quiet")
+    _, meta = load_arrays(bundle_copy / "checkpoints" / "last.npz")
+    assert meta["order"] == "block-sequential"
+    assert set(meta["steps"].values()) == {22}  # ceil(1347 / 64) steps for every unit
+
+
+def test_device_side_modules_import_without_torch():
+    import subprocess
+    import sys
+    code = ("import sys; sys.modules['torch'] = None\n"
+            "import edgeprop, edgeprop.cli, edgeprop.trainer, edgeprop.runtimes, edgeprop.runtimes.onnxruntime\n"
+            "assert 'torch' not in [m for m, v in sys.modules.items() if v is not None]")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_export_without_torch_says_what_to_install(tmp_path):
+    proc = edgeprop("export", "--out", tmp_path / "b", check=False)
+    assert proc.returncode != 0
+    assert "export extra" in proc.stderr
+
+
+def test_resume_after_a_kill_gives_the_same_weights(digits_bundle, tmp_path):
+    import shutil
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import NO_TORCH, ROOT
+    a, b = tmp_path / "a", tmp_path / "b"
+    shutil.copytree(digits_bundle, a)
+    shutil.copytree(digits_bundle, b)
+    args = ["train", "--epochs", "6", "--checkpoint-every", "50", "--quiet"]
+    edgeprop(*args[:1], a, *args[1:])  # uninterrupted
+
+    proc = subprocess.Popen([sys.executable, "-c", NO_TORCH, args[0], str(b), *args[1:]], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt = b / "checkpoints" / "last.npz"
+    deadline = time.time() + 120
+    while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    _, meta = load_arrays(ckpt)
+    assert 0 < meta["done"] < meta["total"], "the kill should land mid-run"
+
+    edgeprop(*args[:1], b, *args[1:], "--resume")
+    (wa, ma), (wb, mb) = load_arrays(a / "checkpoints" / "last.npz"), load_arrays(ckpt)
+    assert ma["done"] == mb["done"] == ma["total"]
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        np.testing.assert_array_equal(wa[k], wb[k], err_msg=k)
+
+
+def test_resume_with_other_settings_is_refused(bundle_copy):
+    edgeprop("train", bundle_copy, "--epochs", "1", "--quiet")
+    proc = edgeprop("train", bundle_copy, "--epochs", "2", "--resume", check=False)
+    assert proc.returncode != 0 and "epochs=1" in proc.stderr
+
+
+def test_training_again_without_resume_keeps_the_checkpoint(bundle_copy):
+    edgeprop("train", bundle_copy, "--epochs", "1", "--quiet")
+    before = (bundle_copy / "checkpoints" / "last.npz").read_bytes()
+    proc = edgeprop("train", bundle_copy, "--epochs", "1", check=False)
+    assert proc.returncode != 0 and "--resume" in proc.stderr
+    assert (bundle_copy / "checkpoints" / "last.npz").read_bytes() == before
+
+
+@pytest.mark.parametrize("argv", [["--epochs", "0"], ["--lr", "-1"], ["--checkpoint-every", "0"]])
+def test_bad_training_options(bundle_copy, argv):
+    proc = edgeprop("train", bundle_copy, *argv, check=False)
+    assert proc.returncode != 0 and "error" in proc.stderr
