@@ -39,6 +39,15 @@ def _edit_manifest(bundle, change, rehash=False):
         (bundle / "manifest.json").write_text(json.dumps(manifest))
 
 
+def _rewrite_init(bundle, change):
+    """Change state/init.npz and refresh the checksums, as a careless or hostile tool would."""
+    with np.load(bundle / "state" / "init.npz") as f:
+        arrays = {k: f[k] for k in f.files}
+    change(arrays)
+    np.savez(bundle / "state" / "init.npz", **arrays)
+    _edit_manifest(bundle, lambda m: None, rehash=True)
+
+
 def test_weight_file_with_wrong_sha256(trained):
     bundle, before = trained
     path = bundle / "state" / "init.npz"
@@ -80,22 +89,15 @@ def test_manifest_that_is_not_json(trained):
 def test_pickled_arrays_are_never_loaded(trained, tmp_path):
     """An object array needs pickle (code execution): refused, even with a valid checksum."""
     bundle, before = trained
-    with np.load(bundle / "state" / "init.npz") as f:
-        arrays = {k: f[k] for k in f.files}
-    arrays["embedding"] = np.array([{"evil": 1}] * 10, dtype=object)
-    np.savez(bundle / "state" / "init.npz", **arrays)
-    _edit_manifest(bundle, lambda m: None, rehash=True)
+    _rewrite_init(bundle, lambda a: a.update(embedding=np.array([{"evil": 1}] * 10, dtype=object)))
     _fails(bundle, message="init.npz: not a readable array archive")
     _unchanged(bundle, before)
 
 
 def test_tensor_with_the_wrong_shape(trained):
     bundle, before = trained
-    with np.load(bundle / "state" / "init.npz") as f:
-        arrays = {k: f[k] for k in f.files}
-    arrays["block3/param.image.0.weight"] = arrays["block3/param.image.0.weight"][:, :10].copy()
-    np.savez(bundle / "state" / "init.npz", **arrays)
-    _edit_manifest(bundle, lambda m: None, rehash=True)
+    key = "block3/param.image.0.weight"
+    _rewrite_init(bundle, lambda a: a.update({key: a[key][:, :10].copy()}))
     _fails(bundle, message="'param.image.0.weight' is float32[128, 10], the manifest says float32[128, 64]")
     _unchanged(bundle, before)
 
