@@ -12,11 +12,14 @@ import pytest
 torch = pytest.importorskip("torch")
 onnx = pytest.importorskip("onnx")
 
+from conftest import edgeprop  # noqa: E402
+
 from edgeprop import bundle as bundles  # noqa: E402
 from edgeprop.bundle import write_manifest  # noqa: E402
 from edgeprop.exporters import export  # noqa: E402
 from edgeprop.exporters.models import build_unit, unit_loss  # noqa: E402
 from edgeprop.exporters.optim import Optimizer  # noqa: E402
+from edgeprop.errors import EdgepropError  # noqa: E402
 from edgeprop.exporters.validate import validate  # noqa: E402
 from edgeprop.runtimes import get_engine  # noqa: E402
 
@@ -139,5 +142,30 @@ def test_validate_catches_a_wrong_graph(tmp_path):
                     attr.t.CopyFrom(onnx.numpy_helper.from_array(np.array(0.5, value.dtype)))
     onnx.save(model, str(path))
     write_manifest(root, json.loads((root / "manifest.json").read_text()))
-    report = validate(root, steps=5, progress=False)
-    assert not report["ok"] and report["lockstep"]["max_abs_diff"] > 1e-4
+    proc = edgeprop("validate", root, "--steps", "5", "--quiet", torch_allowed=True, check=False)
+    assert proc.returncode != 0 and "FAILED" in proc.stderr
+    gap = float(proc.stdout.split("lock-step     largest difference ")[1].split()[0])
+    assert gap > 1e-4
+
+
+def test_orthogonal_embedding(tmp_path):
+    root = export(tmp_path / "o", blocks=2, width=32, batch_size=16, embedding="orthogonal", embed_dim=16,
+                  progress=False)
+    bundle = bundles.load(root)
+    _, emb = bundle.initial_state()
+    assert emb.shape == (10, 16)
+    np.testing.assert_allclose(emb @ emb.T, np.eye(10), atol=1e-6)
+    report = validate(root, steps=20, progress=False)
+    assert report["ok"] and report["lockstep"]["max_abs_diff"] <= 1e-4, report
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown when no GPU is present")
+def test_cuda_reference_without_a_gpu_is_a_clear_error(digits_bundle):
+    with pytest.raises(EdgepropError, match="no CUDA GPU"):
+        validate(digits_bundle, steps=1, device="cuda", progress=False)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU here: the CUDA reference path is not exercised")
+def test_runtime_matches_the_cuda_reference(digits_bundle):
+    report = validate(digits_bundle, steps=20, device="cuda", progress=False)
+    assert report["device"].startswith("cuda") and report["ok"], report
