@@ -62,7 +62,7 @@ def cmd_train(args) -> int:
     bundle = bundles.load(args.bundle)
     data = _data(bundle, args.data, "train")
     config = TrainConfig(epochs=args.epochs, order=args.order, seed=args.seed, lr=args.lr,
-                         checkpoint_every=args.checkpoint_every).check()
+                         lr_schedule=args.lr_schedule, checkpoint_every=args.checkpoint_every).check()
     trainer = Trainer(bundle, _engine(args), data, config)
     ckpt = bundle.checkpoint_path()
     if args.resume:
@@ -176,6 +176,7 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--order", default="interleaved", choices=["interleaved", "block-sequential"])
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--lr", type=float, default=None, help="default: the bundle's")
+    t.add_argument("--lr-schedule", default="constant", choices=["constant", "cosine"])
     t.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints")
     g = t.add_mutually_exclusive_group()
     g.add_argument("--resume", action="store_true", help="continue from the bundle's checkpoint")

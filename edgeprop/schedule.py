@@ -11,6 +11,7 @@ and `check()` asserts what must hold.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -38,7 +39,7 @@ class NoiseSchedule:
     def snr(self) -> np.ndarray:
         return self.alpha_bar / (1 - self.alpha_bar)
 
-    @property
+    @cached_property
     def weights(self) -> np.ndarray:
         """w_t for t = 1..T (index 0 is block 1)."""
         w = self.T / 2 * self.eta * np.diff(self.snr)

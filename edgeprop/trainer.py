@@ -5,6 +5,7 @@ gradient, optimizer update) happens inside the compiled step graphs.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,12 +18,25 @@ from .progress import Progress
 from .storage import load_arrays, save_arrays
 
 
+LR_SCHEDULES = ("constant", "cosine")
+
+
+def learning_rate(base: float, schedule: str, step: int, total: int) -> float:
+    """The learning rate of a unit's `step`-th update (1-based) out of `total`.
+
+    lr is a step-graph input, so a schedule is plain arithmetic here, not a graph change."""
+    if schedule == "cosine":
+        return base * 0.5 * (1 + math.cos(math.pi * (step - 1) / total))
+    return base
+
+
 @dataclass
 class TrainConfig:
     epochs: int = 30
     order: str = "interleaved"
     seed: int = 0
     lr: float | None = None        # None: the learning rate the bundle was exported with
+    lr_schedule: str = "constant"  # or "cosine": each unit decays from lr to 0 over its steps
     checkpoint_every: int = 500    # work items (one unit's optimizer step each)
 
     def check(self) -> "TrainConfig":
@@ -32,6 +46,8 @@ class TrainConfig:
             raise EdgepropError("--epochs must be at least 1")
         if self.lr is not None and not (np.isfinite(self.lr) and self.lr > 0):
             raise EdgepropError("--lr must be a positive number")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise EdgepropError(f"--lr-schedule must be one of {', '.join(LR_SCHEDULES)}")
         if self.checkpoint_every < 1:
             raise EdgepropError("--checkpoint-every must be at least 1")
         return self
@@ -43,7 +59,7 @@ class Trainer:
         self.state, self.embedding = bundle.initial_state()
         self.feeder = Feeder(bundle, self.embedding, data, config.seed)
         self.plan = Plan(len(bundle.units), self.feeder.n_batches, config.epochs, config.order)
-        self.lr = np.array(config.lr if config.lr is not None else bundle.optimizer["lr"], np.float32)
+        self.lr = float(config.lr if config.lr is not None else bundle.optimizer["lr"])
         self.done = 0
         self.steps = {u.name: 0 for u in bundle.units}
         self.losses = {u.name: float("nan") for u in bundle.units}
@@ -54,12 +70,15 @@ class Trainer:
             self._graphs[key] = self.engine.load(self.bundle.graph_path(key))
         return self._graphs[key]
 
+    def lr_at(self, step: int) -> float:
+        return learning_rate(self.lr, self.config.lr_schedule, step, self.plan.epochs * self.plan.n_batches)
+
     # -- checkpoints -------------------------------------------------------------------------
     def _meta(self) -> dict:
         c = self.config
         return {"bundle": self.bundle.id, "done": self.done, "total": self.plan.total, "steps": self.steps,
                 "losses": self.losses, "epochs": c.epochs, "order": c.order, "seed": c.seed,
-                "lr": float(self.lr), "n_batches": self.plan.n_batches}
+                "lr": self.lr, "lr_schedule": c.lr_schedule, "n_batches": self.plan.n_batches}
 
     def save(self) -> None:
         save_arrays(self.bundle.checkpoint_path(), join_state(self.state), self._meta())
@@ -71,7 +90,7 @@ class Trainer:
             raise EdgepropError(f"{path}: no checkpoint to resume from")
         arrays, meta = load_arrays(path)
         mine = self._meta()
-        for key in ("bundle", "epochs", "order", "seed", "lr", "n_batches"):
+        for key in ("bundle", "epochs", "order", "seed", "lr", "lr_schedule", "n_batches"):
             if meta.get(key) != mine[key]:
                 raise EdgepropError(f"{path}: checkpoint was written with {key}={meta.get(key)!r}, "
                                     f"this run has {key}={mine[key]!r}; resume with the same settings")
@@ -85,7 +104,7 @@ class Trainer:
         state = self.state[unit.name]
         n = self.steps[unit.name] + 1
         feeds = {**state, **self.feeder.feeds(unit_index, epoch, batch),
-                 "lr": self.lr, "step": np.array(n, np.float32)}
+                 "lr": np.array(self.lr_at(n), np.float32), "step": np.array(n, np.float32)}
         out = self.graph(unit.step_graph).run(feeds)
         loss = float(out["loss"])
         if not np.isfinite(loss):

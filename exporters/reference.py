@@ -13,7 +13,7 @@ from edgeprop.bundle import Bundle
 from edgeprop.datasets import Dataset
 from edgeprop.errors import EdgepropError
 from edgeprop.noprop import Feeder, Plan
-from edgeprop.trainer import TrainConfig
+from edgeprop.trainer import TrainConfig, learning_rate
 
 from .models import build_unit, unit_loss
 from .optim import Optimizer
@@ -34,7 +34,8 @@ class TorchReference:
         opt = bundle.optimizer
         self.spec = spec = Optimizer(opt["name"], opt["lr"], opt["weight_decay"], tuple(opt["betas"]), opt["eps"],
                                      opt["momentum"])
-        lr = config.lr if config.lr is not None else opt["lr"]
+        self.config = config
+        self.lr = lr = config.lr if config.lr is not None else opt["lr"]
         self.modules, self.optimizers = [], []
         for unit in bundle.units:
             module = build_unit(bundle.model, unit.role, embedding).to(self.device)
@@ -51,6 +52,9 @@ class TorchReference:
                  for k, v in self.feeder.feeds(index, epoch, batch).items()}
         module, opt = self.modules[index], self.optimizers[index]
         opt.zero_grad(set_to_none=True)
+        for group in opt.param_groups:
+            group["lr"] = learning_rate(self.lr, self.config.lr_schedule, self.steps[index] + 1,
+                                        self.plan.epochs * self.plan.n_batches)
         loss = unit_loss(self.bundle.units[index].role, module, feeds)
         loss.backward()
         opt.step()

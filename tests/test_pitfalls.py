@@ -1,5 +1,6 @@
 """research/noprop.md §4 as assertions on an exported bundle and the trainer."""
 import numpy as np
+import pytest
 
 from edgeprop import bundle as bundles
 from edgeprop import datasets
@@ -79,3 +80,14 @@ def test_evaluation_never_sees_labels(digits_bundle):
         assert a.keys() == c.keys() and "target" not in a
         for k in a:
             np.testing.assert_array_equal(a[k], c[k])
+
+
+def test_cosine_learning_rate_schedule_is_fed_to_the_graph(digits_bundle):
+    from edgeprop.trainer import learning_rate
+    assert learning_rate(1e-3, "constant", 7, 10) == 1e-3
+    assert learning_rate(1e-3, "cosine", 1, 10) == 1e-3
+    assert learning_rate(1e-3, "cosine", 10, 10) < 3e-5
+    b = bundles.load(digits_bundle)
+    trainer = Trainer(b, get_engine(), datasets.load("digits", "train"), TrainConfig(epochs=2, lr_schedule="cosine"))
+    per_unit = trainer.plan.epochs * trainer.plan.n_batches
+    assert trainer.lr_at(1) == pytest.approx(1e-3) and trainer.lr_at(per_unit) < 1e-5
