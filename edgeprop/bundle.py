@@ -70,6 +70,7 @@ class Unit:
     t: int | None        # block index 1..T (None for the head)
     step_graph: str      # key into Bundle.graphs
     infer_graph: str
+    lr: float            # default learning rate (a step-graph input: the trainer may override it)
     state: tuple[Tensor, ...]  # parameters ("param.*") and optimizer state ("opt.*")
 
     @property
@@ -95,7 +96,7 @@ class Bundle:
             self.graphs = {k: Graph(g["file"], tuple(Tensor.from_json(t, k) for t in g["inputs"]),
                                     tuple(Tensor.from_json(t, k) for t in g["outputs"]))
                            for k, g in manifest["graphs"].items()}
-            self.units = [Unit(u["name"], u["role"], u.get("t"), u["step_graph"], u["infer_graph"],
+            self.units = [Unit(u["name"], u["role"], u.get("t"), u["step_graph"], u["infer_graph"], float(u["lr"]),
                                tuple(Tensor.from_json(t, u["name"]) for t in u["state"]))
                           for u in manifest["units"]]
         except (KeyError, TypeError, ValueError, AttributeError) as e:

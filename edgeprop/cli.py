@@ -29,7 +29,7 @@ def cmd_export(args) -> int:
     exporters = _desktop()
     out = exporters.export(args.out, rule=args.rule, model=args.model, data=args.data, blocks=args.blocks,
                            width=args.width, embedding=args.embedding, embed_dim=args.embed_dim,
-                           batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
+                           batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr, head_lr=args.head_lr,
                            weight_decay=args.weight_decay, eta=args.eta, seed=args.seed, force=args.force,
                            progress=not args.quiet)
     print(f"wrote {out}")
@@ -61,7 +61,7 @@ def cmd_train(args) -> int:
     from .trainer import TrainConfig, Trainer
     bundle = bundles.load(args.bundle)
     data = _data(bundle, args.data, "train")
-    config = TrainConfig(epochs=args.epochs, order=args.order, seed=args.seed, lr=args.lr,
+    config = TrainConfig(epochs=args.epochs, order=args.order, seed=args.seed, lr=args.lr, head_lr=args.head_lr,
                          lr_schedule=args.lr_schedule, checkpoint_every=args.checkpoint_every).check()
     trainer = Trainer(bundle, _engine(args), data, config)
     ckpt = bundle.checkpoint_path()
@@ -105,7 +105,8 @@ def cmd_info(args) -> int:
           f"(d={bundle.model['embed_dim']})")
     print(f"model      {bundle.model['kind']} width {bundle.model['width']}, input {bundle.input_shape}, "
           f"{bundle.num_classes} classes, {n_params:,} parameters")
-    print(f"training   batch {bundle.batch_size}, {bundle.optimizer['name']} lr {bundle.optimizer['lr']:g}, "
+    print(f"training   batch {bundle.batch_size}, {bundle.optimizer['name']} lr {bundle.blocks[0].lr:g} "
+          f"(head {bundle.head.lr:g}), "
           f"eta {bundle.schedule.eta:g}")
     print("weights    " + " ".join(f"{w:.3g}" for w in bundle.schedule.weights))
     for key, g in bundle.graphs.items():
@@ -150,7 +151,9 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--embed-dim", type=int, default=None)
     e.add_argument("--batch-size", type=int, default=64, help="fixed batch size of the step graphs")
     e.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd"])
-    e.add_argument("--lr", type=float, default=1e-3)
+    e.add_argument("--lr", type=float, default=1e-3, help="blocks' learning rate")
+    e.add_argument("--head-lr", type=float, default=1e-2,
+                   help="the linear head's learning rate (a trivial classifier on z_T: it can go faster)")
     e.add_argument("--weight-decay", type=float, default=1e-3)
     e.add_argument("--eta", type=float, default=0.1)
     e.add_argument("--seed", type=int, default=0)
@@ -175,7 +178,8 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--epochs", type=int, default=30)
     t.add_argument("--order", default="interleaved", choices=["interleaved", "block-sequential"])
     t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--lr", type=float, default=None, help="default: the bundle's")
+    t.add_argument("--lr", type=float, default=None, help="blocks' learning rate (default: the bundle's)")
+    t.add_argument("--head-lr", type=float, default=None, help="the head's learning rate (default: the bundle's)")
     t.add_argument("--lr-schedule", default="constant", choices=["constant", "cosine"])
     t.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints")
     g = t.add_mutually_exclusive_group()

@@ -30,12 +30,19 @@ def learning_rate(base: float, schedule: str, step: int, total: int) -> float:
     return base
 
 
+def base_learning_rates(bundle: Bundle, config: "TrainConfig") -> dict[str, float]:
+    """Each unit's learning rate before any schedule: the bundle's, unless the run overrides it."""
+    override = {"block": config.lr, "head": config.head_lr}
+    return {u.name: float(override[u.role] if override[u.role] is not None else u.lr) for u in bundle.units}
+
+
 @dataclass
 class TrainConfig:
     epochs: int = 30
     order: str = "interleaved"
     seed: int = 0
-    lr: float | None = None        # None: the learning rate the bundle was exported with
+    lr: float | None = None        # blocks' learning rate; None: the bundle's
+    head_lr: float | None = None   # the head's learning rate; None: the bundle's
     lr_schedule: str = "constant"  # or "cosine": each unit decays from lr to 0 over its steps
     checkpoint_every: int = 500    # work items (one unit's optimizer step each)
 
@@ -44,8 +51,9 @@ class TrainConfig:
             raise EdgepropError(f"--order must be one of {', '.join(ORDERS)}")
         if self.epochs < 1:
             raise EdgepropError("--epochs must be at least 1")
-        if self.lr is not None and not (np.isfinite(self.lr) and self.lr > 0):
-            raise EdgepropError("--lr must be a positive number")
+        for flag, lr in (("--lr", self.lr), ("--head-lr", self.head_lr)):
+            if lr is not None and not (np.isfinite(lr) and lr > 0):
+                raise EdgepropError(f"{flag} must be a positive number")
         if self.lr_schedule not in LR_SCHEDULES:
             raise EdgepropError(f"--lr-schedule must be one of {', '.join(LR_SCHEDULES)}")
         if self.checkpoint_every < 1:
@@ -59,7 +67,7 @@ class Trainer:
         self.state, self.embedding = bundle.initial_state()
         self.feeder = Feeder(bundle, self.embedding, data, config.seed)
         self.plan = Plan(len(bundle.units), self.feeder.n_batches, config.epochs, config.order)
-        self.lr = float(config.lr if config.lr is not None else bundle.optimizer["lr"])
+        self.lr = base_learning_rates(bundle, config)
         self.done = 0
         self.steps = {u.name: 0 for u in bundle.units}
         self.losses = {u.name: float("nan") for u in bundle.units}
@@ -70,8 +78,8 @@ class Trainer:
             self._graphs[key] = self.engine.load(self.bundle.graph_path(key))
         return self._graphs[key]
 
-    def lr_at(self, step: int) -> float:
-        return learning_rate(self.lr, self.config.lr_schedule, step, self.plan.epochs * self.plan.n_batches)
+    def lr_at(self, unit: str, step: int) -> float:
+        return learning_rate(self.lr[unit], self.config.lr_schedule, step, self.plan.epochs * self.plan.n_batches)
 
     # -- checkpoints -------------------------------------------------------------------------
     def _meta(self) -> dict:
@@ -104,7 +112,7 @@ class Trainer:
         state = self.state[unit.name]
         n = self.steps[unit.name] + 1
         feeds = {**state, **self.feeder.feeds(unit_index, epoch, batch),
-                 "lr": np.array(self.lr_at(n), np.float32), "step": np.array(n, np.float32)}
+                 "lr": np.array(self.lr_at(unit.name, n), np.float32), "step": np.array(n, np.float32)}
         out = self.graph(unit.step_graph).run(feeds)
         loss = float(out["loss"])
         if not np.isfinite(loss):

@@ -34,7 +34,7 @@ def example_inputs(role: str, batch: int, n_features: int, classes: int, dim: in
 
 def export(out: str | Path, *, rule: str = "noprop-dt", model: str = "mlp", data: str = "digits",
            blocks: int = 10, width: int = 128, embedding: str = "one-hot", embed_dim: int | None = None,
-           batch_size: int = 64, optimizer: str = "adamw", lr: float = 1e-3, weight_decay: float = 1e-3,
+           batch_size: int = 64, optimizer: str = "adamw", lr: float = 1e-3, head_lr: float = 1e-2, weight_decay: float = 1e-3,
            momentum: float = 0.9, eta: float = 0.1, seed: int = 0, force: bool = False,
            progress: bool = True) -> Path:
     """Export a NoProp-DT model for `data` as a bundle folder at `out` and return its path.
@@ -64,7 +64,7 @@ def export(out: str | Path, *, rule: str = "noprop-dt", model: str = "mlp", data
     datasets.check(train, input_shape, classes)
     try:
         emb = label_embedding(embedding, classes, embed_dim, seed)
-        opt = Optimizer(optimizer, lr=lr, weight_decay=weight_decay, momentum=momentum)
+        opt = Optimizer(optimizer, weight_decay=weight_decay, momentum=momentum)
     except ValueError as e:
         raise EdgepropError(str(e)) from None
     sched = NoiseSchedule.cosine(blocks, eta=eta).check()
@@ -102,7 +102,8 @@ def export(out: str | Path, *, rule: str = "noprop-dt", model: str = "mlp", data
                     arrays[f"{name}/{key}"] = value if key.startswith("param.") else np.zeros_like(value)
                     state.append({"name": key, "shape": list(value.shape), "dtype": "float32"})
             units_json.append({"name": name, "role": role, "t": t, "step_graph": f"{role}_step",
-                               "infer_graph": f"{role}_infer", "state": state})
+                               "infer_graph": f"{role}_infer", "lr": head_lr if role == "head" else lr,
+                               "state": state})
         save_arrays(tmp / INIT_STATE, arrays)
 
         write_manifest(tmp, {

@@ -9,8 +9,7 @@ import torch
 
 @dataclass(frozen=True)
 class Optimizer:
-    name: str = "adamw"          # "adamw" or "sgd" (with momentum)
-    lr: float = 1e-3             # the default; the trainer feeds lr as an input every step
+    name: str = "adamw"          # "adamw" or "sgd" (with momentum); lr is a graph input
     weight_decay: float = 1e-3
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8

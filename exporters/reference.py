@@ -13,7 +13,7 @@ from edgeprop.bundle import Bundle
 from edgeprop.datasets import Dataset
 from edgeprop.errors import EdgepropError
 from edgeprop.noprop import Feeder, Plan
-from edgeprop.trainer import TrainConfig, learning_rate
+from edgeprop.trainer import TrainConfig, base_learning_rates, learning_rate
 
 from .models import build_unit, unit_loss
 from .optim import Optimizer
@@ -32,17 +32,16 @@ class TorchReference:
         self.feeder = Feeder(bundle, embedding, data, config.seed)
         self.plan = Plan(len(bundle.units), self.feeder.n_batches, config.epochs, config.order)
         opt = bundle.optimizer
-        self.spec = spec = Optimizer(opt["name"], opt["lr"], opt["weight_decay"], tuple(opt["betas"]), opt["eps"],
-                                     opt["momentum"])
+        self.spec = spec = Optimizer(opt["name"], opt["weight_decay"], tuple(opt["betas"]), opt["eps"], opt["momentum"])
         self.config = config
-        self.lr = lr = config.lr if config.lr is not None else opt["lr"]
+        self.lr = base_learning_rates(bundle, config)
         self.modules, self.optimizers = [], []
         for unit in bundle.units:
             module = build_unit(bundle.model, unit.role, embedding).to(self.device)
             module.load_state_dict({k[len("param."):]: torch.from_numpy(v) for k, v in state[unit.name].items()
                                     if k.startswith("param.")}, strict=False)
             self.modules.append(module)
-            self.optimizers.append(spec.torch_optimizer(module.parameters(), lr))
+            self.optimizers.append(spec.torch_optimizer(module.parameters(), self.lr[unit.name]))
         self.done = 0
         self.steps = [0] * len(bundle.units)
 
@@ -53,8 +52,8 @@ class TorchReference:
         module, opt = self.modules[index], self.optimizers[index]
         opt.zero_grad(set_to_none=True)
         for group in opt.param_groups:
-            group["lr"] = learning_rate(self.lr, self.config.lr_schedule, self.steps[index] + 1,
-                                        self.plan.epochs * self.plan.n_batches)
+            group["lr"] = learning_rate(self.lr[self.bundle.units[index].name], self.config.lr_schedule,
+                                        self.steps[index] + 1, self.plan.epochs * self.plan.n_batches)
         loss = unit_loss(self.bundle.units[index].role, module, feeds)
         loss.backward()
         opt.step()

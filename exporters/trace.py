@@ -59,7 +59,7 @@ def trace_step(module: nn.Module, role: str, opt: Optimizer, data: dict[str, tor
 
     params = [p.detach().clone() for p in module.parameters()]
     args = [*params, *[torch.zeros_like(p) for _ in opt.slots for p in params], *data.values(),
-            torch.tensor(opt.lr), torch.tensor(1.0)]
+            torch.tensor(1e-3), torch.tensor(1.0)]  # example lr and step; both are inputs
     return make_fx(step)(*args), args, inputs, outputs
 
 

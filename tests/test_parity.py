@@ -31,7 +31,8 @@ def small_bundle(request, tmp_path_factory):
     batch, opt = request.param
     out = tmp_path_factory.mktemp("parity") / f"b{batch}-{opt}"
     lr = 1e-3 if opt == "adamw" else 0.05
-    return bundles.load(export(out, blocks=2, width=48, batch_size=batch, optimizer=opt, lr=lr, progress=False))
+    return bundles.load(export(out, blocks=2, width=48, batch_size=batch, optimizer=opt, lr=lr, head_lr=10 * lr,
+                               progress=False))
 
 
 def _random_feeds(bundle, unit, rng):
@@ -84,7 +85,7 @@ def test_step_graph_matches_torch(small_bundle, role):
         if k.startswith("opt."):
             state[k] = (np.abs if ".v." in k else np.asarray)(rng.standard_normal(state[k].shape).astype(np.float32) * 1e-3)
     feeds = _random_feeds(bundle, unit, rng)
-    lr, step = np.float32(bundle.optimizer["lr"]), 3
+    lr, step = np.float32(unit.lr), 3
     graph = get_engine("onnxruntime").load(bundle.graph_path(unit.step_graph))
     got = graph.run({**state, **feeds, "lr": np.array(lr), "step": np.array(step, np.float32)})
     want = _torch_step(bundle, unit, embedding, state, feeds, float(lr), step)

@@ -90,4 +90,5 @@ def test_cosine_learning_rate_schedule_is_fed_to_the_graph(digits_bundle):
     b = bundles.load(digits_bundle)
     trainer = Trainer(b, get_engine(), datasets.load("digits", "train"), TrainConfig(epochs=2, lr_schedule="cosine"))
     per_unit = trainer.plan.epochs * trainer.plan.n_batches
-    assert trainer.lr_at(1) == pytest.approx(1e-3) and trainer.lr_at(per_unit) < 1e-5
+    assert trainer.lr_at("block1", 1) == pytest.approx(1e-3) and trainer.lr_at("block1", per_unit) < 1e-5
+    assert trainer.lr_at("head", 1) == pytest.approx(1e-2)
