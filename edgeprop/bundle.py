@@ -190,9 +190,9 @@ def load(path: str | Path) -> Bundle:
         if sha256_of(fpath) != digest:
             raise BundleError(f"{fpath}: sha256 does not match manifest.json (corrupt or modified file)")
     bundle = Bundle(root, manifest)
-    needed = {g.file for g in bundle.graphs.values()} | {INIT_STATE}
-    for rel in sorted(needed - set(files)):
-        raise BundleError(f"{mpath}: '{rel}' is used but has no checksum in 'files'")
+    unchecked = sorted(({g.file for g in bundle.graphs.values()} | {INIT_STATE}) - set(files))
+    if unchecked:
+        raise BundleError(f"{mpath}: {unchecked} used but without a checksum in 'files'")
     for unit in bundle.units:
         for key in (unit.step_graph, unit.infer_graph):
             if key not in bundle.graphs:

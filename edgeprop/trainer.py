@@ -71,12 +71,8 @@ class Trainer:
         self.done = 0
         self.steps = {u.name: 0 for u in bundle.units}
         self.losses = {u.name: float("nan") for u in bundle.units}
-        self._graphs = {}
-
-    def graph(self, key: str):
-        if key not in self._graphs:
-            self._graphs[key] = self.engine.load(self.bundle.graph_path(key))
-        return self._graphs[key]
+        self.saved = None  # work items done at the last checkpoint this run wrote or resumed from
+        self.graphs = load_graphs(bundle, engine, {u.step_graph for u in bundle.units})
 
     def lr_at(self, unit: str, step: int) -> float:
         return learning_rate(self.lr[unit], self.config.lr_schedule, step, self.plan.epochs * self.plan.n_batches)
@@ -90,6 +86,7 @@ class Trainer:
 
     def save(self) -> None:
         save_arrays(self.bundle.checkpoint_path(), join_state(self.state), self._meta())
+        self.saved = self.done
 
     def resume(self) -> None:
         """Continue from the bundle's checkpoint, which must come from the same run settings."""
@@ -104,6 +101,7 @@ class Trainer:
                                     f"this run has {key}={mine[key]!r}; resume with the same settings")
         self.state = split_state(self.bundle, arrays, str(path))
         self.done, self.steps, self.losses = int(meta["done"]), meta["steps"], meta["losses"]
+        self.saved = self.done
 
     # -- training ----------------------------------------------------------------------------
     def step(self, i: int) -> float:
@@ -113,11 +111,12 @@ class Trainer:
         n = self.steps[unit.name] + 1
         feeds = {**state, **self.feeder.feeds(unit_index, epoch, batch),
                  "lr": np.array(self.lr_at(unit.name, n), np.float32), "step": np.array(n, np.float32)}
-        out = self.graph(unit.step_graph).run(feeds)
+        out = self.graphs[unit.step_graph].run(feeds)
         loss = float(out["loss"])
         if not np.isfinite(loss):
-            raise EdgepropError(f"training diverged: {unit.name} step {n} gave loss {loss}; "
-                                f"the last checkpoint (work item {self.done}) is kept")
+            kept = "no checkpoint was written" if self.saved is None else \
+                f"the checkpoint at step {self.saved} is kept"
+            raise EdgepropError(f"training diverged: {unit.name} update {n} gave loss {loss}; {kept}")
         self.state[unit.name] = {k: out[f"next.{k}"] for k in state}
         self.steps[unit.name] = n
         self.losses[unit.name] = loss
@@ -138,6 +137,11 @@ class Trainer:
             bar.close()
 
 
+def load_graphs(bundle: Bundle, engine, keys: set[str]) -> dict:
+    """Load the named graphs up front, so a graph the engine rejects fails before any work."""
+    return {key: engine.load(bundle.graph_path(key)) for key in sorted(keys)}
+
+
 def load_trained_state(bundle: Bundle) -> tuple[dict, dict]:
     """The checkpoint's state if there is one, else the initial state; plus the checkpoint meta."""
     path = bundle.checkpoint_path()
@@ -153,14 +157,12 @@ def load_trained_state(bundle: Bundle) -> tuple[dict, dict]:
 def evaluate(bundle: Bundle, engine, data: Dataset, state: dict, seed: int = 0, runs: int = 1) -> dict:
     """Test accuracy of the full stochastic chain, averaged over `runs`, and of each block's û."""
     _, embedding = bundle.initial_state()
-    graphs = {}
+    graphs = load_graphs(bundle, engine, {u.infer_graph for u in bundle.units})
 
     def run_unit(unit, feeds):
-        key = unit.infer_graph
-        if key not in graphs:
-            graphs[key] = engine.load(bundle.graph_path(key))
-        g = graphs[key]
-        return next(iter(g.run({**{k: v for k, v in state[unit.name].items() if k.startswith("param.")}, **feeds}).values()))
+        params = {k: v for k, v in state[unit.name].items() if k.startswith("param.")}
+        (output,) = graphs[unit.infer_graph].run({**params, **feeds}).values()
+        return output
 
     x = normalise(bundle, data)
     accs, block_accs = [], []

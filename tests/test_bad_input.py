@@ -128,3 +128,17 @@ def test_bad_data(trained, tmp_path, make, message, command):
 def test_no_bundle_at_all(tmp_path):
     proc = edgeprop("info", tmp_path / "nothing", check=False)
     assert proc.returncode != 0 and "no bundle folder" in proc.stderr
+
+
+def test_divergence_stops_training_and_keeps_the_checkpoint(trained):
+    bundle, before = trained
+    proc = edgeprop("train", bundle, "--restart", "--lr", "1e30", "--quiet", check=False)
+    assert proc.returncode != 0 and "training diverged" in proc.stderr, proc.stderr
+    _unchanged(bundle, before)
+
+
+def test_file_used_without_a_checksum(trained):
+    bundle, before = trained
+    _edit_manifest(bundle, lambda m: m["files"].pop("state/init.npz"))
+    _fails(bundle, message="without a checksum")
+    _unchanged(bundle, before)
