@@ -62,7 +62,8 @@ def cmd_train(args) -> int:
     bundle = bundles.load(args.bundle)
     data = _data(bundle, args.data, "train")
     config = TrainConfig(epochs=args.epochs, order=args.order, seed=args.seed, lr=args.lr, head_lr=args.head_lr,
-                         lr_schedule=args.lr_schedule, checkpoint_every=args.checkpoint_every).check()
+                         lr_schedule=args.lr_schedule, checkpoint_every=args.checkpoint_every,
+                         checkpoint_seconds=args.checkpoint_seconds).check()
     trainer = Trainer(bundle, _engine(args), data, config)
     ckpt = bundle.checkpoint_path()
     if args.resume:
@@ -181,7 +182,9 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--lr", type=float, default=None, help="blocks' learning rate (default: the bundle's)")
     t.add_argument("--head-lr", type=float, default=None, help="the head's learning rate (default: the bundle's)")
     t.add_argument("--lr-schedule", default="constant", choices=["constant", "cosine"])
-    t.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints")
+    t.add_argument("--checkpoint-every", type=int, default=None, help="updates between checkpoints")
+    t.add_argument("--checkpoint-seconds", type=float, default=60.0,
+                   help="at most this long between checkpoints (default: 60; resuming is exact either way)")
     g = t.add_mutually_exclusive_group()
     g.add_argument("--resume", action="store_true", help="continue from the bundle's checkpoint")
     g.add_argument("--restart", action="store_true", help="start over although a checkpoint exists")

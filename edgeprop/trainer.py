@@ -6,6 +6,7 @@ gradient, optimizer update) happens inside the compiled step graphs.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -44,7 +45,8 @@ class TrainConfig:
     lr: float | None = None        # blocks' learning rate; None: the bundle's
     head_lr: float | None = None   # the head's learning rate; None: the bundle's
     lr_schedule: str = "constant"  # or "cosine": each unit decays from lr to 0 over its steps
-    checkpoint_every: int = 500    # work items (one unit's optimizer step each)
+    checkpoint_every: int | None = None  # work items (one unit's update each) between checkpoints
+    checkpoint_seconds: float = 60.0     # ... or this much time, whichever comes first: flash wears
 
     def check(self) -> "TrainConfig":
         if self.order not in ORDERS:
@@ -56,8 +58,10 @@ class TrainConfig:
                 raise EdgepropError(f"{flag} must be a positive number")
         if self.lr_schedule not in LR_SCHEDULES:
             raise EdgepropError(f"--lr-schedule must be one of {', '.join(LR_SCHEDULES)}")
-        if self.checkpoint_every < 1:
+        if self.checkpoint_every is not None and self.checkpoint_every < 1:
             raise EdgepropError("--checkpoint-every must be at least 1")
+        if not self.checkpoint_seconds > 0:
+            raise EdgepropError("--checkpoint-seconds must be positive")
         return self
 
 
@@ -125,12 +129,16 @@ class Trainer:
     def run(self, limit: int | None = None, progress: bool = True, checkpoints: bool = True) -> None:
         end = self.plan.total if limit is None else min(self.plan.total, limit)
         bar = Progress(end, "train", start=self.done, enabled=progress)
+        every, last_save = self.config.checkpoint_every, time.monotonic()
         try:
             while self.done < end:
                 self.step(self.done)
                 self.done += 1
-                if checkpoints and (self.done % self.config.checkpoint_every == 0 or self.done == end):
+                due = (every and self.done % every == 0) or \
+                    time.monotonic() - last_save >= self.config.checkpoint_seconds
+                if checkpoints and (due or self.done == end):
                     self.save()
+                    last_save = time.monotonic()
                 unit, epoch, _ = self.plan.item(self.done - 1)
                 bar.update(self.done, f"epoch {epoch + 1}/{self.plan.epochs} {self.bundle.units[unit].name}")
         finally:

@@ -28,9 +28,11 @@ def edgeprop(*args, torch_allowed=False, check=True, timeout=600):
 
 @pytest.fixture(scope="session")
 def digits_bundle(tmp_path_factory) -> Path:
-    """The default NoProp-DT digits bundle (batch 64), exported once per session."""
-    from edgeprop.exporters import export
-    return export(tmp_path_factory.mktemp("bundles") / "digits", data="digits", progress=False)
+    """The default NoProp-DT digits bundle (batch 64), exported once per session through the CLI."""
+    out = tmp_path_factory.mktemp("bundles") / "digits"
+    edgeprop("export", "--rule", "noprop-dt", "--model", "mlp", "--data", "digits", "--out", out, "--quiet",
+             torch_allowed=True)
+    return out
 
 
 @pytest.fixture

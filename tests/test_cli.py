@@ -96,7 +96,8 @@ def test_training_again_without_resume_keeps_the_checkpoint(bundle_copy):
     assert (bundle_copy / "checkpoints" / "last.npz").read_bytes() == before
 
 
-@pytest.mark.parametrize("argv", [["--epochs", "0"], ["--lr", "-1"], ["--head-lr", "nan"], ["--checkpoint-every", "0"]])
+@pytest.mark.parametrize("argv", [["--epochs", "0"], ["--lr", "-1"], ["--head-lr", "nan"], ["--checkpoint-every", "0"],
+                                  ["--checkpoint-seconds", "0"]])
 def test_bad_training_options(bundle_copy, argv):
     proc = edgeprop("train", bundle_copy, *argv, check=False)
     assert proc.returncode != 0 and "error" in proc.stderr
