@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -64,6 +65,18 @@ class Graph:
 
 
 @dataclass(frozen=True)
+class View:
+    """One parameter tensor inside a unit's flat parameter buffer."""
+    name: str
+    shape: tuple[int, ...]
+    offset: int
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+
+@dataclass(frozen=True)
 class Unit:
     name: str
     role: str            # "block" or "head"
@@ -71,11 +84,34 @@ class Unit:
     step_graph: str      # key into Bundle.graphs
     infer_graph: str
     lr: float            # default learning rate (a step-graph input: the trainer may override it)
-    state: tuple[Tensor, ...]  # parameters ("param.*") and optimizer state ("opt.*")
+    state: tuple[Tensor, ...]  # flat buffers: "param", and one per optimizer slot ("opt.m", ...)
+    layout: tuple[View, ...]   # the named parameter tensors inside "param"
 
     @property
-    def params(self) -> tuple[Tensor, ...]:
-        return tuple(s for s in self.state if s.name.startswith("param."))
+    def n_params(self) -> int:
+        return sum(v.size for v in self.layout)
+
+    def unflatten(self, flat: np.ndarray) -> dict[str, np.ndarray]:
+        """Named views (no copies) of a flat buffer laid out like "param"."""
+        return {v.name: flat[v.offset:v.offset + v.size].reshape(v.shape) for v in self.layout}
+
+    def locate(self, index: int) -> str:
+        """Which parameter element a flat index is, e.g. "image.0.weight[3, 17]"."""
+        for v in self.layout:
+            if v.offset <= index < v.offset + v.size:
+                return f"{v.name}{[int(i) for i in np.unravel_index(index - v.offset, v.shape)]}"
+        return f"[{index}]"
+
+    def check_layout(self, where: str) -> None:
+        offset = 0
+        for v in self.layout:
+            if v.offset != offset or v.size <= 0:
+                raise BundleError(f"{where}: unit '{self.name}': parameter '{v.name}' is not packed at offset {offset}")
+            offset += v.size
+        for t in self.state:
+            if t.shape != (offset,):
+                raise BundleError(f"{where}: unit '{self.name}': '{t.name}' has shape {list(t.shape)}, "
+                                  f"the layout needs [{offset}]")
 
 
 class Bundle:
@@ -97,13 +133,17 @@ class Bundle:
                                     tuple(Tensor.from_json(t, k) for t in g["outputs"]))
                            for k, g in manifest["graphs"].items()}
             self.units = [Unit(u["name"], u["role"], u.get("t"), u["step_graph"], u["infer_graph"], float(u["lr"]),
-                               tuple(Tensor.from_json(t, u["name"]) for t in u["state"]))
+                               tuple(Tensor.from_json(t, u["name"]) for t in u["state"]),
+                               tuple(View(str(v["name"]), tuple(int(s) for s in v["shape"]), int(v["offset"]))
+                                     for v in u["layout"]))
                           for u in manifest["units"]]
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise BundleError(f"{self.root / MANIFEST}: missing or malformed field ({e!r})") from None
         if self.rule not in RULES:
             raise BundleError(f"{self.root / MANIFEST}: rule '{self.rule}' is not one this edgeprop runs ({', '.join(RULES)})")
         self.schedule = NoiseSchedule.from_json(manifest.get("noise", {}))
+        for unit in self.units:
+            unit.check_layout(str(self.root / MANIFEST))
 
     @property
     def blocks(self) -> list[Unit]:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 
 from . import bundle as bundles
@@ -100,7 +99,7 @@ def cmd_info(args) -> int:
     from .storage import load_arrays
     bundle = bundles.load(args.bundle)
     m = bundle.manifest
-    n_params = sum(math.prod(t.shape) for u in bundle.units for t in u.params)
+    n_params = sum(u.n_params for u in bundle.units)
     print(f"bundle     {bundle.root} (schema {m['schema_version']}, id {bundle.id})")
     print(f"rule       {bundle.rule}: {len(bundle.blocks)} blocks + head, {bundle.model['embedding']} embedding "
           f"(d={bundle.model['embed_dim']})")

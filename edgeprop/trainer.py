@@ -168,8 +168,7 @@ def evaluate(bundle: Bundle, engine, data: Dataset, state: dict, seed: int = 0, 
     graphs = load_graphs(bundle, engine, {u.infer_graph for u in bundle.units})
 
     def run_unit(unit, feeds):
-        params = {k: v for k, v in state[unit.name].items() if k.startswith("param.")}
-        (output,) = graphs[unit.infer_graph].run({**params, **feeds}).values()
+        (output,) = graphs[unit.infer_graph].run({"param": state[unit.name]["param"], **feeds}).values()
         return output
 
     x = normalise(bundle, data)

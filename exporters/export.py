@@ -18,7 +18,7 @@ from edgeprop.storage import save_arrays
 
 from .models import build_unit, label_embedding
 from .optim import Optimizer
-from .trace import describe, to_onnx, trace_infer, trace_step
+from .trace import describe, flatten, layout, to_onnx, trace_infer, trace_step
 
 
 def example_inputs(role: str, batch: int, n_features: int, classes: int, dim: int) -> dict[str, torch.Tensor]:
@@ -95,15 +95,14 @@ def export(out: str | Path, *, rule: str = "noprop-dt", model: str = "mlp", data
 
         arrays, units_json = {"embedding": emb}, []
         for name, role, t, module in units:
-            state = []
-            for pname, p in module.named_parameters():
-                value = p.detach().numpy().astype(np.float32)
-                for key in [f"param.{pname}"] + [f"opt.{s}.{pname}" for s in opt.slots]:
-                    arrays[f"{name}/{key}"] = value if key.startswith("param.") else np.zeros_like(value)
-                    state.append({"name": key, "shape": list(value.shape), "dtype": "float32"})
+            flat = flatten(module).numpy().astype(np.float32)
+            arrays[f"{name}/param"] = flat
+            arrays.update({f"{name}/opt.{s}": np.zeros_like(flat) for s in opt.slots})
+            state = [{"name": key, "shape": [len(flat)], "dtype": "float32"}
+                     for key in ["param"] + [f"opt.{s}" for s in opt.slots]]
             units_json.append({"name": name, "role": role, "t": t, "step_graph": f"{role}_step",
                                "infer_graph": f"{role}_infer", "lr": head_lr if role == "head" else lr,
-                               "state": state})
+                               "state": state, "layout": layout(module)})
         save_arrays(tmp / INIT_STATE, arrays)
 
         write_manifest(tmp, {

@@ -38,8 +38,8 @@ class TorchReference:
         self.modules, self.optimizers = [], []
         for unit in bundle.units:
             module = build_unit(bundle.model, unit.role, embedding).to(self.device)
-            module.load_state_dict({k[len("param."):]: torch.from_numpy(v) for k, v in state[unit.name].items()
-                                    if k.startswith("param.")}, strict=False)
+            named = {k: torch.from_numpy(v.copy()) for k, v in unit.unflatten(state[unit.name]["param"]).items()}
+            module.load_state_dict(named, strict=False)  # strict=False: the embedding buffer is fixed
             self.modules.append(module)
             self.optimizers.append(spec.torch_optimizer(module.parameters(), self.lr[unit.name]))
         self.done = 0
@@ -66,15 +66,14 @@ class TorchReference:
             self.done += 1
 
     def unit_state(self, index: int) -> tuple[dict[str, np.ndarray], int]:
-        """One unit's parameters and optimizer slots in the bundle's naming, and its step count."""
+        """One unit's flat parameter and optimizer-slot buffers, as the bundle lays them out,
+        and its update count."""
         module, opt = self.modules[index], self.optimizers[index]
-        state = {}
-        for name, p in module.named_parameters():
-            state[f"param.{name}"] = p.detach().cpu().numpy().copy()
-            for slot, value in self.spec.slots_of(opt, p).items():
-                state[f"opt.{slot}.{name}"] = value.copy()
+        params = list(module.parameters())
+        state = {"param": np.concatenate([p.detach().cpu().numpy().reshape(-1) for p in params])}
+        for slot in self.spec.slots:
+            state[f"opt.{slot}"] = np.concatenate([self.spec.slots_of(opt, p)[slot].reshape(-1) for p in params])
         return state, self.steps[index]
 
     def params(self) -> dict[str, dict[str, np.ndarray]]:
-        return {unit.name: {f"param.{k}": v.detach().cpu().numpy() for k, v in module.named_parameters()}
-                for unit, module in zip(self.bundle.units, self.modules)}
+        return {unit.name: {"param": self.unit_state(i)[0]["param"]} for i, unit in enumerate(self.bundle.units)}

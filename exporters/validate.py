@@ -26,10 +26,19 @@ from .reference import TorchReference
 SENSITIVITY_FACTOR = 10.0
 
 
-def _largest(a: dict[str, dict[str, np.ndarray]], b: dict[str, dict[str, np.ndarray]]) -> tuple[float, str]:
-    gaps = {f"{u}/{k}": float(np.max(np.abs(a[u][k] - b[u][k]))) for u in b for k in b[u]}
-    worst = max(gaps, key=lambda k: np.inf if not np.isfinite(gaps[k]) else gaps[k])
-    return gaps[worst], worst
+def _largest(bundle, a: dict, b: dict) -> tuple[float, str]:
+    """The largest |a - b| over the buffers of b's units, and where it is, e.g.
+    "block3/param image.0.weight[3, 17]". NaN or inf counts as an infinite gap."""
+    units = {u.name: u for u in bundle.units}
+    best, where = -1.0, ""
+    for unit, buffers in b.items():
+        for key, value in buffers.items():
+            gap = np.abs(a[unit][key] - value)
+            gap = np.where(np.isfinite(gap), gap, np.inf)
+            i = int(np.argmax(gap))
+            if gap[i] > best:
+                best, where = float(gap[i]), f"{unit}/{key} {units[unit].locate(i)}"
+    return best, where
 
 
 def validate(bundle_path, data: str = "digits", steps: int = 50, device: str = "cpu", tol: float = 1e-4,
@@ -53,7 +62,7 @@ def validate(bundle_path, data: str = "digits", steps: int = 50, device: str = "
         locked.step(i)
         ref_loss = reference.step(i)
         after, _ = reference.unit_state(index)
-        gap, worst = _largest({unit: locked.state[unit]}, {unit: after})
+        gap, worst = _largest(bundle, {unit: locked.state[unit]}, {unit: after})
         gap_loss = abs(locked.losses[unit] - ref_loss)
         if not (gap <= lock_gap):
             lock_gap, lock_worst = gap, f"{worst} at step {i}"
@@ -63,12 +72,12 @@ def validate(bundle_path, data: str = "digits", steps: int = 50, device: str = "
 
     free = Trainer(bundle, eng, train, config)
     free.run(limit=limit, progress=progress, checkpoints=False)  # never touch the user's checkpoint
-    free_gap, free_worst = _largest(free.state, reference.params())
+    free_gap, free_worst = _largest(bundle, free.state, reference.params())
 
     nudged = datasets.Dataset(train.x * np.float32(1 + 2 ** -23), train.y, train.name)
     twin = TorchReference(bundle, nudged, config, device)
     twin.run(limit)
-    sensitivity, _ = _largest(twin.params(), reference.params())
+    sensitivity, _ = _largest(bundle, twin.params(), reference.params())
 
     allowed = max(tol, SENSITIVITY_FACTOR * sensitivity)
     ok = bool(lock_gap <= tol and free_gap <= allowed)

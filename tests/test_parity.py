@@ -50,29 +50,29 @@ def _random_feeds(bundle, unit, rng):
 
 
 def _torch_step(bundle, unit, embedding, state, feeds, lr, step):
-    """The same step done eagerly: module, autograd, torch.optim with the given state."""
+    """The same step done eagerly: module, autograd, torch.optim with the given state.
+    Returns {(buffer, parameter name): array} and the loss."""
     spec = Optimizer(**{k: v for k, v in bundle.optimizer.items() if k != "slots"})
     module = build_unit(bundle.model, unit.role, embedding)
+    views = {k: unit.unflatten(v) for k, v in state.items()}  # "param", "opt.m", ... -> named views
     named = dict(module.named_parameters())
     with torch.no_grad():
         for name, p in named.items():
-            p.copy_(torch.from_numpy(state[f"param.{name}"]))
+            p.copy_(torch.from_numpy(views["param"][name]))
     opt = spec.torch_optimizer(module.parameters(), lr)
     for name, p in named.items():
-        if spec.name == "adamw":
-            opt.state[p] = {"step": torch.tensor(float(step - 1)), "exp_avg": torch.from_numpy(state[f"opt.m.{name}"]).clone(),
-                            "exp_avg_sq": torch.from_numpy(state[f"opt.v.{name}"]).clone()}
-        else:
-            opt.state[p] = {"momentum_buffer": torch.from_numpy(state[f"opt.buf.{name}"]).clone()}
+        slot = {s: torch.from_numpy(views[f"opt.{s}"][name].copy()) for s in spec.slots}
+        opt.state[p] = ({"step": torch.tensor(float(step - 1)), "exp_avg": slot["m"], "exp_avg_sq": slot["v"]}
+                        if spec.name == "adamw" else {"momentum_buffer": slot["buf"]})
     loss = unit_loss(unit.role, module, {k: torch.from_numpy(v) for k, v in feeds.items()})
     loss.backward()
     opt.step()
-    out = {"loss": loss.detach().numpy()}
+    out = {}
     for name, p in named.items():
-        out[f"next.param.{name}"] = p.detach().numpy()
+        out[("next.param", name)] = p.detach().numpy()
         for slot, value in spec.slots_of(opt, p).items():
-            out[f"next.opt.{slot}.{name}"] = value
-    return out
+            out[(f"next.opt.{slot}", name)] = value
+    return out, loss.detach().numpy()
 
 
 @pytest.mark.parametrize("role", ["block", "head"])
@@ -83,17 +83,19 @@ def test_step_graph_matches_torch(small_bundle, role):
     state = dict(init[unit.name])
     for k in state:  # a mid-training optimizer state, not zeros
         if k.startswith("opt."):
-            state[k] = (np.abs if ".v." in k else np.asarray)(rng.standard_normal(state[k].shape).astype(np.float32) * 1e-3)
+            state[k] = (np.abs if k == "opt.v" else np.asarray)(rng.standard_normal(state[k].shape).astype(np.float32) * 1e-3)
     feeds = _random_feeds(bundle, unit, rng)
     lr, step = np.float32(unit.lr), 3
     graph = get_engine("onnxruntime").load(bundle.graph_path(unit.step_graph))
     got = graph.run({**state, **feeds, "lr": np.array(lr), "step": np.array(step, np.float32)})
-    want = _torch_step(bundle, unit, embedding, state, feeds, float(lr), step)
-    assert set(got) == set(want)
-    for name, value in want.items():
-        assert got[name].shape == value.shape and got[name].dtype == value.dtype, name
-        assert np.all(np.isfinite(got[name])), f"{name} has NaN/inf"
-        np.testing.assert_allclose(got[name], value, rtol=1e-4, atol=2e-6, err_msg=name)
+    want, want_loss = _torch_step(bundle, unit, embedding, state, feeds, float(lr), step)
+    assert set(got) == {"loss"} | {buffer for buffer, _ in want}
+    np.testing.assert_allclose(got["loss"], want_loss, rtol=1e-5)
+    for (buffer, name), value in want.items():
+        assert got[buffer].shape == state[buffer[len("next."):]].shape and got[buffer].dtype == np.float32
+        mine = unit.unflatten(got[buffer])[name]
+        assert np.all(np.isfinite(mine)), f"{buffer} {name} has NaN/inf"
+        np.testing.assert_allclose(mine, value, rtol=1e-4, atol=2e-6, err_msg=f"{buffer} {name}")
 
 
 @pytest.mark.parametrize("role", ["block", "head"])
@@ -101,11 +103,11 @@ def test_inference_graph_matches_torch(small_bundle, role):
     bundle, rng = small_bundle, np.random.default_rng(2)
     init, embedding = bundle.initial_state()
     unit = bundle.blocks[0] if role == "block" else bundle.head
-    params = {k: v for k, v in init[unit.name].items() if k.startswith("param.")}
+    flat = init[unit.name]["param"]
     feeds = {k: v for k, v in _random_feeds(bundle, unit, rng).items() if k in ("x", "z")}
-    got = get_engine("onnxruntime").load(bundle.graph_path(unit.infer_graph)).run({**params, **feeds})
+    got = get_engine("onnxruntime").load(bundle.graph_path(unit.infer_graph)).run({"param": flat, **feeds})
     module = build_unit(bundle.model, unit.role, embedding)
-    module.load_state_dict({k[6:]: torch.from_numpy(v) for k, v in params.items()}, strict=False)
+    module.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in unit.unflatten(flat).items()}, strict=False)
     with torch.no_grad():
         want = module(*[torch.from_numpy(feeds[k]) for k in ("x", "z") if k in feeds]).numpy()
     np.testing.assert_allclose(next(iter(got.values())), want, rtol=1e-5, atol=1e-6)

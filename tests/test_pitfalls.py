@@ -22,8 +22,13 @@ def test_head_never_sends_gradient_into_a_block(digits_bundle):
     step = b.graphs[b.head.step_graph]
     assert {t.name for t in step.inputs} == head_state | {"z", "target", "mask", "lr", "step"}
     assert {t.name for t in step.outputs} == {f"next.{k}" for k in head_state} | {"loss"}
-    block_inputs = {t.name for t in b.graphs[b.blocks[0].step_graph].inputs}
-    assert not head_state & block_inputs
+    assert next(t for t in step.inputs if t.name == "param").shape == (b.head.n_params,)
+    # And stepping the head leaves every block untouched.
+    trainer = Trainer(b, get_engine(), datasets.load("digits", "train"), TrainConfig(epochs=1))
+    before = {u: s["param"].copy() for u, s in trainer.state.items()}
+    trainer.step(len(b.units) - 1)  # interleaved item U-1 is the head's first update
+    assert all(np.array_equal(trainer.state[u]["param"], before[u]) for u in before if u != "head")
+    assert not np.array_equal(trainer.state["head"]["param"], before["head"])
 
 
 def test_head_is_trained_on_noised_clean_labels_not_block_outputs(digits_bundle):
@@ -41,8 +46,7 @@ def test_blocks_are_independent(digits_bundle):
     """Own weights per block (no shared trunk); stepping one block leaves every other unit alone."""
     b = bundles.load(digits_bundle)
     trainer = Trainer(b, get_engine(), datasets.load("digits", "train"), TrainConfig(epochs=1))
-    w1 = trainer.state["block1"]["param.image.0.weight"]
-    assert not np.array_equal(w1, trainer.state["block2"]["param.image.0.weight"])
+    assert not np.array_equal(trainer.state["block1"]["param"], trainer.state["block2"]["param"])
     before = {u: {k: v.copy() for k, v in s.items()} for u, s in trainer.state.items()}
     trainer.step(0)  # interleaved item 0 is block1
     for unit, tensors in trainer.state.items():
@@ -92,3 +96,13 @@ def test_cosine_learning_rate_schedule_is_fed_to_the_graph(digits_bundle):
     per_unit = trainer.plan.epochs * trainer.plan.n_batches
     assert trainer.lr_at("block1", 1) == pytest.approx(1e-3) and trainer.lr_at("block1", per_unit) < 1e-5
     assert trainer.lr_at("head", 1) == pytest.approx(1e-2)
+
+
+def test_flat_layout_names_every_parameter(digits_bundle):
+    b = bundles.load(digits_bundle)
+    block = b.blocks[0]
+    assert [v.name for v in block.layout][:2] == ["image.0.weight", "image.0.bias"]
+    assert block.n_params == b.initial_state()[0]["block1"]["param"].size == 60426
+    views = block.unflatten(b.initial_state()[0]["block1"]["param"])
+    assert views["joint.2.weight"].shape == (10, 128)
+    assert block.locate(64 * 3 + 5) == "image.0.weight[3, 5]"
