@@ -9,7 +9,7 @@ runtime's process never imports torch, which is the footprint a device would see
   throughput   training samples/s (one sample = one pass through every block and the head,
                interleaved) of the runtime vs the torch reference, 1 thread each, at batch
                1, 32 and 128
-Targets to report against (not asserted): accuracy no worse than back-prop; runtime
+Each throughput figure is the median of --rounds alternating runs. Targets to report against (not asserted): accuracy no worse than back-prop; runtime
 throughput >= 3x torch at batch 32 and >= 10x at batch 1.
 """
 from __future__ import annotations
@@ -125,7 +125,8 @@ def spawn(*args) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--epochs", type=int, default=40)
-    p.add_argument("--seconds", type=float, default=5.0, help="timing window per throughput measurement")
+    p.add_argument("--seconds", type=float, default=4.0, help="timing window per throughput measurement")
+    p.add_argument("--rounds", type=int, default=3, help="alternating rounds per batch size (median kept)")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "noprop_digits.json"))
     p.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -149,11 +150,19 @@ def main() -> None:
                                "noprop_minus_backprop": nop["accuracy"] - bp["accuracy"]}
         results["throughput"] = {}
         for batch in (1, 32, 128):
-            print(f"throughput: batch {batch} ...", file=sys.stderr)
-            rt = spawn("throughput", bundles[batch], "runtime", args.seconds)
-            ref = spawn("throughput", bundles[batch], "torch", args.seconds)
+            # Alternate the two sides over several rounds and keep each side's median, so a
+            # load change on the machine does not land on one side only.
+            runs = {"runtime": [], "torch": []}
+            for r in range(args.rounds):
+                print(f"throughput: batch {batch}, round {r + 1}/{args.rounds} ...", file=sys.stderr)
+                for side in runs:
+                    runs[side].append(spawn("throughput", bundles[batch], side, args.seconds))
+            median = {side: sorted(rs, key=lambda x: x["samples_per_s"])[len(rs) // 2] for side, rs in runs.items()}
             results["throughput"][f"batch{batch}"] = {
-                "runtime": rt, "torch_reference": ref, "speedup": rt["samples_per_s"] / ref["samples_per_s"]}
+                "runtime": median["runtime"], "torch_reference": median["torch"],
+                "runtime_rounds": [x["samples_per_s"] for x in runs["runtime"]],
+                "torch_rounds": [x["samples_per_s"] for x in runs["torch"]],
+                "speedup": median["runtime"]["samples_per_s"] / median["torch"]["samples_per_s"]}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1) + "\n")

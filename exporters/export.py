@@ -57,9 +57,9 @@ def export(out: str | Path, *, rule: str = "noprop-dt", model: str = "mlp", data
         raise EdgepropError(f"{out} exists and is not an edgeprop bundle; choose another --out")
 
     train = datasets.load(data, "train")
-    if train.y.min() < 0:
-        raise EdgepropError(f"{train.name}: negative labels")
-    classes = int(train.y.max()) + 1
+    if len(train) == 0:
+        raise EdgepropError(f"{train.name}: no samples")
+    classes = int(train.y.max()) + 1  # check() below rejects negative labels
     input_shape = [int(np.prod(train.x.shape[1:]))]  # flat MLP input
     datasets.check(train, input_shape, classes)
     try:

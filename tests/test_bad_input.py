@@ -141,3 +141,15 @@ def test_file_used_without_a_checksum(trained):
     _edit_manifest(bundle, lambda m: m["files"].pop("state/init.npz"))
     _fails(bundle, message="without a checksum")
     _unchanged(bundle, before)
+
+
+def test_export_refuses_bad_data_and_keeps_an_existing_bundle(digits_bundle, tmp_path):
+    x = np.random.default_rng(0).random((40, 8)).astype(np.float32)
+    x[3, 2] = np.nan
+    np.savez(tmp_path / "nan.npz", x=x, y=np.arange(40) % 4)
+    proc = edgeprop("export", "--data", tmp_path / "nan.npz", "--out", tmp_path / "b", torch_allowed=True, check=False)
+    assert proc.returncode != 0 and "NaN" in proc.stderr and not (tmp_path / "b").exists()
+    manifest = (digits_bundle / "manifest.json").read_bytes()
+    proc = edgeprop("export", "--out", digits_bundle, torch_allowed=True, check=False)
+    assert proc.returncode != 0 and "--force" in proc.stderr
+    assert (digits_bundle / "manifest.json").read_bytes() == manifest
