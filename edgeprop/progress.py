@@ -1,4 +1,8 @@
-"""A dependency-free progress bar for long work (stderr, redrawn at most 10 times a second)."""
+"""A dependency-free progress bar for long work, on stderr.
+
+On a terminal it redraws in place ten times a second; into a log file (a device's service
+log, CI) it writes a plain line every ten seconds instead of thousands of redraws.
+"""
 from __future__ import annotations
 
 import sys
@@ -10,12 +14,14 @@ class Progress:
                  stream=sys.stderr):
         self.total, self.label, self.n, self.unit = total, label, start, unit
         self.enabled, self.stream = enabled, stream
-        self.t0, self.n0, self.last, self.note = time.monotonic(), start, 0.0, ""
+        self.tty = hasattr(stream, "isatty") and stream.isatty()
+        self.interval = 0.1 if self.tty else 10.0
+        self.t0, self.n0, self.last, self.note = time.monotonic(), start, time.monotonic(), ""
 
     def update(self, n: int, note: str = "") -> None:
         self.n, self.note = n, note or self.note
         now = time.monotonic()
-        if self.enabled and (now - self.last > 0.1 or n >= self.total):
+        if self.enabled and now - self.last > self.interval:
             self.last = now
             self._draw(now)
 
@@ -24,11 +30,12 @@ class Progress:
         bar = "#" * int(30 * frac)
         rate = (self.n - self.n0) / max(now - self.t0, 1e-9)
         eta = (self.total - self.n) / rate if rate > 0 else 0.0
-        self.stream.write(f"\r{self.label} [{bar:<30}] {self.n}/{self.total} {rate:,.1f} {self.unit}/s "
-                          f"eta {eta:4.0f}s {self.note}\x1b[K")
+        line = f"{self.label} [{bar:<30}] {self.n}/{self.total} {rate:,.1f} {self.unit}/s eta {eta:4.0f}s {self.note}"
+        self.stream.write(f"\r{line}\x1b[K" if self.tty else f"{line}\n")
         self.stream.flush()
 
     def close(self) -> None:
         if self.enabled:
             self._draw(time.monotonic())
-            self.stream.write("\n")
+            if self.tty:
+                self.stream.write("\n")
