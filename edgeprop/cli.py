@@ -57,7 +57,7 @@ def cmd_validate(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from .trainer import TrainConfig, Trainer
+    from .trainer import TrainConfig, Trainer, epoch_losses
     bundle = bundles.load(args.bundle)
     data = _data(bundle, args.data, "train")
     config = TrainConfig(epochs=args.epochs, order=args.order, seed=args.seed, lr=args.lr, head_lr=args.head_lr,
@@ -71,8 +71,9 @@ def cmd_train(args) -> int:
         raise EdgepropError(f"{ckpt} already exists; pass --resume to continue it, or --restart to train "
                             f"from the initial weights (it is replaced at the first new checkpoint)")
     trainer.run(progress=not args.quiet)
-    losses = ", ".join(f"{k} {v:.4g}" for k, v in trainer.losses.items())
-    print(f"trained {trainer.done} steps; last losses: {losses}")
+    last = {unit: means[-1] for unit, means in epoch_losses(trainer.history).items() if means}
+    print(f"trained {trainer.done} steps; last epoch's mean loss: "
+          + ", ".join(f"{unit} {loss:.3g}" for unit, loss in last.items()))
     print(f"checkpoint: {ckpt}")
     return 0
 
@@ -114,10 +115,28 @@ def cmd_info(args) -> int:
         print(f"graph      {key:12s} {g.file} ({size / 1024:.0f} KiB, {len(g.inputs)} inputs)")
     ckpt = bundle.checkpoint_path()
     if ckpt.exists():
+        from .trainer import epoch_losses
         _, meta = load_arrays(ckpt)
         print(f"checkpoint {ckpt}: {meta.get('done')}/{meta.get('total')} steps ({meta.get('order')}, seed {meta.get('seed')})")
+        history = epoch_losses(meta.get("history", {}))
+        for unit in bundle.units:
+            means = history.get(unit.name)
+            if means:
+                print(f"  {unit.name:8s} mean loss, epoch 1: {means[0]:.3g}  epoch {len(means)}: {means[-1]:.3g}")
     else:
         print("checkpoint none (not trained yet)")
+    return 0
+
+
+def cmd_plot(args) -> int:
+    from .plots import loss_curves
+    from .trainer import epoch_losses, load_trained_state
+    bundle = bundles.load(args.bundle)
+    _, meta = load_trained_state(bundle)
+    if not meta.get("history"):
+        raise EdgepropError(f"{bundle.checkpoint_path()}: no training history to plot (train first)")
+    out = args.out or bundle.root / "losses.png"
+    print(f"wrote {loss_curves(bundle, epoch_losses(meta['history']), out)}")
     return 0
 
 
@@ -198,6 +217,11 @@ def parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", action="store_true")
     common(ev)
     ev.set_defaults(func=cmd_eval)
+
+    pl = sub.add_parser("plot", help="plot each unit's loss per epoch to a PNG (needs matplotlib)")
+    pl.add_argument("bundle")
+    pl.add_argument("--out", default=None, help="default: BUNDLE/losses.png")
+    pl.set_defaults(func=cmd_plot)
 
     i = sub.add_parser("info", help="describe a bundle")
     i.add_argument("bundle")

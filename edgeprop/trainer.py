@@ -74,7 +74,9 @@ class Trainer:
         self.lr = base_learning_rates(bundle, config)
         self.done = 0
         self.steps = {u.name: 0 for u in bundle.units}
-        self.losses = {u.name: float("nan") for u in bundle.units}
+        self.losses = {u.name: float("nan") for u in bundle.units}  # each unit's latest loss
+        # Per unit, per epoch: [sum of losses, updates]; one weighted loss per block to watch.
+        self.history: dict[str, list[list[float]]] = {u.name: [] for u in bundle.units}
         self.saved = None  # work items done at the last checkpoint this run wrote or resumed from
         self.graphs = load_graphs(bundle, engine, {u.step_graph for u in bundle.units})
 
@@ -85,7 +87,7 @@ class Trainer:
     def _meta(self) -> dict:
         c = self.config
         return {"bundle": self.bundle.id, "done": self.done, "total": self.plan.total, "steps": self.steps,
-                "losses": self.losses, "epochs": c.epochs, "order": c.order, "seed": c.seed,
+                "losses": self.losses, "history": self.history, "epochs": c.epochs, "order": c.order, "seed": c.seed,
                 "lr": self.lr, "lr_schedule": c.lr_schedule, "n_batches": self.plan.n_batches}
 
     def save(self) -> None:
@@ -105,6 +107,7 @@ class Trainer:
                                     f"this run has {key}={mine[key]!r}; resume with the same settings")
         self.state = split_state(self.bundle, arrays, str(path))
         self.done, self.steps, self.losses = int(meta["done"]), meta["steps"], meta["losses"]
+        self.history = meta["history"]
         self.saved = self.done
 
     # -- training ----------------------------------------------------------------------------
@@ -124,6 +127,10 @@ class Trainer:
         self.state[unit.name] = {k: out[f"next.{k}"] for k in state}
         self.steps[unit.name] = n
         self.losses[unit.name] = loss
+        log = self.history[unit.name]
+        log.extend([0.0, 0] for _ in range(epoch + 1 - len(log)))
+        log[epoch][0] += loss
+        log[epoch][1] += 1
         return loss
 
     def run(self, limit: int | None = None, progress: bool = True, checkpoints: bool = True) -> None:
@@ -143,6 +150,11 @@ class Trainer:
                 bar.update(self.done, f"epoch {epoch + 1}/{self.plan.epochs} {self.bundle.units[unit].name}")
         finally:
             bar.close()
+
+
+def epoch_losses(history: dict[str, list[list[float]]]) -> dict[str, list[float]]:
+    """Mean loss of every unit in every epoch it has trained (from a checkpoint's history)."""
+    return {unit: [total / count for total, count in log if count] for unit, log in history.items()}
 
 
 def load_graphs(bundle: Bundle, engine, keys: set[str]) -> dict:

@@ -77,6 +77,7 @@ def test_resume_after_a_kill_gives_the_same_weights(digits_bundle, tmp_path):
     edgeprop(*args[:1], b, *args[1:], "--resume")
     (wa, ma), (wb, mb) = load_arrays(a / "checkpoints" / "last.npz"), load_arrays(ckpt)
     assert ma["done"] == mb["done"] == ma["total"]
+    assert ma["history"] == mb["history"]  # per-epoch loss sums carry across the kill too
     assert wa.keys() == wb.keys()
     for k in wa:
         np.testing.assert_array_equal(wa[k], wb[k], err_msg=k)
@@ -101,3 +102,14 @@ def test_training_again_without_resume_keeps_the_checkpoint(bundle_copy):
 def test_bad_training_options(bundle_copy, argv):
     proc = edgeprop("train", bundle_copy, *argv, check=False)
     assert proc.returncode != 0 and "error" in proc.stderr
+
+
+def test_info_and_plot_show_the_loss_history(bundle_copy):
+    pytest.importorskip("matplotlib")
+    proc = edgeprop("plot", bundle_copy, check=False)
+    assert proc.returncode != 0 and "train first" in proc.stderr
+    edgeprop("train", bundle_copy, "--epochs", "2", "--quiet")
+    info = edgeprop("info", bundle_copy).stdout
+    assert "block10  mean loss, epoch 1:" in info and "epoch 2:" in info
+    edgeprop("plot", bundle_copy, "--out", bundle_copy / "curves.png")
+    assert (bundle_copy / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
