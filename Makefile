@@ -17,6 +17,7 @@ demo: $(VENV)/.installed  ## export NoProp-DT for digits, train it with onnxrunt
 	$(EDGEPROP) eval runs/digits --data digits --runs 5
 
 test: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
 
 bench: $(VENV)/.installed

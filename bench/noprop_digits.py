@@ -9,7 +9,8 @@ runtime's process never imports torch, which is the footprint a device would see
   throughput   training samples/s (one sample = one pass through every block and the head,
                interleaved) of the runtime vs the torch reference, 1 thread each, at batch
                1, 32 and 128
-Each throughput figure is the median of --rounds alternating runs. Targets to report against (not asserted): accuracy no worse than back-prop; runtime
+Each throughput figure is the median of --rounds alternating runs.
+Targets to report against (not asserted): accuracy no worse than back-prop; runtime
 throughput >= 3x torch at batch 32 and >= 10x at batch 1.
 """
 from __future__ import annotations
@@ -43,7 +44,8 @@ def peak_rss_mb() -> float:
 # ---- workers (each runs in a fresh process) ---------------------------------------------------
 
 def worker_runtime_accuracy(bundle: str, epochs: int) -> dict:
-    from edgeprop import bundle as bundles, datasets
+    from edgeprop import bundle as bundles
+    from edgeprop import datasets
     from edgeprop.runtimes import get_engine
     from edgeprop.trainer import TrainConfig, Trainer, evaluate
     b, engine = bundles.load(bundle), get_engine("onnxruntime", threads=1)
@@ -61,6 +63,7 @@ def worker_backprop_accuracy(epochs: int, batch: int, width: int) -> dict:
     import numpy as np
     import torch
     from torch import nn
+
     from edgeprop import datasets
     torch.manual_seed(0)
     torch.set_num_threads(1)
@@ -86,7 +89,8 @@ def worker_backprop_accuracy(epochs: int, batch: int, width: int) -> dict:
 
 
 def worker_throughput(bundle: str, which: str, seconds: float) -> dict:
-    from edgeprop import bundle as bundles, datasets
+    from edgeprop import bundle as bundles
+    from edgeprop import datasets
     from edgeprop.trainer import TrainConfig
     b, data = bundles.load(bundle), datasets.load("digits", "train")
     config = TrainConfig(epochs=1000)

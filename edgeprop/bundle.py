@@ -40,7 +40,7 @@ class Tensor:
     dtype: str
 
     @classmethod
-    def from_json(cls, d: dict, where: str) -> "Tensor":
+    def from_json(cls, d: dict, where: str) -> Tensor:
         try:
             return cls(str(d["name"]), tuple(int(s) for s in d["shape"]), str(np.dtype(d["dtype"])))
         except (KeyError, TypeError, ValueError) as e:
@@ -140,7 +140,8 @@ class Bundle:
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise BundleError(f"{self.root / MANIFEST}: missing or malformed field ({e!r})") from None
         if self.rule not in RULES:
-            raise BundleError(f"{self.root / MANIFEST}: rule '{self.rule}' is not one this edgeprop runs ({', '.join(RULES)})")
+            raise BundleError(f"{self.root / MANIFEST}: rule '{self.rule}' is not one this edgeprop runs "
+                              f"({', '.join(RULES)})")
         self.schedule = NoiseSchedule.from_json(manifest.get("noise", {}))
         for unit in self.units:
             unit.check_layout(str(self.root / MANIFEST))

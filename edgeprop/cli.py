@@ -117,7 +117,8 @@ def cmd_info(args) -> int:
     if ckpt.exists():
         from .trainer import epoch_losses
         _, meta = load_arrays(ckpt)
-        print(f"checkpoint {ckpt}: {meta.get('done')}/{meta.get('total')} steps ({meta.get('order')}, seed {meta.get('seed')})")
+        print(f"checkpoint {ckpt}: {meta.get('done')}/{meta.get('total')} steps "
+              f"({meta.get('order')}, seed {meta.get('seed')})")
         history = epoch_losses(meta.get("history", {}))
         for unit in bundle.units:
             means = history.get(unit.name)

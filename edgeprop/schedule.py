@@ -54,7 +54,7 @@ class NoiseSchedule:
         c = (1 - ab_t) * (1 - alpha_prev) / (1 - ab_prev)
         return float(a), float(b), float(c)
 
-    def check(self) -> "NoiseSchedule":
+    def check(self) -> NoiseSchedule:
         ab = self.alpha_bar
         if ab.ndim != 1 or len(ab) < 2 or not np.all(np.isfinite(ab)):
             raise BundleError("noise schedule: alpha_bar must be a finite list of T+1 values")
@@ -72,7 +72,7 @@ class NoiseSchedule:
                 "max_weight": self.max_weight, "weights": self.weights.tolist()}
 
     @classmethod
-    def from_json(cls, d: dict) -> "NoiseSchedule":
+    def from_json(cls, d: dict) -> NoiseSchedule:
         try:
             return cls(np.asarray(d["alpha_bar"], dtype=np.float64), float(d["eta"]), float(d["max_weight"])).check()
         except (KeyError, TypeError, ValueError) as e:

@@ -18,7 +18,6 @@ from .noprop import ORDERS, Feeder, Plan, normalise, predict
 from .progress import Progress
 from .storage import load_arrays, save_arrays
 
-
 LR_SCHEDULES = ("constant", "cosine")
 
 
@@ -31,7 +30,7 @@ def learning_rate(base: float, schedule: str, step: int, total: int) -> float:
     return base
 
 
-def base_learning_rates(bundle: Bundle, config: "TrainConfig") -> dict[str, float]:
+def base_learning_rates(bundle: Bundle, config: TrainConfig) -> dict[str, float]:
     """Each unit's learning rate before any schedule: the bundle's, unless the run overrides it."""
     override = {"block": config.lr, "head": config.head_lr}
     return {u.name: float(override[u.role] if override[u.role] is not None else u.lr) for u in bundle.units}
@@ -48,7 +47,7 @@ class TrainConfig:
     checkpoint_every: int | None = None  # work items (one unit's update each) between checkpoints
     checkpoint_seconds: float = 60.0     # ... or this much time, whichever comes first: flash wears
 
-    def check(self) -> "TrainConfig":
+    def check(self) -> TrainConfig:
         if self.order not in ORDERS:
             raise EdgepropError(f"--order must be one of {', '.join(ORDERS)}")
         if self.epochs < 1:

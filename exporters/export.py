@@ -34,7 +34,8 @@ def example_inputs(role: str, batch: int, n_features: int, classes: int, dim: in
 
 def export(out: str | Path, *, rule: str = "noprop-dt", model: str = "mlp", data: str = "digits",
            blocks: int = 10, width: int = 128, embedding: str = "one-hot", embed_dim: int | None = None,
-           batch_size: int = 64, optimizer: str = "adamw", lr: float = 1e-3, head_lr: float = 1e-2, weight_decay: float = 1e-3,
+           batch_size: int = 64, optimizer: str = "adamw", lr: float = 1e-3, head_lr: float = 1e-2,
+           weight_decay: float = 1e-3,
            momentum: float = 0.9, eta: float = 0.1, seed: int = 0, force: bool = False,
            progress: bool = True) -> Path:
     """Export a NoProp-DT model for `data` as a bundle folder at `out` and return its path.

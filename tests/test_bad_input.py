@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 
 from conftest import edgeprop
-
 from edgeprop.bundle import write_manifest
 
 

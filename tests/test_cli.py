@@ -5,7 +5,6 @@ import numpy as np
 import pytest
 
 from conftest import edgeprop
-
 from edgeprop.storage import load_arrays
 
 

@@ -13,13 +13,12 @@ torch = pytest.importorskip("torch")
 onnx = pytest.importorskip("onnx")
 
 from conftest import edgeprop  # noqa: E402
-
 from edgeprop import bundle as bundles  # noqa: E402
 from edgeprop.bundle import write_manifest  # noqa: E402
+from edgeprop.errors import EdgepropError  # noqa: E402
 from edgeprop.exporters import export  # noqa: E402
 from edgeprop.exporters.models import build_unit, unit_loss  # noqa: E402
 from edgeprop.exporters.optim import Optimizer  # noqa: E402
-from edgeprop.errors import EdgepropError  # noqa: E402
 from edgeprop.exporters.validate import validate  # noqa: E402
 from edgeprop.runtimes import get_engine  # noqa: E402
 
@@ -83,7 +82,8 @@ def test_step_graph_matches_torch(small_bundle, role):
     state = dict(init[unit.name])
     for k in state:  # a mid-training optimizer state, not zeros
         if k.startswith("opt."):
-            state[k] = (np.abs if k == "opt.v" else np.asarray)(rng.standard_normal(state[k].shape).astype(np.float32) * 1e-3)
+            noise = rng.standard_normal(state[k].shape).astype(np.float32) * 1e-3
+            state[k] = np.abs(noise) if k == "opt.v" else noise
     feeds = _random_feeds(bundle, unit, rng)
     lr, step = np.float32(unit.lr), 3
     graph = get_engine("onnxruntime").load(bundle.graph_path(unit.step_graph))
