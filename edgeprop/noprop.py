@@ -50,24 +50,25 @@ class Feeder:
         self.bundle, self.embedding, self.seed = bundle, embedding.astype(np.float32), seed
         self.x, self.y = normalise(bundle, data), data.y
         self.n_batches = -(-len(self.y) // bundle.batch_size)
+        self.onehot = np.eye(bundle.num_classes, dtype=np.float32)
         self._perm_epoch, self._perm = None, None
 
-    def _batch_indices(self, epoch: int, batch: int) -> np.ndarray:
+    def _batch(self, epoch: int, batch: int) -> tuple[np.ndarray, np.ndarray]:
+        """Sample indices of one batch, padded to the graph's fixed batch size, and the mask
+        that keeps the padding (copies of a real sample) out of the loss."""
         if self._perm_epoch != epoch:
-            self._perm = np.random.default_rng([self.seed, epoch]).permutation(len(self.y))
+            perm = np.random.default_rng([self.seed, epoch]).permutation(len(self.y))
+            B = self.bundle.batch_size
+            self._perm = np.concatenate([perm, np.zeros(self.n_batches * B - len(perm), perm.dtype)])
+            self._mask = (np.arange(len(self._perm)) < len(perm)).astype(np.float32)
             self._perm_epoch = epoch
-        B = self.bundle.batch_size
-        return self._perm[batch * B:(batch + 1) * B]
+        rows = slice(batch * self.bundle.batch_size, (batch + 1) * self.bundle.batch_size)
+        return self._perm[rows], self._mask[rows]
 
     def feeds(self, unit_index: int, epoch: int, batch: int) -> dict[str, np.ndarray]:
         unit = self.bundle.units[unit_index]
-        idx = self._batch_indices(epoch, batch)
-        B, n = self.bundle.batch_size, len(idx)
-        # The graph has a fixed batch size; a short last batch is padded and masked out.
-        mask = np.zeros(B, np.float32)
-        mask[:n] = 1.0
-        pad = np.zeros(B - n, np.int64)
-        y = np.concatenate([self.y[idx], pad])
+        idx, mask = self._batch(epoch, batch)
+        y = self.y[idx]
         u = self.embedding[y]
         rng = np.random.default_rng([self.seed, epoch, batch, unit_index])
         eps = rng.standard_normal(u.shape, dtype=np.float32)
@@ -75,15 +76,13 @@ class Feeder:
         if unit.role == "block":
             # Block t denoises z_{t-1} ~ q(z_{t-1} | y) towards u_y.
             ab = sched.alpha_bar[unit.t - 1]
-            x = np.concatenate([self.x[idx], np.zeros((B - n, *self.x.shape[1:]), np.float32)])
             z = (np.sqrt(ab) * u + np.sqrt(1 - ab) * eps).astype(np.float32)
-            return {"x": x, "z": z, "target": u, "mask": mask,
+            return {"x": self.x[idx], "z": z, "target": u, "mask": mask,
                     "loss_scale": np.array(sched.weights[unit.t - 1], np.float32)}
         # The head learns p(y | z_T) on z_T ~ q(z_T | y): never on a block's output.
         ab = sched.alpha_bar[-1]
         z = (np.sqrt(ab) * u + np.sqrt(1 - ab) * eps).astype(np.float32)
-        onehot = np.eye(self.bundle.num_classes, dtype=np.float32)[y]
-        return {"z": z, "target": onehot, "mask": mask}
+        return {"z": z, "target": self.onehot[y], "mask": mask}
 
 
 RunUnit = Callable[[Unit, dict[str, np.ndarray]], np.ndarray]

@@ -172,3 +172,21 @@ def test_cuda_reference_without_a_gpu_is_a_clear_error(digits_bundle):
 def test_runtime_matches_the_cuda_reference(digits_bundle):
     report = validate(digits_bundle, steps=20, device="cuda", progress=False)
     assert report["device"].startswith("cuda") and report["ok"], report
+
+
+def test_padded_samples_change_nothing(small_bundle):
+    """A masked-out (padding) sample may hold anything: the step's outputs must not move."""
+    bundle = small_bundle
+    if bundle.batch_size == 1:
+        pytest.skip("batch 1 has no room for padding")
+    init, _ = bundle.initial_state()
+    unit, rng = bundle.blocks[0], np.random.default_rng(3)
+    feeds = _random_feeds(bundle, unit, rng)  # its last sample is masked out
+    graph = get_engine("onnxruntime").load(bundle.graph_path(unit.step_graph))
+    common = {**init[unit.name], "lr": np.array(1e-3, np.float32), "step": np.array(1, np.float32)}
+    first = graph.run({**common, **feeds})
+    for key in ("x", "z", "target"):
+        feeds[key][-1] = rng.standard_normal(feeds[key][-1].shape) * 100
+    second = graph.run({**common, **feeds})
+    for name in first:
+        np.testing.assert_array_equal(first[name], second[name], err_msg=name)
