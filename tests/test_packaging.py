@@ -1,0 +1,37 @@
+"""The wheel a device installs: one distribution, folders mapped into the edgeprop namespace,
+the digits data inside, and numpy + onnxruntime as the only core dependencies."""
+import subprocess
+import sys
+import zipfile
+
+import pytest
+
+from conftest import ROOT
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory):
+    out = tmp_path_factory.mktemp("wheel")
+    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(out), str(ROOT)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, f"building the wheel failed:\n{proc.stderr[-2000:]}"
+    (path,) = out.glob("edgeprop-*.whl")
+    return zipfile.ZipFile(path)
+
+
+def test_folders_are_installed_only_inside_the_edgeprop_namespace(wheel):
+    names = wheel.namelist()
+    for module in ("edgeprop/runtimes/onnxruntime.py", "edgeprop/exporters/trace.py", "edgeprop/devices/__init__.py",
+                   "edgeprop/data/digits.npz", "edgeprop/cli.py"):
+        assert module in names, module
+    top_level = {n.split("/")[0] for n in names if not n.startswith("edgeprop-")}
+    assert top_level == {"edgeprop"}, top_level
+
+
+def test_core_dependencies_are_numpy_and_onnxruntime(wheel):
+    (meta,) = [n for n in wheel.namelist() if n.endswith("METADATA")]
+    requires = [line.split(":", 1)[1].strip() for line in wheel.read(meta).decode().splitlines()
+                if line.startswith("Requires-Dist:")]
+    core = sorted(r.split(">")[0].split("=")[0].split(";")[0].strip() for r in requires if "extra ==" not in r)
+    assert core == ["numpy", "onnxruntime"]
+    assert any("torch" in r and 'extra == "export"' in r for r in requires)
