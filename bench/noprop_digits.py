@@ -68,7 +68,7 @@ def worker_backprop_accuracy(epochs: int, batch: int, width: int) -> dict:
     torch.manual_seed(0)
     torch.set_num_threads(1)
     train, test = datasets.load("digits", "train"), datasets.load("digits", "test")
-    mean, std = train.x.mean(), train.x.std()
+    mean, std = np.float32(train.x.mean()), np.float32(train.x.std())
     x, y = torch.from_numpy((train.x - mean) / std), torch.from_numpy(train.y)
     # Same width and depth as one NoProp block's image path plus its joint layers.
     model = nn.Sequential(nn.Linear(64, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(),

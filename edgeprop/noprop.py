@@ -37,10 +37,10 @@ class Plan:
         return i // (B * E), (i // B) % E, i % B  # block-sequential: one unit to completion
 
 
-def normalise(bundle: Bundle, data: Dataset) -> np.ndarray:
+def normalise(bundle: Bundle, x: np.ndarray) -> np.ndarray:
+    """Raw samples (N, ...) -> the model's float32 input (N, *input_shape)."""
     mean, std = bundle.input_norm
-    x = data.x.reshape(len(data), *bundle.input_shape)
-    return ((x - mean) / std).astype(np.float32)
+    return ((x.reshape(len(x), *bundle.input_shape) - np.float32(mean)) / np.float32(std)).astype(np.float32)
 
 
 class Feeder:
@@ -48,7 +48,7 @@ class Feeder:
 
     def __init__(self, bundle: Bundle, embedding: np.ndarray, data: Dataset, seed: int):
         self.bundle, self.embedding, self.seed = bundle, embedding.astype(np.float32), seed
-        self.x, self.y = normalise(bundle, data), data.y
+        self.x, self.y = data.x, data.y
         self.n_batches = -(-len(self.y) // bundle.batch_size)
         self.onehot = np.eye(bundle.num_classes, dtype=np.float32)
         self._perm_epoch, self._perm = None, None
@@ -77,7 +77,7 @@ class Feeder:
             # Block t denoises z_{t-1} ~ q(z_{t-1} | y) towards u_y.
             ab = sched.alpha_bar[unit.t - 1]
             z = (np.sqrt(ab) * u + np.sqrt(1 - ab) * eps).astype(np.float32)
-            return {"x": self.x[idx], "z": z, "target": u, "mask": mask,
+            return {"x": normalise(self.bundle, self.x[idx]), "z": z, "target": u, "mask": mask,
                     "loss_scale": np.array(sched.weights[unit.t - 1], np.float32)}
         # The head learns p(y | z_T) on z_T ~ q(z_T | y): never on a block's output.
         ab = sched.alpha_bar[-1]
@@ -89,7 +89,7 @@ RunUnit = Callable[[Unit, dict[str, np.ndarray]], np.ndarray]
 
 
 def predict(bundle: Bundle, embedding: np.ndarray, x: np.ndarray, run_unit: RunUnit, seed: int):
-    """Stochastic NoProp-DT inference; labels are never an input.
+    """Stochastic NoProp-DT inference on raw samples `x`; labels are never an input.
 
     z_0 ~ N(0, I);  z_t = a_t û_t(z_{t-1}, x) + b_t z_{t-1} + √c_t ε;  ŷ = argmax head(z_T).
     `run_unit(unit, feeds)` runs a unit's inference graph on one fixed-size batch.
@@ -101,7 +101,7 @@ def predict(bundle: Bundle, embedding: np.ndarray, x: np.ndarray, run_unit: RunU
     for start in range(0, N, B):
         xb = x[start:start + B]
         n = len(xb)
-        xb = np.concatenate([xb, np.zeros((B - n, *xb.shape[1:]), np.float32)])
+        xb = normalise(bundle, np.concatenate([xb, np.zeros((B - n, *xb.shape[1:]), xb.dtype)]))
         z = rng.standard_normal((B, d), dtype=np.float32)
         per_block = []
         for unit in bundle.blocks:

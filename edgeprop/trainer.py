@@ -14,7 +14,7 @@ import numpy as np
 from .bundle import Bundle, join_state, split_state
 from .datasets import Dataset
 from .errors import EdgepropError
-from .noprop import ORDERS, Feeder, Plan, normalise, predict
+from .noprop import ORDERS, Feeder, Plan, predict
 from .progress import Progress
 from .storage import load_arrays, save_arrays
 
@@ -182,7 +182,7 @@ def evaluate(bundle: Bundle, engine, data: Dataset, state: dict, seed: int = 0, 
         (output,) = graphs[unit.infer_graph].run({"param": state[unit.name]["param"], **feeds}).values()
         return output
 
-    x = normalise(bundle, data)
+    x = data.x
     accs, block_accs = [], []
     for r in range(runs):
         pred, block_pred = predict(bundle, embedding, x, run_unit, seed + r)

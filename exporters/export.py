@@ -110,7 +110,8 @@ def export(out: str | Path, *, rule: str = "noprop-dt", model: str = "mlp", data
             "format": "edgeprop-bundle", "rule": rule, "model": model_json, "batch_size": batch_size,
             "optimizer": opt.to_json(), "noise": sched.to_json(), "seed": seed,
             "data": {"source": data, "n_train": len(train)},
-            "input_norm": {"mean": float(train.x.mean()), "std": float(train.x.std()) or 1.0},
+            "input_norm": {"mean": float(train.x.mean(dtype=np.float64)),
+                           "std": float(train.x.std(dtype=np.float64)) or 1.0},
             "graphs": graphs, "units": units_json})
         load_bundle(tmp)  # the device-side loader must accept what we wrote
         if out.exists():

@@ -51,7 +51,7 @@ def test_idx_folder_in_mnist_layout(tmp_path, compress):
         _write_idx(tmp_path / f"{prefix}-images-idx3-ubyte{ext}", images[:n], compress)
         _write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte{ext}", labels[:n], compress)
     train = datasets.load(str(tmp_path), "train")
-    assert train.x.shape == (30, 28, 28) and train.x.dtype == np.float32
+    assert train.x.shape == (30, 28, 28) and train.x.dtype == np.uint8  # kept compact
     np.testing.assert_array_equal(train.x, images)
     np.testing.assert_array_equal(datasets.load(str(tmp_path), "test").y, labels[:10])
     datasets.check(train, [784], 10)  # images are flattened to the model's features
@@ -84,3 +84,9 @@ def test_bad_data_is_rejected_with_the_reason(x, y, message):
 def test_missing_source():
     with pytest.raises(DataError, match="no such file"):
         datasets.load("/nonexistent/data.npz", "train")
+
+
+def test_non_numeric_samples_are_rejected(tmp_path):
+    np.savez(tmp_path / "text.npz", x=np.array([["a", "b"]] * 4), y=np.arange(4))
+    with pytest.raises(DataError, match="numeric array"):
+        datasets.load(str(tmp_path / "text.npz"), "train")
