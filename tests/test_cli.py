@@ -112,3 +112,12 @@ def test_info_and_plot_show_the_loss_history(bundle_copy):
     assert "block10  mean loss, epoch 1:" in info and "epoch 2:" in info
     edgeprop("plot", bundle_copy, "--out", bundle_copy / "curves.png")
     assert (bundle_copy / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_validate_the_default_bundle_through_the_cli(digits_bundle):
+    proc = edgeprop("validate", digits_bundle, "--data", "digits", "--steps", "50", "--json", "--quiet",
+                    torch_allowed=True)
+    report = json.loads(proc.stdout)
+    assert report["ok"] and report["steps"] == 50
+    assert report["lockstep"]["max_abs_diff"] <= 1e-4
+    assert not (digits_bundle / "checkpoints").exists()  # validate never touches the user's checkpoint
