@@ -77,6 +77,7 @@ def test_resume_after_a_kill_gives_the_same_weights(digits_bundle, tmp_path):
     (wa, ma), (wb, mb) = load_arrays(a / "checkpoints" / "last.npz"), load_arrays(ckpt)
     assert ma["done"] == mb["done"] == ma["total"]
     assert ma["history"] == mb["history"]  # per-epoch loss sums carry across the kill too
+    assert not list(ckpt.parent.glob("*.tmp")), "a killed writer's temporary file was left behind"
     assert wa.keys() == wb.keys()
     for k in wa:
         np.testing.assert_array_equal(wa[k], wb[k], err_msg=k)
