@@ -237,6 +237,9 @@ def main(argv: list[str] | None = None) -> int:
     except EdgepropError as e:
         print(f"edgeprop {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # disk full, permission denied, ...: say so without a traceback
+        print(f"edgeprop {args.command}: error: {e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"edgeprop {args.command}: interrupted", file=sys.stderr)
         return 130

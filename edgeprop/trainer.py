@@ -134,6 +134,8 @@ class Trainer:
 
     def run(self, limit: int | None = None, progress: bool = True, checkpoints: bool = True) -> None:
         end = self.plan.total if limit is None else min(self.plan.total, limit)
+        if checkpoints:  # fail now, not after an hour of training, if checkpoints cannot be written
+            self.bundle.checkpoint_path().parent.mkdir(parents=True, exist_ok=True)
         bar = Progress(end, "train", start=self.done, enabled=progress)
         every, last_save = self.config.checkpoint_every, time.monotonic()
         try:

@@ -152,3 +152,10 @@ def test_export_refuses_bad_data_and_keeps_an_existing_bundle(digits_bundle, tmp
     proc = edgeprop("export", "--out", digits_bundle, torch_allowed=True, check=False)
     assert proc.returncode != 0 and "--force" in proc.stderr
     assert (digits_bundle / "manifest.json").read_bytes() == manifest
+
+
+def test_an_unwritable_checkpoint_place_is_a_clear_error(bundle_copy):
+    (bundle_copy / "checkpoints").write_text("a file where the checkpoint folder should be")
+    proc = edgeprop("train", bundle_copy, "--epochs", "1", "--quiet", check=False)
+    assert proc.returncode != 0 and "error:" in proc.stderr and "checkpoints" in proc.stderr
+    assert "Traceback" not in proc.stderr
