@@ -1,5 +1,7 @@
+"""`python -m edgeprop`: the CLI. Importing this module runs nothing."""
 import sys
 
 from .cli import main
 
-sys.exit(main())
+if __name__ == "__main__":
+    sys.exit(main())

@@ -152,7 +152,7 @@ def _desktop():
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="edgeprop", description=__doc__)
-    sub = p.add_subparsers(dest="command", required=True)
+    sub = p.add_subparsers(dest="command")
 
     def common(sp, engine=True):
         sp.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -231,7 +231,11 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    p = parser()
+    args = p.parse_args(argv)
+    if args.command is None:  # a bare `edgeprop` shows what it can do
+        p.print_help()
+        return 0
     try:
         return args.func(args)
     except EdgepropError as e:

@@ -122,3 +122,22 @@ def test_validate_the_default_bundle_through_the_cli(digits_bundle):
     assert report["ok"] and report["steps"] == 50
     assert report["lockstep"]["max_abs_diff"] <= 1e-4
     assert not (digits_bundle / "checkpoints").exists()  # validate never touches the user's checkpoint
+
+
+def test_every_device_side_module_imports_without_torch_and_runs_nothing():
+    import subprocess
+    import sys
+    code = ("import sys, pkgutil, importlib; sys.modules['torch'] = None\n"
+            "import edgeprop, edgeprop.runtimes\n"
+            "for pkg in (edgeprop, edgeprop.runtimes):\n"
+            "    for m in pkgutil.iter_modules(pkg.__path__, pkg.__name__ + '.'):\n"
+            "        if m.name not in ('edgeprop.exporters', 'edgeprop.plots'):\n"
+            "            importlib.import_module(m.name)\n"
+            "assert 'torch' not in [m for m, v in sys.modules.items() if v is not None]")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout == "", proc.stdout + proc.stderr
+
+
+def test_bare_command_prints_help():
+    proc = edgeprop()
+    assert "export" in proc.stdout and "train" in proc.stdout
