@@ -115,7 +115,9 @@ class Unit:
 
 
 class Bundle:
-    """A loaded, fully validated bundle."""
+    """A loaded, fully validated bundle (made by `load`)."""
+
+    embedding: np.ndarray  # the fixed label embedding W_embed (classes × d)
 
     def __init__(self, root: Path, manifest: dict):
         self.root = Path(root)
@@ -238,7 +240,8 @@ def load(path: str | Path) -> Bundle:
         for key in (unit.step_graph, unit.infer_graph):
             if key not in bundle.graphs:
                 raise BundleError(f"{mpath}: unit '{unit.name}' names graph '{key}', which is not listed")
-    bundle.initial_state()  # shapes, dtypes, finiteness of every initial tensor
+    # Shapes, dtypes, finiteness of every initial tensor; the small fixed embedding is kept.
+    _, bundle.embedding = bundle.initial_state()
     return bundle
 
 

@@ -141,11 +141,12 @@ def check(data: Dataset, input_shape: list[int], num_classes: int) -> None:
     if got != n_features:
         raise DataError(f"{data.name}: samples have {got} features (shape {list(data.x.shape[1:])}); "
                         f"the model expects {n_features} (input shape {list(input_shape)})")
-    bad = ~np.isfinite(data.x.reshape(len(data), -1)) if data.x.dtype.kind == "f" else np.zeros((1, 1), bool)
-    if bad.any():
-        row = int(np.flatnonzero(bad.any(axis=1))[0])
-        raise DataError(f"{data.name}: {int(np.isnan(data.x).sum())} NaN and {int(np.isinf(data.x).sum())} "
-                        f"inf values in x (first in sample {row})")
+    if data.x.dtype.kind == "f":  # integer samples cannot hold NaN or inf
+        bad = ~np.isfinite(data.x.reshape(len(data), -1))
+        if bad.any():
+            row = int(np.flatnonzero(bad.any(axis=1))[0])
+            raise DataError(f"{data.name}: {int(np.isnan(data.x).sum())} NaN and {int(np.isinf(data.x).sum())} "
+                            f"inf values in x (first in sample {row})")
     out = (data.y < 0) | (data.y >= num_classes)
     if out.any():
         row = int(np.flatnonzero(out)[0])

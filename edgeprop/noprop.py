@@ -51,7 +51,7 @@ class Feeder:
         self.x, self.y = data.x, data.y
         self.n_batches = -(-len(self.y) // bundle.batch_size)
         self.onehot = np.eye(bundle.num_classes, dtype=np.float32)
-        self._perm_epoch, self._perm = None, None
+        self._perm_epoch, self._perm, self._mask = None, None, None
 
     def _batch(self, epoch: int, batch: int) -> tuple[np.ndarray, np.ndarray]:
         """Sample indices of one batch, padded to the graph's fixed batch size, and the mask

@@ -177,7 +177,7 @@ def load_trained_state(bundle: Bundle) -> tuple[dict, dict]:
 
 def evaluate(bundle: Bundle, engine, data: Dataset, state: dict, seed: int = 0, runs: int = 1) -> dict:
     """Test accuracy of the full stochastic chain, averaged over `runs`, and of each block's û."""
-    _, embedding = bundle.initial_state()
+    embedding = bundle.embedding
     graphs = load_graphs(bundle, engine, {u.infer_graph for u in bundle.units})
 
     def run_unit(unit, feeds):

@@ -1,4 +1,3 @@
-import os
 import shutil
 import subprocess
 import sys
@@ -19,8 +18,7 @@ def edgeprop(*args, torch_allowed=False, check=True, timeout=600):
     """Run the edgeprop CLI in a subprocess; on the device side, with torch made unimportable."""
     cmd = [sys.executable, "-m", "edgeprop", *map(str, args)] if torch_allowed else \
           [sys.executable, "-c", NO_TORCH, *map(str, args)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
-                          env={**os.environ, "PYTHONHASHSEED": "0"})
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
     if check and proc.returncode != 0:
         raise AssertionError(f"edgeprop {' '.join(map(str, args))} exited {proc.returncode}\n{proc.stderr}")
     return proc
