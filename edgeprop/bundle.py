@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -24,7 +25,7 @@ import numpy as np
 
 from .errors import BundleError
 from .schedule import NoiseSchedule
-from .storage import load_arrays, sha256_of, write_atomic
+from .storage import open_arrays, sha256_of, write_atomic
 
 SCHEMA_VERSION = 1
 RULES = ("noprop-dt",)
@@ -164,31 +165,37 @@ class Bundle:
 
     def initial_state(self) -> tuple[dict[str, dict[str, np.ndarray]], np.ndarray]:
         """({unit: {key: array}}, embedding), checked against the manifest."""
-        arrays, _ = load_arrays(self.path(INIT_STATE))
-        return split_state(self, arrays, INIT_STATE), _embedding(self, arrays)
+        with open_arrays(self.path(INIT_STATE)) as (arrays, _):
+            return split_state(self, arrays, INIT_STATE), _embedding(self, arrays)
 
     def checkpoint_path(self) -> Path:
         return self.path(CHECKPOINT)
 
 
-def split_state(bundle: Bundle, arrays: dict[str, np.ndarray], where: str) -> dict[str, dict[str, np.ndarray]]:
-    state = {}
-    for unit in bundle.units:
-        state[unit.name] = {}
-        for t in unit.state:
-            key = f"{unit.name}/{t.name}"
-            if key not in arrays:
-                raise BundleError(f"{where}: tensor '{key}' is missing")
-            t.check(arrays[key], where)
-            state[unit.name][t.name] = arrays[key]
-    return state
+def unit_state(unit: Unit, arrays: Mapping[str, np.ndarray], where: str) -> dict[str, np.ndarray]:
+    """One unit's tensors ("UNIT/KEY" in `arrays`), checked against the manifest."""
+    tensors = {}
+    for t in unit.state:
+        key = f"{unit.name}/{t.name}"
+        if key not in arrays:
+            raise BundleError(f"{where}: tensor '{key}' is missing")
+        tensors[t.name] = arrays[key]
+        t.check(tensors[t.name], where)
+    return tensors
 
 
-def join_state(state: dict[str, dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    return {f"{u}/{k}": v for u, tensors in state.items() for k, v in tensors.items()}
+def split_state(bundle: Bundle, arrays: Mapping[str, np.ndarray], where: str) -> dict[str, dict[str, np.ndarray]]:
+    return {unit.name: unit_state(unit, arrays, where) for unit in bundle.units}
 
 
-def _embedding(bundle: Bundle, arrays: dict[str, np.ndarray]) -> np.ndarray:
+def flat_items(state: Mapping[str, Mapping[str, np.ndarray]]) -> Iterator[tuple[str, np.ndarray]]:
+    """("UNIT/KEY", array) pairs, one unit at a time (a streamed state maps one unit at a time)."""
+    for unit, tensors in state.items():
+        for key, value in tensors.items():
+            yield f"{unit}/{key}", value
+
+
+def _embedding(bundle: Bundle, arrays: Mapping[str, np.ndarray]) -> np.ndarray:
     emb = arrays.get("embedding")
     d = int(bundle.model["embed_dim"])
     if emb is None or emb.shape != (bundle.num_classes, d) or not np.all(np.isfinite(emb)):
@@ -240,8 +247,12 @@ def load(path: str | Path) -> Bundle:
         for key in (unit.step_graph, unit.infer_graph):
             if key not in bundle.graphs:
                 raise BundleError(f"{mpath}: unit '{unit.name}' names graph '{key}', which is not listed")
-    # Shapes, dtypes, finiteness of every initial tensor; the small fixed embedding is kept.
-    _, bundle.embedding = bundle.initial_state()
+    # Shapes, dtypes, finiteness of every initial tensor, read one at a time (a device may
+    # not have room for all of them at once); the small fixed embedding is kept.
+    with open_arrays(bundle.path(INIT_STATE)) as (arrays, _):
+        for unit in bundle.units:
+            unit_state(unit, arrays, INIT_STATE)
+        bundle.embedding = _embedding(bundle, arrays)
     return bundle
 
 

@@ -1,6 +1,6 @@
-"""`edgeprop`: export and validate on the desktop; train, eval and info on the device.
+"""`edgeprop`: export and validate on the desktop; train, eval, profile and info on the device.
 
-export and validate need the `export` extra (torch); train, eval and info never import it.
+export and validate need the `export` extra (torch); the other commands never import it.
 """
 from __future__ import annotations
 
@@ -56,26 +56,69 @@ def cmd_validate(args) -> int:
     return 0
 
 
+def _budget(args):
+    """(budget in bytes or None, device profile or None) from --budget / --device."""
+    from .devices import load_profile
+    from .sizes import parse_size
+    budget = parse_size(args.budget, "--budget") if args.budget is not None else None
+    device = load_profile(args.device) if args.device is not None else None
+    return budget, device
+
+
+def _refuse_unless_fits(bundle, data, args, budget, device) -> None:
+    """Plan the run; if it cannot fit, say what does not, by how much, and what would."""
+    from . import memory
+    from .sizes import format_size as fmt
+    data_bytes = data.x.nbytes + data.y.nbytes
+    p = memory.plan(bundle, stream=args.stream, engine=args.engine, data_bytes=data_bytes)
+    verdict = memory.check(p, budget, device)
+    if verdict.fits:
+        return
+    target = f"device {device.name} ({fmt(device.budget)} for training)" if device else f"--budget {args.budget}"
+    hints = []
+    for how, batch in memory.fit(bundle, budget, device, args.engine, data_bytes).items():
+        hints.append(f"{how}: largest batch size {batch}" if batch else f"{how}: no batch size fits")
+    raise EdgepropError(f"this run does not fit {target}: " + "; ".join(verdict.problems)
+                        + ". What would fit (export again with --batch-size N): " + "; ".join(hints))
+
+
 def cmd_train(args) -> int:
+    from .sizes import format_size as fmt
     from .trainer import TrainConfig, Trainer, epoch_losses
     bundle = bundles.load(args.bundle)
     data = _data(bundle, args.data, "train")
+    budget, device = _budget(args)
     config = TrainConfig(epochs=args.epochs, order=args.order, seed=args.seed, lr=args.lr, head_lr=args.head_lr,
                          lr_schedule=args.lr_schedule, checkpoint_every=args.checkpoint_every,
-                         checkpoint_seconds=args.checkpoint_seconds).check()
-    trainer = Trainer(bundle, _engine(args), data, config)
+                         checkpoint_seconds=args.checkpoint_seconds, stream=args.stream).check()
     ckpt = bundle.checkpoint_path()
-    if args.resume:
-        trainer.resume()
-    elif ckpt.exists() and not args.restart:
+    if args.resume and not ckpt.is_file():
+        raise EdgepropError(f"{ckpt}: no checkpoint to resume from")
+    if not args.resume and ckpt.exists() and not args.restart:
         raise EdgepropError(f"{ckpt} already exists; pass --resume to continue it, or --restart to train "
                             f"from the initial weights (it is replaced at the first new checkpoint)")
+    if budget is not None or device is not None:  # before any state is loaded or written
+        _refuse_unless_fits(bundle, data, args, budget, device)
+    trainer = Trainer(bundle, _engine(args), data, config)
+    trainer.config.budget = budget if budget is not None else _device_working_budget(trainer, device)
+    if args.resume:
+        trainer.resume()
     trainer.run(progress=not args.quiet)
     last = {unit: means[-1] for unit, means in epoch_losses(trainer.history).items() if means}
     print(f"trained {trainer.done} steps; last epoch's mean loss: "
           + ", ".join(f"{unit} {loss:.3g}" for unit, loss in last.items()))
     print(f"checkpoint: {ckpt}")
+    print(f"memory: working set {fmt(trainer.working_set())} measured above the runtime and data "
+          f"({fmt(trainer.baseline)})")
     return 0
+
+
+def _device_working_budget(trainer, device) -> int | None:
+    """On a device, what the working set may take: the device's training share less what the
+    process already holds (interpreter, engine, graphs, data), as measured."""
+    if device is None:
+        return None
+    return max(device.budget - trainer.baseline, 1)
 
 
 def cmd_eval(args) -> int:
@@ -141,9 +184,100 @@ def cmd_plot(args) -> int:
     return 0
 
 
+def cmd_devices(args) -> int:
+    from .devices import profiles
+    from .sizes import format_size as fmt
+    rows = profiles()
+    if args.json:
+        print(json.dumps([{**vars(p), "budget": p.budget} for p in rows], indent=1))
+        return 0
+    print(f"{'name':17s} {'kind':5s} {'arch':11s} {'cores':>5s} {'RAM':>10s} {'for training':>12s} "
+          f"{'flash':>10s}  engines")
+    for p in rows:
+        ram = fmt(p.ram) + (f" +{fmt(p.psram)}" if p.psram else "")
+        print(f"{p.name:17s} {p.kind:5s} {p.arch:11s} {p.cores:5d} {ram:>10s} {fmt(p.budget):>12s} "
+              f"{fmt(p.flash):>10s}  {', '.join(p.engines)}")
+    print("\nAdd your own: copy a file from", profiles()[0].source.rsplit("/", 1)[0], "and pass --device FILE.toml")
+    return 0
+
+
+def cmd_profile(args) -> int:
+    from . import memory
+    from .profile import measure, report
+    budget, device = _budget(args)
+    engine = args.engine or (device.engines[0] if device and "onnxruntime" not in device.engines else "onnxruntime")
+    if str(args.bundle).endswith(".onnx"):
+        return _profile_onnx(args, budget, device)
+    bundle = bundles.load(args.bundle)
+    data = _data(bundle, args.data, "train") if args.data else None
+    data_bytes = data.x.nbytes + data.y.nbytes if data is not None else 0
+    if device is not None and device.kind == "mcu" and not args.stream:
+        args.stream = True  # bare metal: weights stay in flash, one unit's state in SRAM
+    p = memory.plan(bundle, args.batch_size, args.stream, engine, data_bytes)
+    verdict = memory.check(p, budget, device) if (budget or device) else None
+    measured = None
+    if args.measure:
+        if args.batch_size not in (None, bundle.batch_size):
+            raise EdgepropError(f"--measure runs the bundle's graphs, traced for batch {bundle.batch_size}; "
+                                f"drop --batch-size or export again with --batch-size {args.batch_size}")
+        if data is None:
+            raise EdgepropError("--measure trains a few real steps: give --data")
+        from .runtimes import get_engine
+        from .trainer import TrainConfig
+        measured = measure(bundle, get_engine(engine, threads=args.threads), data,
+                           TrainConfig(epochs=1, stream=args.stream), args.steps)
+    fits = memory.fit(bundle, budget, device, engine, data_bytes) if args.fit and verdict else None
+    if args.fit and not verdict:
+        raise EdgepropError("--fit needs a --budget or a --device to fit into")
+    if args.plot:
+        from .plots import memory_bars
+        memory_bars(p, verdict, args.plot, title=f"{bundle.root.name} on {device.name if device else 'budget'}")
+    if args.json:
+        out = {"plan": p.to_json(), "measured": measured, "largest_batch": fits}
+        if verdict:
+            out["verdict"] = {"fits": verdict.fits, "budget": verdict.budget, "need": verdict.need,
+                              "headroom": verdict.headroom, "bounds": verdict.what, "problems": verdict.problems}
+        print(json.dumps(out, indent=1))
+    else:
+        where = f" on {device.title}" if device else (f" within --budget {args.budget}" if budget else "")
+        print(report(p, verdict, measured, f"{bundle.root}{where}"))
+        if fits:
+            print("largest batch size that fits:")
+            for how, batch in fits.items():
+                print(f"  {how}: {batch if batch else 'none'}")
+        if args.plot:
+            print(f"wrote {args.plot}")
+    return 0 if verdict is None or verdict.fits else 1
+
+
+def _profile_onnx(args, budget, device) -> int:
+    _desktop_onnx()
+    from .exporters.model_memory import onnx_report
+    report = onnx_report(args.bundle, args.batch_size, engine=args.engine or "onnxruntime")
+    verdict = None
+    if budget or device:
+        from . import memory
+        verdict = memory.check_inference(report, budget, device)
+    if args.json:
+        print(json.dumps({**report, "verdict": verdict}, indent=1))
+    else:
+        from .exporters.model_memory import format_report
+        print(format_report(report, verdict))
+    return 0 if verdict is None or verdict["fits"] else 1
+
+
+def _desktop_onnx():
+    try:
+        import onnx  # noqa: F401
+    except ImportError:
+        raise EdgepropError("profiling a plain .onnx model reads it with the onnx package: "
+                            "pip install onnx (or 'edgeprop[export]')") from None
+
+
 def _desktop():
     try:
         from . import exporters
+        from .exporters import bundle_export, validate  # noqa: F401  (torch, onnx, onnxscript)
     except ImportError as e:
         raise EdgepropError(f"this command runs on the desktop and needs the export extra "
                             f"(pip install 'edgeprop[export]'): {e}") from None
@@ -204,6 +338,11 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--checkpoint-every", type=int, default=None, help="updates between checkpoints")
     t.add_argument("--checkpoint-seconds", type=float, default=60.0,
                    help="at most this long between checkpoints (default: 60; resuming is exact either way)")
+    t.add_argument("--budget", default=None,
+                   help="refuse to start unless the plan's working set fits, e.g. 48MB; stop if it is exceeded")
+    t.add_argument("--device", default=None, help="refuse to start unless training fits this device's profile")
+    t.add_argument("--stream", action="store_true",
+                   help="keep units that are not stepping in memory-mapped files, not RAM")
     g = t.add_mutually_exclusive_group()
     g.add_argument("--resume", action="store_true", help="continue from the bundle's checkpoint")
     g.add_argument("--restart", action="store_true", help="start over although a checkpoint exists")
@@ -223,6 +362,26 @@ def parser() -> argparse.ArgumentParser:
     pl.add_argument("bundle")
     pl.add_argument("--out", default=None, help="default: BUNDLE/losses.png")
     pl.set_defaults(func=cmd_plot)
+
+    d = sub.add_parser("devices", help="list the device profiles edgeprop knows")
+    d.add_argument("--json", action="store_true")
+    d.set_defaults(func=cmd_devices)
+
+    pr = sub.add_parser("profile", help="plan a bundle's training memory against a device or budget (no torch)")
+    pr.add_argument("bundle", help="a bundle folder, or any .onnx inference model (its inference memory)")
+    pr.add_argument("--device", default=None, help="a profile name (see `edgeprop devices`) or a .toml file")
+    pr.add_argument("--budget", default=None, help="bytes the working set may take, e.g. 48MB")
+    pr.add_argument("--batch-size", type=int, default=None, help="plan this batch size (default: the bundle's)")
+    pr.add_argument("--stream", action="store_true", help="plan with inactive units' state on disk")
+    pr.add_argument("--data", default=None, help="count this data set in RAM; needed by --measure")
+    pr.add_argument("--measure", action="store_true", help="also run a few real steps and measure them")
+    pr.add_argument("--steps", type=int, default=3, help="steps per unit for --measure (default: 3)")
+    pr.add_argument("--fit", action="store_true", help="report the largest batch size that fits")
+    pr.add_argument("--plot", default=None, help="write a PNG bar chart of memory per unit")
+    pr.add_argument("--json", action="store_true")
+    pr.add_argument("--engine", default=None, help="default: onnxruntime, or the device's first engine")
+    pr.add_argument("--threads", type=int, default=1)
+    pr.set_defaults(func=cmd_profile)
 
     i = sub.add_parser("info", help="describe a bundle")
     i.add_argument("bundle")

@@ -40,7 +40,10 @@ class Plan:
 def normalise(bundle: Bundle, x: np.ndarray) -> np.ndarray:
     """Raw samples (N, ...) -> the model's float32 input (N, *input_shape)."""
     mean, std = bundle.input_norm
-    return ((x.reshape(len(x), *bundle.input_shape) - np.float32(mean)) / np.float32(std)).astype(np.float32)
+    out = x.reshape(len(x), *bundle.input_shape).astype(np.float32)  # the one new buffer
+    out -= np.float32(mean)
+    out /= np.float32(std)
+    return out
 
 
 class Feeder:

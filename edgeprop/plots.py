@@ -8,15 +8,29 @@ from .bundle import Bundle
 from .errors import EdgepropError
 
 
-def loss_curves(bundle: Bundle, history: dict[str, list[float]], out: Path) -> Path:
-    """One line per unit: its mean loss per epoch (log scale), blocks shaded noise → clean."""
+def _pyplot():
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-        from matplotlib.ticker import MaxNLocator
     except ImportError:
         raise EdgepropError("plotting needs matplotlib: pip install 'edgeprop[plot]'") from None
+    return plt
+
+
+def _save(fig, out: Path) -> Path:
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out)
+    fig.clf()
+    return out
+
+
+def loss_curves(bundle: Bundle, history: dict[str, list[float]], out: Path) -> Path:
+    """One line per unit: its mean loss per epoch (log scale), blocks shaded noise → clean."""
+    plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     cmap = plt.get_cmap("viridis")
     for unit in bundle.units:
@@ -35,9 +49,41 @@ def loss_curves(bundle: Bundle, history: dict[str, list[float]], out: Path) -> P
     ax.set_title(f"{bundle.rule}: loss per unit")
     ax.legend(fontsize=7, ncol=2)
     ax.grid(alpha=0.3, which="both")
-    fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out)
+    out = _save(fig, out)
+    plt.close(fig)
+    return out
+
+
+def memory_bars(plan, verdict, out: Path, title: str = "") -> Path:
+    """Stacked bars of each unit's working set while it steps (state held, engine arenas,
+    batch), end-to-end back-prop's beside them, and the budget as a line."""
+    plt = _pyplot()
+    mib = 1 / 2**20
+    names = [u.name for u in plan.units] + ["back-prop"]
+    held = [u.working_set - u.batch for u in plan.units]
+    bp = plan.backprop
+    parts = {  # what each bar is made of, bottom to top
+        "weights + optimizer state": [u.state if plan.stream else sum(v.state for v in plan.units)
+                                      for u in plan.units] + [bp["state"]],
+        "engine arenas (activations, gradient, update)": [h - s for h, s in zip(
+            held, [u.state if plan.stream else sum(v.state for v in plan.units) for u in plan.units])] + [bp["engine"]],
+        "batch": [u.batch for u in plan.units] + [bp["batch"]],
+    }
+    fig, ax = plt.subplots(figsize=(max(6, 0.5 * len(names) + 2), 4.5), dpi=120)
+    bottom = [0.0] * len(names)
+    for (label, values), color in zip(parts.items(), ("#4c72b0", "#dd8452", "#55a868")):
+        ax.bar(names, [v * mib for v in values], bottom=bottom, label=label, color=color)
+        bottom = [b + v * mib for b, v in zip(bottom, values)]
+    if verdict is not None and verdict.what.startswith("working set"):
+        ax.axhline(verdict.budget * mib, color="crimson", linestyle="--", label=f"budget ({verdict.what})")
+    elif verdict is not None:
+        ax.axhline((verdict.budget - (plan.runtime or 0) - plan.data) * mib, color="crimson", linestyle="--",
+                   label="device budget less runtime and data")
+    ax.set_ylabel("MiB")
+    ax.set_title(title or f"{plan.rule}, batch {plan.batch}: memory while each unit steps")
+    ax.tick_params(axis="x", rotation=45)
+    ax.legend(fontsize=7)
+    ax.grid(axis="y", alpha=0.3)
+    out = _save(fig, out)
     plt.close(fig)
     return out

@@ -1,13 +1,15 @@
 """Files on disk: atomic writes, pickle-free array archives, checksums."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
-import io
 import json
 import os
 import tempfile
 import zipfile
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -22,8 +24,9 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write to a temporary file in the same folder, fsync, then rename over `path`.
+def write_atomic(path: Path, data: bytes | Callable[[BinaryIO], None]) -> None:
+    """Write `data` (bytes, or a function that writes to a file) to a temporary file in the
+    same folder, fsync, then rename over `path`.
 
     A crash at any moment leaves either the old file or the new one, never half of either.
     Temporary files that an earlier, killed writer left behind are removed: on a device
@@ -35,7 +38,10 @@ def write_atomic(path: Path, data: bytes) -> None:
     try:
         os.fchmod(fd, 0o644)  # mkstemp's 0600 would hide the file from other users
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            if callable(data):
+                data(f)
+            else:
+                f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -51,26 +57,89 @@ def write_atomic(path: Path, data: bytes) -> None:
         os.close(dir_fd)
 
 
-def save_arrays(path: Path, arrays: dict[str, np.ndarray], meta: dict | None = None) -> None:
-    """Save named arrays as an uncompressed .npz, atomically; `meta` rides along as JSON."""
-    buf = io.BytesIO()
-    payload = {k: np.ascontiguousarray(v) for k, v in arrays.items()}
-    if meta is not None:
-        payload["__meta__"] = np.array(json.dumps(meta, sort_keys=True))
-    np.savez(buf, **payload)
-    write_atomic(path, buf.getvalue())
+def save_arrays(path: Path, arrays: Mapping[str, np.ndarray] | Iterable[tuple[str, np.ndarray]],
+                meta: dict | None = None) -> None:
+    """Save named arrays as an uncompressed .npz, atomically; `meta` rides along as JSON.
+
+    Arrays are written one at a time straight to the file, so `arrays` may be a generator
+    that maps each one in only while it is written (streamed training state): saving never
+    needs a second copy of the state in memory."""
+    items = arrays.items() if isinstance(arrays, Mapping) else arrays
+
+    def write(f):
+        with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED, allowZip64=True) as z:
+            for key, value in items:
+                with z.open(f"{key}.npy", "w", force_zip64=True) as member:
+                    np.lib.format.write_array(member, np.ascontiguousarray(value), allow_pickle=False)
+            if meta is not None:
+                with z.open("__meta__.npy", "w") as member:
+                    np.lib.format.write_array(member, np.array(json.dumps(meta, sort_keys=True)), allow_pickle=False)
+
+    write_atomic(path, write)
+
+
+@contextlib.contextmanager
+def open_arrays(path: Path) -> Iterator[tuple[Mapping[str, np.ndarray], dict]]:
+    """An .npz written by save_arrays, read lazily: each array is read when it is looked up,
+    never unpickled. Yields (arrays, meta)."""
+    path = Path(path)
+    if not path.is_file():
+        raise BundleError(f"{path}: file is missing")
+    try:  # only the reading is guarded: errors of the caller's own code pass through
+        npz = np.load(path, allow_pickle=False)
+        meta = json.loads(str(npz["__meta__"])) if "__meta__" in npz.files else {}
+    except (ValueError, OSError, zipfile.BadZipFile, EOFError) as e:
+        raise BundleError(f"{path}: not a readable array archive ({e})") from None
+    with npz:
+        yield _Checked(npz, path), meta
+
+
+class _Checked(Mapping):
+    """npz members by name, with read errors reported against the file."""
+
+    def __init__(self, npz, path: Path):
+        self.npz, self.path = npz, path
+        self.keys_ = [k for k in npz.files if k != "__meta__"]
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        if key not in self.keys_:
+            raise KeyError(key)
+        try:
+            return self.npz[key]
+        except (ValueError, OSError, zipfile.BadZipFile, EOFError) as e:
+            raise BundleError(f"{self.path}: not a readable array archive ('{key}': {e})") from None
+
+    def __iter__(self):
+        return iter(self.keys_)
+
+    def copy_into(self, key: str, out: np.ndarray, chunk: int = 1 << 16) -> None:
+        """Read array `key` straight into `out` (e.g. a memory-mapped file) in small chunks:
+        never a whole copy of it on the heap, where the allocator would keep it after use."""
+        try:
+            with self.npz.zip.open(f"{key}.npy") as f:
+                version = np.lib.format.read_magic(f)
+                read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+                    np.lib.format.read_array_header_2_0
+                shape, fortran, dtype = read_header(f)
+                if tuple(shape) != out.shape or dtype != out.dtype or fortran or dtype.hasobject:
+                    raise BundleError(f"{self.path}: '{key}' is {dtype}{list(shape)}, "
+                                      f"expected {out.dtype}{list(out.shape)}")
+                target = out.reshape(-1).view(np.uint8)
+                pos = 0
+                while pos < target.size:
+                    data = f.read(min(chunk, target.size - pos))
+                    if not data:
+                        raise EOFError("array data ends early")
+                    target[pos:pos + len(data)] = np.frombuffer(data, np.uint8)
+                    pos += len(data)
+        except (ValueError, OSError, zipfile.BadZipFile, EOFError, KeyError) as e:
+            raise BundleError(f"{self.path}: not a readable array archive ('{key}': {e})") from None
+
+    def __len__(self):
+        return len(self.keys_)
 
 
 def load_arrays(path: Path) -> tuple[dict[str, np.ndarray], dict]:
     """Load an .npz written by save_arrays without ever unpickling; returns (arrays, meta)."""
-    path = Path(path)
-    if not path.is_file():
-        raise BundleError(f"{path}: file is missing")
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            arrays = {k: npz[k] for k in npz.files}
-    except (ValueError, OSError, zipfile.BadZipFile, EOFError) as e:
-        raise BundleError(f"{path}: not a readable array archive ({e})") from None
-    meta_arr = arrays.pop("__meta__", None)
-    meta = json.loads(str(meta_arr)) if meta_arr is not None else {}
-    return arrays, meta
+    with open_arrays(path) as (arrays, meta):
+        return dict(arrays.items()), meta

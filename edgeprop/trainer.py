@@ -11,12 +11,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .bundle import Bundle, join_state, split_state
+from . import rss
+from .bundle import INIT_STATE, Bundle, flat_items, split_state
 from .datasets import Dataset
 from .errors import EdgepropError
 from .noprop import ORDERS, Feeder, Plan, predict
 from .progress import Progress
-from .storage import load_arrays, save_arrays
+from .sizes import format_size
+from .state import StreamedState
+from .storage import load_arrays, open_arrays, save_arrays
 
 LR_SCHEDULES = ("constant", "cosine")
 
@@ -46,6 +49,8 @@ class TrainConfig:
     lr_schedule: str = "constant"  # or "cosine": each unit decays from lr to 0 over its steps
     checkpoint_every: int | None = None  # work items (one unit's update each) between checkpoints
     checkpoint_seconds: float = 60.0     # ... or this much time, whichever comes first: flash wears
+    stream: bool = False         # units not stepping stay in memory-mapped files, not in RAM
+    budget: int | None = None    # bytes the working set may take; the watchdog stops training beyond it
 
     def check(self) -> TrainConfig:
         if self.order not in ORDERS:
@@ -61,13 +66,30 @@ class TrainConfig:
             raise EdgepropError("--checkpoint-every must be at least 1")
         if not self.checkpoint_seconds > 0:
             raise EdgepropError("--checkpoint-seconds must be positive")
+        if self.budget is not None and self.budget <= 0:
+            raise EdgepropError("--budget must be positive")
         return self
 
 
+WATCH_SECONDS = 0.1  # how often the memory watchdog reads the peak resident set
+
+
 class Trainer:
-    def __init__(self, bundle: Bundle, engine, data: Dataset, config: TrainConfig):
+    """Runs a bundle's step graphs over a data set.
+
+    Memory is measured from the OS: `baseline` is the process's resident set once the engine
+    has loaded the graphs (interpreter, numpy, engine, data), and the working set is the peak
+    above it since then: the state, the engine's arenas and the batches (see edgeprop.memory).
+    """
+
+    def __init__(self, bundle: Bundle, engine, data: Dataset, config: TrainConfig, stream_folder=None):
         self.bundle, self.engine, self.config = bundle, engine, config.check()
-        self.state, self.embedding = bundle.initial_state()
+        self.stream_folder = stream_folder  # default: the bundle's checkpoints/stream
+        self.graphs = load_graphs(bundle, engine, {u.step_graph for u in bundle.units})
+        self.baseline = rss.current()
+        rss.reset_peak()
+        self.state = self._initial_state()
+        self.embedding = bundle.embedding
         self.feeder = Feeder(bundle, self.embedding, data, config.seed)
         self.plan = Plan(len(bundle.units), self.feeder.n_batches, config.epochs, config.order)
         self.lr = base_learning_rates(bundle, config)
@@ -77,7 +99,16 @@ class Trainer:
         # Per unit, per epoch: [sum of losses, updates]; one weighted loss per block to watch.
         self.history: dict[str, list[list[float]]] = {u.name: [] for u in bundle.units}
         self.saved = None  # work items done at the last checkpoint this run wrote or resumed from
-        self.graphs = load_graphs(bundle, engine, {u.step_graph for u in bundle.units})
+
+    def _initial_state(self):
+        if not self.config.stream:
+            return self.bundle.initial_state()[0]
+        with open_arrays(self.bundle.path(INIT_STATE)) as (arrays, _):
+            return StreamedState(self.bundle, arrays, INIT_STATE, self.stream_folder)
+
+    def working_set(self) -> int:
+        """Measured: peak resident bytes above the baseline since the graphs were loaded."""
+        return rss.peak() - self.baseline
 
     def lr_at(self, unit: str, step: int) -> float:
         return learning_rate(self.lr[unit], self.config.lr_schedule, step, self.plan.epochs * self.plan.n_batches)
@@ -90,7 +121,7 @@ class Trainer:
                 "lr": self.lr, "lr_schedule": c.lr_schedule, "n_batches": self.plan.n_batches}
 
     def save(self) -> None:
-        save_arrays(self.bundle.checkpoint_path(), join_state(self.state), self._meta())
+        save_arrays(self.bundle.checkpoint_path(), flat_items(self.state), self._meta())
         self.saved = self.done
 
     def resume(self) -> None:
@@ -98,13 +129,16 @@ class Trainer:
         path = self.bundle.checkpoint_path()
         if not path.is_file():
             raise EdgepropError(f"{path}: no checkpoint to resume from")
-        arrays, meta = load_arrays(path)
-        mine = self._meta()
-        for key in ("bundle", "epochs", "order", "seed", "lr", "lr_schedule", "n_batches"):
-            if meta.get(key) != mine[key]:
-                raise EdgepropError(f"{path}: checkpoint was written with {key}={meta.get(key)!r}, "
-                                    f"this run has {key}={mine[key]!r}; resume with the same settings")
-        self.state = split_state(self.bundle, arrays, str(path))
+        with open_arrays(path) as (arrays, meta):
+            mine = self._meta()
+            for key in ("bundle", "epochs", "order", "seed", "lr", "lr_schedule", "n_batches"):
+                if meta.get(key) != mine[key]:
+                    raise EdgepropError(f"{path}: checkpoint was written with {key}={meta.get(key)!r}, "
+                                        f"this run has {key}={mine[key]!r}; resume with the same settings")
+            if self.config.stream:
+                self.state = StreamedState(self.bundle, arrays, str(path), self.stream_folder)
+            else:
+                self.state = split_state(self.bundle, arrays, str(path))
         self.done, self.steps, self.losses = int(meta["done"]), meta["steps"], meta["losses"]
         self.history = meta["history"]
         self.saved = self.done
@@ -123,7 +157,9 @@ class Trainer:
             kept = "no checkpoint was written" if self.saved is None else \
                 f"the checkpoint at step {self.saved} is kept"
             raise EdgepropError(f"training diverged: {unit.name} update {n} gave loss {loss}; {kept}")
-        self.state[unit.name] = {k: out[f"next.{k}"] for k in state}
+        # In place: the engine's output buffers go back to it, and no old state lingers.
+        for key, value in state.items():
+            value[...] = out[f"next.{key}"]
         self.steps[unit.name] = n
         self.losses[unit.name] = loss
         log = self.history[unit.name]
@@ -138,10 +174,14 @@ class Trainer:
             self.bundle.checkpoint_path().parent.mkdir(parents=True, exist_ok=True)
         bar = Progress(end, "train", start=self.done, enabled=progress)
         every, last_save = self.config.checkpoint_every, time.monotonic()
+        last_watch = 0.0
         try:
             while self.done < end:
                 self.step(self.done)
                 self.done += 1
+                if self.config.budget and time.monotonic() - last_watch >= WATCH_SECONDS:
+                    self._watch(checkpoints)
+                    last_watch = time.monotonic()
                 due = (every and self.done % every == 0) or \
                     time.monotonic() - last_save >= self.config.checkpoint_seconds
                 if checkpoints and (due or self.done == end):
@@ -151,6 +191,20 @@ class Trainer:
                 bar.update(self.done, f"epoch {epoch + 1}/{self.plan.epochs} {self.bundle.units[unit].name}")
         finally:
             bar.close()
+
+
+    def _watch(self, checkpoints: bool) -> None:
+        """Stop cleanly, with a checkpoint of the last finished step, once the measured working
+        set has crossed the budget."""
+        used = self.working_set()
+        if used <= self.config.budget:
+            return
+        kept = "no checkpoint was written"
+        if checkpoints:
+            self.save()
+            kept = f"a checkpoint at step {self.done} was written; continue with --resume"
+        raise EdgepropError(f"memory budget exceeded: the working set reached {format_size(used)} "
+                            f"(budget {format_size(self.config.budget)}) at step {self.done}; {kept}")
 
 
 def epoch_losses(history: dict[str, list[list[float]]]) -> dict[str, list[float]]:

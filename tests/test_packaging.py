@@ -22,7 +22,7 @@ def wheel(tmp_path_factory):
 def test_folders_are_installed_only_inside_the_edgeprop_namespace(wheel):
     names = wheel.namelist()
     for module in ("edgeprop/runtimes/onnxruntime.py", "edgeprop/exporters/trace.py", "edgeprop/devices/__init__.py",
-                   "edgeprop/data/digits.npz", "edgeprop/cli.py"):
+                   "edgeprop/devices/rpi-zero-2w.toml", "edgeprop/data/digits.npz", "edgeprop/cli.py"):
         assert module in names, module
     top_level = {n.split("/")[0] for n in names if not n.startswith("edgeprop-")}
     assert top_level == {"edgeprop"}, top_level
@@ -32,6 +32,9 @@ def test_core_dependencies_are_numpy_and_onnxruntime(wheel):
     (meta,) = [n for n in wheel.namelist() if n.endswith("METADATA")]
     requires = [line.split(":", 1)[1].strip() for line in wheel.read(meta).decode().splitlines()
                 if line.startswith("Requires-Dist:")]
-    core = sorted(r.split(">")[0].split("=")[0].split(";")[0].strip() for r in requires if "extra ==" not in r)
+    core = sorted(r.split(">")[0].split("=")[0].split(";")[0].strip() for r in requires
+                  if "extra ==" not in r and "python_version" not in r)
     assert core == ["numpy", "onnxruntime"]
+    # Device profiles are TOML: the standard library reads them from Python 3.11 on.
+    assert [r for r in requires if "python_version" in r] == ['tomli>=1.1; python_version < "3.11"']
     assert any("torch" in r and 'extra == "export"' in r for r in requires)

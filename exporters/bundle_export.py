@@ -16,6 +16,7 @@ from edgeprop.progress import Progress
 from edgeprop.schedule import NoiseSchedule
 from edgeprop.storage import save_arrays
 
+from .liveness import memory_facts
 from .models import build_unit, label_embedding
 from .optim import Optimizer
 from .trace import describe, flatten, layout, to_onnx, trace_infer, trace_step
@@ -30,6 +31,19 @@ def example_inputs(role: str, batch: int, n_features: int, classes: int, dim: in
                 "mask": mask}
     return {"x": torch.randn(batch, n_features, generator=g), "z": torch.randn(batch, dim, generator=g),
             "target": torch.randn(batch, dim, generator=g), "mask": mask, "loss_scale": torch.tensor(1.0)}
+
+
+def export_graph(trace, batch: int, root: Path, rel: str, loss_output: str | None) -> dict:
+    """Export `trace(batch)` to root/rel and describe it for the manifest, with the memory
+    facts the device-side planner needs. The graph is also traced at batch + 1 (and thrown
+    away) so that the planner can scale every figure to other batch sizes."""
+    model = to_onnx(*trace(batch), root / rel)
+    scratch = root / ".planner" / Path(rel).name
+    try:
+        bigger = to_onnx(*trace(batch + 1), scratch)
+    finally:
+        shutil.rmtree(scratch.parent, ignore_errors=True)
+    return {**describe(model, rel), "memory": memory_facts(model, bigger, batch, loss_output, rel)}
 
 
 def export(out: str | Path, *, rule: str = "noprop-dt", model: str = "mlp", data: str = "digits",
@@ -83,15 +97,18 @@ def export(out: str | Path, *, rule: str = "noprop-dt", model: str = "mlp", data
         bar = Progress(4, "export", unit="graphs", enabled=progress)
         graphs = {}
         for role, module in (("block", units[0][3]), ("head", units[-1][3])):
-            data_in = example_inputs(role, batch_size, input_shape[0], classes, emb.shape[1])
-            rel = f"graphs/{role}_step.onnx"
-            graphs[f"{role}_step"] = describe(to_onnx(*trace_step(module, role, opt, data_in), tmp / rel), rel)
-            bar.update(len(graphs))
-            infer_in = {k: data_in[k] for k in (("z",) if role == "head" else ("x", "z"))}
-            rel = f"graphs/{role}_infer.onnx"
-            output = "logits" if role == "head" else "u_hat"
-            graphs[f"{role}_infer"] = describe(to_onnx(*trace_infer(module, infer_in, output), tmp / rel), rel)
-            bar.update(len(graphs))
+            def step_graph(batch, role=role, module=module):
+                return trace_step(module, role, opt, example_inputs(role, batch, input_shape[0], classes, emb.shape[1]))
+
+            def infer_graph(batch, role=role, module=module):
+                data_in = example_inputs(role, batch, input_shape[0], classes, emb.shape[1])
+                names = ("z",) if role == "head" else ("x", "z")
+                return trace_infer(module, {k: data_in[k] for k in names}, "logits" if role == "head" else "u_hat")
+
+            for kind, trace in (("step", step_graph), ("infer", infer_graph)):
+                rel = f"graphs/{role}_{kind}.onnx"
+                graphs[f"{role}_{kind}"] = export_graph(trace, batch_size, tmp, rel, "loss" if kind == "step" else None)
+                bar.update(len(graphs))
         bar.close()
 
         arrays, units_json = {"embedding": emb}, []

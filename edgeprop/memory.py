@@ -1,0 +1,263 @@
+"""The memory planner: will training fit, worked out before anything runs.
+
+Works from the manifest alone (no onnx, no torch), so a device can check itself. At export
+every graph was analysed (exporters/liveness.py) and its live bytes stored as c + s·B, so
+any batch size B can be planned. While a unit (a NoProp block or the head) steps, memory
+holds:
+
+  state    the unit's weights and optimizer slots
+  others   every other unit's weights and optimizer slots, unless --stream keeps them in
+           memory-mapped files (then only the stepping unit's state is in RAM)
+  step     the step graph's live tensors at their peak (liveness over the ONNX graph):
+           activations, the gradient, the updated weights and slots
+  engine   what the engine holds for that peak. onnxruntime keeps an arena per loaded graph
+           that grows in doubling regions from 1 MiB and is never given back, so every step
+           graph's arena stays resident; a static engine (TFLM, generated C) plans one arena
+  batch    the step graph's batch inputs: samples, noisy labels, targets, mask
+
+  working set = state + others + engines' arenas + batch     (what --budget bounds)
+  total       = runtime (interpreter, numpy, engine, loaded graphs) + data set + working set
+
+End-to-end back-prop of the same network is planned from the same facts: it must keep every
+block's forward activations (the step graph's live bytes when the loss is computed) and
+every gradient at once, plus all weights and optimizer state.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from .bundle import Bundle
+from .errors import EdgepropError
+from .sizes import format_size as fmt
+
+FLOAT = 4  # bytes of a float32
+
+
+@dataclass(frozen=True)
+class EngineMemory:
+    """What an engine adds on top of the graphs' own liveness."""
+    name: str
+    runtime: int | None    # process bytes before any graph: interpreter, numpy, engine (None: unknown)
+    per_node: int          # bytes each loaded graph node costs (the session's graph, kernels)
+    first_region: int      # arena's first region, doubled at each growth; 0: exact static arena
+    retains_arenas: bool   # every loaded graph keeps its own arena (else one shared arena)
+    note: str
+
+    def arena(self, peak: int) -> int:
+        if not self.first_region or peak <= 0:
+            return max(peak, 0)
+        total, region = 0, self.first_region
+        while total < peak:
+            total, region = total + region, region * 2
+        return total
+
+
+ENGINES = {
+    # Measured on x86-64 with onnxruntime 1.32, numpy 2.4, CPython 3.11 (bench/memory.py
+    # prints the parts): interpreter 11 MiB, numpy 15 MiB, edgeprop's modules 7 MiB,
+    # onnxruntime 19 MiB, its environment (made with the first session) 10 MiB; each loaded
+    # graph about 2.5 KB per node. The arena is onnxruntime's BFCArena with its defaults
+    # (initial chunk 1 MiB, kNextPowerOfTwo growth).
+    "onnxruntime": EngineMemory("onnxruntime", 66_000_000, 2_500, 1 << 20, True,
+                                "runtime measured on x86-64 (onnxruntime 1.32, CPython 3.11)"),
+    # Static arenas planned by liveness; code and graphs live in flash, no interpreter.
+    "tflm": EngineMemory("tflm", 0, 0, 0, False, "arena = liveness peak (estimate until the tflm engine "
+                                                 "reports its exact arena)"),
+    "c99": EngineMemory("c99", 0, 0, 0, False, "arena = liveness peak of the generated C's static arena"),
+}
+
+
+def engine_memory(name: str) -> EngineMemory:
+    if name not in ENGINES:
+        raise EdgepropError(f"no memory model for engine '{name}' (known: {', '.join(ENGINES)})")
+    return ENGINES[name]
+
+
+def _at(affine, batch: int) -> int:
+    return int(affine[0] + affine[1] * batch)
+
+
+def _peak(points, batch: int) -> int:
+    return max(_at(p, batch) for p in points)
+
+
+@dataclass
+class UnitPlan:
+    name: str
+    graph: str      # its step graph
+    params: int     # bytes of its weights
+    state: int      # weights + optimizer slots
+    step: int       # step graph liveness peak (includes the gradient, = params bytes)
+    engine: int     # the engine's arena for that peak
+    batch: int
+    working_set: int = 0  # everything held while this unit steps (filled in by plan())
+
+
+@dataclass
+class MemoryPlan:
+    rule: str
+    batch: int
+    stream: bool
+    engine: str
+    units: list[UnitPlan]
+    runtime: int | None   # interpreter + engine + loaded graphs; None when unknown
+    data: int             # the data set held in RAM (0 if not given)
+    flash: int            # bytes kept in storage: every unit's weights and slots + graph files
+    backprop: dict = field(default_factory=dict)
+
+    @property
+    def working_set(self) -> int:
+        return max(u.working_set for u in self.units)
+
+    @property
+    def total(self) -> int:
+        return (self.runtime or 0) + self.data + self.working_set
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d.update(working_set=self.working_set, total=self.total)
+        return d
+
+
+def graph_facts(bundle: Bundle, key: str) -> dict:
+    facts = bundle.manifest["graphs"][key].get("memory")
+    if not facts:
+        raise EdgepropError(f"{bundle.root}: graph '{key}' has no memory facts (exported by an older edgeprop); "
+                            f"export the bundle again to plan its memory")
+    return facts
+
+
+def plan(bundle: Bundle, batch: int | None = None, stream: bool = False, engine: str = "onnxruntime",
+         data_bytes: int = 0) -> MemoryPlan:
+    """Plan one training run of `bundle` at `batch` (default: the bundle's)."""
+    batch = bundle.batch_size if batch is None else int(batch)
+    if batch < 1:
+        raise EdgepropError(f"batch size must be at least 1, got {batch}")
+    eng = engine_memory(engine)
+    units = []
+    for u in bundle.units:
+        facts = graph_facts(bundle, u.step_graph)
+        state = sum(FLOAT * t.shape[0] for t in u.state)
+        step = _peak(facts["peak"], batch)
+        units.append(UnitPlan(u.name, u.step_graph, FLOAT * u.n_params, state, step, eng.arena(step),
+                              _at(facts["inputs"], batch) - state))
+    graphs = {u.graph: u.engine for u in units}
+    held = sum(graphs.values()) if eng.retains_arenas else max(graphs.values())
+    resident = sum(u.state for u in units)
+    for u in units:
+        u.working_set = (u.state if stream else resident) + held + u.batch
+    runtime = None
+    if eng.runtime is not None:
+        nodes = sum(graph_facts(bundle, k)["nodes"] for k in {u.step_graph for u in bundle.units})
+        runtime = eng.runtime + eng.per_node * nodes
+    files = sum(bundle.graph_path(k).stat().st_size for k in bundle.graphs)
+    p = MemoryPlan(bundle.rule, batch, stream, engine, units, runtime, data_bytes, resident + files)
+    p.backprop = backprop_plan(bundle, batch, eng)
+    return p
+
+
+def backprop_plan(bundle: Bundle, batch: int, eng: EngineMemory) -> dict:
+    """The same network trained end to end with back-prop, at the same batch size.
+
+    Back-prop must keep every block's forward activations until its backward pass runs,
+    and every gradient until the optimizer steps: the sum over units of what a step graph
+    holds when its loss is computed, plus all gradients, plus one unit's backward and
+    update at a time. Weights and optimizer slots of every unit stay in RAM."""
+    saved = grads = transient = batch_bytes = state = 0
+    for u in bundle.units:
+        facts = graph_facts(bundle, u.step_graph)
+        unit_saved = _at(facts["saved"], batch)
+        unit_state = sum(FLOAT * t.shape[0] for t in u.state)
+        saved += unit_saved
+        grads += FLOAT * u.n_params
+        state += unit_state
+        transient = max(transient, _peak(facts["peak"], batch) - unit_saved)
+        batch_bytes = max(batch_bytes, _at(facts["inputs"], batch) - unit_state)
+    peak = saved + grads + transient
+    return {"state": state, "activations": saved, "gradients": grads, "step": peak, "engine": eng.arena(peak),
+            "batch": batch_bytes, "working_set": state + eng.arena(peak) + batch_bytes}
+
+
+@dataclass
+class Verdict:
+    fits: bool
+    budget: int           # bytes available to what the budget bounds
+    need: int             # bytes planned against it
+    what: str             # what the budget bounds: "working set" or "total"
+    problems: list[str]   # why not, each with its figures
+
+    @property
+    def headroom(self) -> int:
+        return self.budget - self.need
+
+
+def check(p: MemoryPlan, budget: int | None = None, device=None) -> Verdict:
+    """Does the plan fit `budget` (bytes for the working set) or the device profile (its
+    whole training process, and for a microcontroller also its flash)?"""
+    problems = []
+    if device is not None:
+        if device.kind == "mcu":
+            # Bare metal: weights and data live in flash; only the working set is in SRAM.
+            avail, need, what = device.budget, p.working_set, "working set (SRAM)"
+            if p.flash + p.data > device.flash + device.psram:
+                problems.append(f"weights, optimizer state, graphs and data need {fmt(p.flash + p.data)} of flash, "
+                                f"{device.name} has {fmt(device.flash + device.psram)}")
+        else:
+            avail, need, what = device.budget, p.total, "training process"
+            if p.runtime is None:
+                problems.append(f"the runtime's own memory is unknown for engine '{p.engine}'")
+        if p.engine not in device.engines:
+            problems.append(f"{device.name} runs {', '.join(device.engines)}, not {p.engine}")
+    elif budget is not None:
+        avail, need, what = budget, p.working_set, "working set"
+    else:
+        raise EdgepropError("give a --budget or a --device to check against")
+    if need > avail:
+        problems.insert(0, f"the {what} needs {fmt(need)}, {fmt(avail)} is available: {fmt(need - avail)} short")
+    return Verdict(not problems, avail, need, what, problems)
+
+
+def largest_batch(bundle: Bundle, fits, limit: int = 1 << 16) -> int | None:
+    """The largest batch size B ≤ limit with fits(B) true (memory grows with B), or None."""
+    if not fits(1):
+        return None
+    lo, hi = 1, 2
+    while hi <= limit and fits(hi):
+        lo, hi = hi, hi * 2
+    hi = min(hi, limit + 1)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo
+
+
+def fit(bundle: Bundle, budget: int | None = None, device=None, engine: str = "onnxruntime",
+        data_bytes: int = 0) -> dict[str, int | None]:
+    """The largest batch size that fits, for each way of holding the state."""
+    out = {}
+    for name, stream in (("all state in RAM (interleaved or block-sequential)", False),
+                         ("--stream (one unit's state in RAM)", True)):
+        out[name] = largest_batch(bundle, lambda b, s=stream: check(
+            plan(bundle, b, s, engine, data_bytes), budget, device).fits)
+    return out
+
+
+def check_inference(report: dict, budget: int | None = None, device=None) -> dict:
+    """Does a plain inference model's forward pass (= zeroth-order fine-tuning) fit, and
+    would end-to-end back-prop? `report` comes from exporters.model_memory.onnx_report."""
+    runtime = report["runtime"] or 0
+    if device is not None:
+        avail = device.budget
+        need, bp = report["inference"] + (0 if device.kind == "mcu" else runtime), \
+            report["backprop"]["working_set"] + (0 if device.kind == "mcu" else runtime)
+        where = f"{device.name} ({fmt(avail)} for training)"
+    elif budget is not None:
+        avail, need, bp, where = budget, report["inference"], report["backprop"]["working_set"], f"budget {fmt(budget)}"
+    else:
+        raise EdgepropError("give a --budget or a --device to check against")
+    fits = need <= avail
+    message = (f"forward passes (zeroth-order fine-tuning) need {fmt(need)} of {where}; "
+               + (f"headroom {fmt(avail - need)}" if fits else f"{fmt(need - avail)} short")
+               + f"; end-to-end back-prop would need {fmt(bp)}" + (" (fits)" if bp <= avail else " (does not fit)"))
+    return {"fits": fits, "need": need, "budget": avail, "backprop_need": bp, "backprop_fits": bp <= avail,
+            "message": message}

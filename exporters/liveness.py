@@ -1,0 +1,137 @@
+"""How much memory an ONNX graph needs while it runs: liveness over its nodes (desktop side).
+
+A sequential engine runs the nodes in order. Before node i runs, its outputs are
+allocated; a tensor is freed after the last node that reads it; graph outputs are handed
+to the caller and never freed. The live bytes at node i are everything allocated and not
+yet freed, and the graph's working memory is their peak. Graph inputs belong to the caller
+(they are counted by the planner as state and batch), constants belong to the engine.
+
+    timeline = live_bytes(onnx.load("block_step.onnx"))    # one figure per node
+
+Shapes come from ONNX shape inference, so every intermediate must have a static shape.
+
+The figures reach the device in the manifest (see `memory_facts`): the device-side planner
+never needs the onnx package. To plan other batch sizes than the one a graph was traced
+for, a graph is analysed at two batch sizes and every figure is stored as bytes = c + s·B.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import onnx
+
+CONTROL_FLOW = {"If", "Loop", "Scan"}
+# Ops whose output is a view of their first input in onnxruntime: no new buffer; the input
+# lives as long as the view does.
+ALIASES = {"Reshape", "Squeeze", "Unsqueeze", "Flatten", "Identity"}
+
+
+def _itemsize(elem_type: int) -> int:
+    return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem_type)).itemsize
+
+
+def _bytes(value_type: onnx.TypeProto) -> int | None:
+    t = value_type.tensor_type
+    if not t.HasField("shape") or not t.elem_type:
+        return None
+    dims = [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim]
+    if any(d is None for d in dims):
+        return None
+    return math.prod(dims) * _itemsize(t.elem_type)
+
+
+def tensor_bytes(model: onnx.ModelProto, where: str = "graph") -> dict[str, int]:
+    """Bytes of every value in the graph (inputs, intermediates, outputs), from shape inference."""
+    inferred = onnx.shape_inference.infer_shapes(model, strict_mode=True, data_prop=True)
+    g = inferred.graph
+    sizes = {}
+    for v in [*g.input, *g.value_info, *g.output]:
+        sizes[v.name] = _bytes(v.type)
+    for init in g.initializer:
+        sizes[init.name] = math.prod(init.dims) * _itemsize(init.data_type)
+    unknown = sorted(name for node in g.node for name in node.output if name and sizes.get(name) is None)
+    if unknown:
+        raise ValueError(f"{where}: shape inference left {len(unknown)} tensor(s) without a static shape "
+                         f"(e.g. {unknown[:3]}); give the model static or declared input shapes")
+    return sizes
+
+
+def live_bytes(model: onnx.ModelProto, where: str = "graph") -> tuple[list[int], int, int]:
+    """(live bytes while each node runs, bytes of the graph inputs, bytes of constants)."""
+    g = model.graph
+    flow = sorted({n.op_type for n in g.node} & CONTROL_FLOW)
+    if flow:
+        raise ValueError(f"{where}: control flow ({', '.join(flow)}) is not supported by the planner")
+    sizes = tensor_bytes(model, where)
+    inputs = {v.name for v in g.input}
+    constants = {i.name for i in g.initializer} | {o for n in g.node if n.op_type == "Constant" for o in n.output}
+    outputs = {v.name for v in g.output}
+    # Each value's buffer: its own, or (for a view) the buffer it views.
+    buffer = {}
+    for node in g.node:
+        for name in node.output:
+            viewed = node.input[0] if node.op_type in ALIASES and node.input else None
+            buffer[name] = buffer.get(viewed, viewed) if viewed is not None else name
+    last_use, kept = {}, set()
+    for i, node in enumerate(g.node):
+        for name in node.input:
+            last_use[buffer.get(name, name)] = i
+    for name in outputs:
+        kept.add(buffer.get(name, name))
+    timeline, live = [], 0
+    freed_after: dict[int, list[str]] = {}
+    for i, node in enumerate(g.node):
+        for name in node.output:
+            if not name or name in constants or buffer[name] != name:
+                continue
+            live += sizes[name]
+            # A buffer nobody reads is freed right after it is made; outputs stay with the caller.
+            if name not in kept:
+                freed_after.setdefault(max(last_use.get(name, i), i), []).append(name)
+        timeline.append(live)
+        for name in freed_after.pop(i, []):
+            live -= sizes[name]
+    input_bytes = sum(sizes[n] for n in inputs)
+    constant_bytes = sum(sizes[n] for n in constants if sizes.get(n) is not None)
+    return timeline, input_bytes, constant_bytes
+
+
+def _affine(a: int, b: int, batch: int) -> list[int]:
+    """Figures at batch sizes `batch` and `batch + 1` -> [c, s] with bytes = c + s·B."""
+    s = b - a
+    return [a - s * batch, s]
+
+
+def _frontier(points: list[list[int]]) -> list[list[int]]:
+    """Drop every (c, s) that another point beats at every batch size: max(c + s·B) keeps its value."""
+    keep = []
+    for c, s in sorted({tuple(p) for p in points}, key=lambda p: (-p[1], -p[0])):
+        if not any(kc >= c and ks >= s for kc, ks in keep):
+            keep.append((c, s))
+    return [list(p) for p in keep]
+
+
+def memory_facts(at_batch: onnx.ModelProto, at_next_batch: onnx.ModelProto, batch: int,
+                 loss_output: str | None = None, where: str = "graph") -> dict:
+    """What the device-side planner needs to know about one graph, for any batch size B:
+
+      peak     [[c, s], ...]: the working memory is max over the list of c + s·B
+      inputs   [c, s]: bytes of the graph's inputs (state + batch)
+      saved    [c, s]: live bytes when `loss_output` is computed, i.e. what a step keeps
+               from its forward pass for its backward pass (back-prop would keep this for
+               every block at once)
+      constants  bytes of the graph's constant tensors (held by the engine)
+      nodes      number of nodes
+    """
+    t0, in0, const = live_bytes(at_batch, where)
+    t1, in1, _ = live_bytes(at_next_batch, where)
+    if len(t0) != len(t1):
+        raise ValueError(f"{where}: the graph traced at batch {batch} and {batch + 1} differ in structure "
+                         f"({len(t0)} vs {len(t1)} nodes); cannot plan other batch sizes")
+    facts = {"batch": batch, "peak": _frontier([_affine(a, b, batch) for a, b in zip(t0, t1)]),
+             "inputs": _affine(in0, in1, batch), "constants": const, "nodes": len(t0)}
+    if loss_output is not None:
+        i = next(i for i, n in enumerate(at_batch.graph.node) if loss_output in n.output)
+        facts["saved"] = _affine(t0[i], t1[i], batch)
+    return facts
