@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 
 from . import bundle as bundles
 from . import datasets
 from .errors import EdgepropError
+from .state import STREAM_FOLDER
 
 
 def _engine(args):
@@ -76,10 +78,15 @@ def _refuse_unless_fits(bundle, data, args, budget, device) -> None:
         return
     target = f"device {device.name} ({fmt(device.budget)} for training)" if device else f"--budget {args.budget}"
     hints = []
+    if not args.stream:
+        streamed = memory.check(memory.plan(bundle, stream=True, engine=args.engine, data_bytes=data_bytes),
+                                budget, device)
+        if streamed.fits:
+            hints.append(f"add --stream (then {fmt(streamed.need)} of {fmt(streamed.budget)})")
     for how, batch in memory.fit(bundle, budget, device, args.engine, data_bytes).items():
-        hints.append(f"{how}: largest batch size {batch}" if batch else f"{how}: no batch size fits")
+        hints.append(f"{how}: export again with --batch-size {batch} or less" if batch else f"{how}: no batch size")
     raise EdgepropError(f"this run does not fit {target}: " + "; ".join(verdict.problems)
-                        + ". What would fit (export again with --batch-size N): " + "; ".join(hints))
+                        + ". What would fit: " + "; ".join(hints))
 
 
 def cmd_train(args) -> int:
@@ -103,7 +110,12 @@ def cmd_train(args) -> int:
     trainer.config.budget = budget if budget is not None else _device_working_budget(trainer, device)
     if args.resume:
         trainer.resume()
-    trainer.run(progress=not args.quiet)
+    try:
+        trainer.run(progress=not args.quiet)
+    finally:
+        if args.stream:  # the checkpoint holds everything; the working files can go
+            trainer.state = None
+            shutil.rmtree(bundle.path(STREAM_FOLDER), ignore_errors=True)
     last = {unit: means[-1] for unit, means in epoch_losses(trainer.history).items() if means}
     print(f"trained {trainer.done} steps; last epoch's mean loss: "
           + ", ".join(f"{unit} {loss:.3g}" for unit, loss in last.items()))
@@ -162,6 +174,11 @@ def cmd_info(args) -> int:
         _, meta = load_arrays(ckpt)
         print(f"checkpoint {ckpt}: {meta.get('done')}/{meta.get('total')} steps "
               f"({meta.get('order')}, seed {meta.get('seed')})")
+        memory = meta.get("memory")
+        if memory:
+            from .sizes import format_size as fmt
+            print(f"  memory   working set {fmt(memory['working_set'])} measured above runtime and data "
+                  f"({fmt(memory['baseline'])}){', --stream' if memory.get('stream') else ''}")
         history = epoch_losses(meta.get("history", {}))
         for unit in bundle.units:
             means = history.get(unit.name)

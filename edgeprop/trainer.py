@@ -118,7 +118,8 @@ class Trainer:
         c = self.config
         return {"bundle": self.bundle.id, "done": self.done, "total": self.plan.total, "steps": self.steps,
                 "losses": self.losses, "history": self.history, "epochs": c.epochs, "order": c.order, "seed": c.seed,
-                "lr": self.lr, "lr_schedule": c.lr_schedule, "n_batches": self.plan.n_batches}
+                "lr": self.lr, "lr_schedule": c.lr_schedule, "n_batches": self.plan.n_batches,
+                "memory": {"working_set": self.working_set(), "baseline": self.baseline, "stream": c.stream}}
 
     def save(self) -> None:
         save_arrays(self.bundle.checkpoint_path(), flat_items(self.state), self._meta())

@@ -100,3 +100,4 @@ def format_report(r: dict, verdict: dict | None) -> str:
         lines.append("")
         lines.append(("verdict: FITS: " if verdict["fits"] else "verdict: DOES NOT FIT: ") + verdict["message"])
     return "\n".join(lines)
+

@@ -81,3 +81,17 @@ def unit_loss(role: str, module: nn.Module, feeds: dict):
     if role == "head":
         return cross_entropy(module(feeds["z"]), feeds["target"], feeds["mask"])
     return denoise_loss(module(feeds["x"], feeds["z"]), feeds["target"], feeds["mask"], feeds["loss_scale"])
+
+
+class Chain(nn.Module):
+    """The whole NoProp-DT network as one model, for end-to-end back-prop comparisons: the
+    inference chain z_t = a_t û_t(x, z_{t-1}) + b_t z_{t-1} + √c_t ε_t, then the head."""
+
+    def __init__(self, blocks: list[nn.Module], head: nn.Module, coefficients: list[tuple[float, float, float]]):
+        super().__init__()
+        self.blocks, self.head, self.coefficients = nn.ModuleList(blocks), head, coefficients
+
+    def forward(self, x: torch.Tensor, z: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:  # noise (T, B, d)
+        for block, (a, b, c), eps in zip(self.blocks, self.coefficients, noise):
+            z = a * block(x, z) + b * z + c ** 0.5 * eps
+        return self.head(z)

@@ -7,17 +7,19 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# A child process in which `import torch` raises ImportError: the device side must not need it.
-NO_TORCH = ("import sys; sys.modules['torch'] = None; "
-            "from edgeprop.cli import main; code = main(sys.argv[1:]); "
-            "assert 'torch' not in [m for m, v in sys.modules.items() if v is not None], 'torch was imported'; "
-            "sys.exit(code)")
+# A child process in which `import torch` (and `import onnx`) raise ImportError: the device
+# side needs neither.
+DEVICE_SIDE = ("import sys; blocked = sys.argv.pop(1).split(','); sys.modules.update(dict.fromkeys(blocked)); "
+               "from edgeprop.cli import main; code = main(sys.argv[1:]); "
+               "loaded = [m for m in blocked if sys.modules.get(m) is not None]; "
+               "assert not loaded, f'{loaded} imported'; "
+               "sys.exit(code)")
 
 
-def edgeprop(*args, torch_allowed=False, check=True, timeout=600):
-    """Run the edgeprop CLI in a subprocess; on the device side, with torch made unimportable."""
+def edgeprop(*args, torch_allowed=False, blocked=("torch", "onnx"), check=True, timeout=600):
+    """Run the edgeprop CLI in a subprocess; on the device side, with torch and onnx made unimportable."""
     cmd = [sys.executable, "-m", "edgeprop", *map(str, args)] if torch_allowed else \
-          [sys.executable, "-c", NO_TORCH, *map(str, args)]
+          [sys.executable, "-c", DEVICE_SIDE, ",".join(blocked), *map(str, args)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
     if check and proc.returncode != 0:
         raise AssertionError(f"edgeprop {' '.join(map(str, args))} exited {proc.returncode}\n{proc.stderr}")

@@ -55,14 +55,14 @@ def test_resume_after_a_kill_gives_the_same_weights(digits_bundle, tmp_path):
     import sys
     import time
 
-    from conftest import NO_TORCH, ROOT
+    from conftest import DEVICE_SIDE, ROOT
     a, b = tmp_path / "a", tmp_path / "b"
     shutil.copytree(digits_bundle, a)
     shutil.copytree(digits_bundle, b)
     args = ["train", "--epochs", "6", "--checkpoint-every", "50", "--quiet"]
     edgeprop(*args[:1], a, *args[1:])  # uninterrupted
 
-    proc = subprocess.Popen([sys.executable, "-c", NO_TORCH, args[0], str(b), *args[1:]], cwd=ROOT,
+    proc = subprocess.Popen([sys.executable, "-c", DEVICE_SIDE, "torch,onnx", args[0], str(b), *args[1:]], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ckpt = b / "checkpoints" / "last.npz"
     deadline = time.time() + 120
@@ -127,13 +127,13 @@ def test_validate_the_default_bundle_through_the_cli(digits_bundle):
 def test_every_device_side_module_imports_without_torch_and_runs_nothing():
     import subprocess
     import sys
-    code = ("import sys, pkgutil, importlib; sys.modules['torch'] = None\n"
-            "import edgeprop, edgeprop.runtimes\n"
+    code = ("import sys, pkgutil, importlib; sys.modules.update(torch=None, onnx=None)\n"
+            "import edgeprop, edgeprop.runtimes, edgeprop.devices\n"
             "for pkg in (edgeprop, edgeprop.runtimes):\n"
             "    for m in pkgutil.iter_modules(pkg.__path__, pkg.__name__ + '.'):\n"
             "        if m.name not in ('edgeprop.exporters', 'edgeprop.plots'):\n"
             "            importlib.import_module(m.name)\n"
-            "assert 'torch' not in [m for m, v in sys.modules.items() if v is not None]")
+            "assert not {'torch', 'onnx'} & {m for m, v in sys.modules.items() if v is not None}")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0 and proc.stdout == "", proc.stdout + proc.stderr
 

@@ -1,0 +1,249 @@
+"""The memory planner: liveness arithmetic, batch scaling, planned vs measured, budgets,
+streaming, device profiles, and plain ONNX models brought by the user."""
+import json
+
+import numpy as np
+import onnx
+import pytest
+from conftest import edgeprop
+from onnx import TensorProto, helper
+
+from edgeprop import bundle as bundles
+from edgeprop import datasets, memory
+from edgeprop.devices import load_profile, profiles, read_profile
+from edgeprop.errors import EdgepropError
+from edgeprop.exporters.liveness import live_bytes, memory_facts
+from edgeprop.runtimes import get_engine
+from edgeprop.sizes import parse_size
+from edgeprop.storage import load_arrays
+from edgeprop.trainer import TrainConfig, Trainer
+
+MiB = 1 << 20
+
+
+def gemm_relu(batch: int) -> onnx.ModelProto:
+    """y = relu(x @ W.T + b) for x (batch, 4), W (3, 4), b (3): every byte countable by hand."""
+    graph = helper.make_graph(
+        [helper.make_node("Gemm", ["x", "W", "b"], ["h"], transB=1), helper.make_node("Relu", ["h"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 4]),
+         helper.make_tensor_value_info("W", TensorProto.FLOAT, [3, 4]),
+         helper.make_tensor_value_info("b", TensorProto.FLOAT, [3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, 3])])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+def test_liveness_of_gemm_relu_is_exact():
+    timeline, inputs, constants = live_bytes(gemm_relu(5))
+    # Gemm makes h (5*3*4 = 60 B); Relu makes y (60 B) while h is still being read; then h goes.
+    assert timeline == [60, 120]
+    assert inputs == 5 * 4 * 4 + 3 * 4 * 4 + 3 * 4
+    assert constants == 0
+
+
+def test_facts_scale_with_batch_exactly():
+    facts = memory_facts(gemm_relu(2), gemm_relu(3), 2)
+    assert facts["peak"] == [[0, 24]]          # 24 bytes per sample: h and y, 3 floats each
+    assert facts["inputs"] == [60, 16]         # W and b, then x's 4 floats per sample
+    assert facts["nodes"] == 2
+
+
+def test_views_share_their_buffer():
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["h"]), helper.make_node("Reshape", ["h", "shape"], ["v"]),
+         helper.make_node("Neg", ["v"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [16])],
+        [helper.make_tensor("shape", TensorProto.INT64, [1], [16])])
+    timeline, _, constants = live_bytes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]))
+    assert timeline == [64, 64, 128]  # the reshape is a view of h: no new buffer, h lives until Neg
+    assert constants == 8
+
+
+def test_onnxruntime_arena_grows_in_doubling_regions():
+    ort = memory.engine_memory("onnxruntime")
+    assert ort.arena(0) == 0
+    assert ort.arena(100) == MiB
+    assert ort.arena(MiB + 1) == 3 * MiB
+    assert ort.arena(5 * MiB) == 7 * MiB
+    assert memory.engine_memory("tflm").arena(12345) == 12345
+
+
+def test_plan_adds_up(digits_bundle):
+    b = bundles.load(digits_bundle)
+    p = memory.plan(b)
+    block, head = p.units[0], p.units[-1]
+    assert block.params == 4 * b.units[0].n_params == 4 * 60426
+    assert block.state == 3 * block.params  # AdamW: weights, m, v
+    assert block.step >= block.params       # the step holds at least the gradient
+    resident = sum(u.state for u in p.units)
+    arenas = block.engine + head.engine     # one arena per loaded step graph (blocks share one)
+    assert p.working_set == resident + arenas + max(u.batch for u in p.units)
+    streamed = memory.plan(b, stream=True)
+    assert streamed.working_set == block.state + arenas + block.batch
+    assert p.backprop["working_set"] > p.working_set  # every block's activations and gradients at once
+
+
+def test_exported_facts_predict_another_batch_size(tmp_path):
+    """Facts of a batch-2 bundle, evaluated at batch 5, equal liveness over a batch-5 export."""
+    from edgeprop.exporters import export
+    small = bundles.load(export(tmp_path / "b2", blocks=1, width=16, batch_size=2, progress=False))
+    five = bundles.load(export(tmp_path / "b5", blocks=1, width=16, batch_size=5, progress=False))
+    for key in ("block_step", "head_step", "block_infer"):
+        timeline, inputs, _ = live_bytes(onnx.load(five.graph_path(key)))
+        facts = small.manifest["graphs"][key]["memory"]
+        assert max(c + s * 5 for c, s in facts["peak"]) == max(timeline), key
+        assert facts["inputs"][0] + facts["inputs"][1] * 5 == inputs, key
+        assert five.manifest["graphs"][key]["memory"]["peak"] == facts["peak"], key
+
+
+def test_planned_working_set_matches_measured(digits_bundle):
+    proc = edgeprop("profile", digits_bundle, "--data", "digits", "--measure", "--json")
+    report = json.loads(proc.stdout)
+    planned, measured = report["plan"]["working_set"], report["measured"]["working_set"]
+    assert 0.8 <= measured / planned <= 1.2, (planned, measured)
+
+
+def test_budget_that_cannot_fit_is_refused_before_anything_is_written(bundle_copy):
+    proc = edgeprop("train", bundle_copy, "--data", "digits", "--epochs", "1", "--budget", "2MB", check=False)
+    assert proc.returncode == 2
+    assert "does not fit --budget 2MB" in proc.stderr and "short" in proc.stderr
+    assert not (bundle_copy / "checkpoints").exists()
+
+
+def test_refusal_says_what_would_fit(bundle_copy):
+    proc = edgeprop("train", bundle_copy, "--data", "digits", "--epochs", "1", "--budget", "8MB", check=False)
+    assert proc.returncode == 2
+    assert "add --stream" in proc.stderr and "--batch-size" in proc.stderr
+    assert not (bundle_copy / "checkpoints").exists()
+
+
+def test_a_microcontroller_profile_refuses_onnxruntime(bundle_copy):
+    proc = edgeprop("train", bundle_copy, "--data", "digits", "--device", "nrf52840", check=False)
+    assert proc.returncode == 2
+    assert "nrf52840 runs tflm, c99, not onnxruntime" in proc.stderr
+
+
+def test_stream_trains_the_same_weights_in_less_memory(digits_bundle, tmp_path):
+    import shutil
+    runs = {}
+    for mode in ("ram", "stream"):
+        b = tmp_path / mode
+        shutil.copytree(digits_bundle, b)
+        extra = ["--stream"] if mode == "stream" else []
+        edgeprop("train", b, "--data", "digits", "--epochs", "1", "--order", "block-sequential",
+                 "--budget", "8MB" if extra else "64MB", "--quiet", *extra)
+        runs[mode] = load_arrays(b / "checkpoints" / "last.npz")
+        assert not (b / "checkpoints" / "stream").exists()  # working files go once the checkpoint holds all
+    (ram, ram_meta), (streamed, stream_meta) = runs["ram"], runs["stream"]
+    for key in ram:
+        np.testing.assert_array_equal(ram[key], streamed[key], err_msg=key)
+    # 10 blocks: one block's weights and optimizer state in RAM instead of all of them.
+    saved = ram_meta["memory"]["working_set"] - stream_meta["memory"]["working_set"]
+    assert saved > 4 * MiB, (ram_meta["memory"], stream_meta["memory"])
+
+
+def test_watchdog_stops_with_a_checkpoint_when_measured_memory_crosses_the_budget(bundle_copy):
+    b = bundles.load(bundle_copy)
+    trainer = Trainer(b, get_engine("onnxruntime"), datasets.load("digits", "train"),
+                      TrainConfig(epochs=1, budget=1))  # one byte: the first step crosses it
+    with pytest.raises(EdgepropError, match="memory budget exceeded.*checkpoint at step 1"):
+        trainer.run(progress=False)
+    _, meta = load_arrays(bundle_copy / "checkpoints" / "last.npz")
+    assert meta["done"] == 1
+
+
+def test_profile_against_devices_and_fit(digits_bundle, tmp_path):
+    proc = edgeprop("profile", digits_bundle, "--device", "rpi-zero-2w", "--batch-size", "64", "--fit", "--json",
+                    "--plot", tmp_path / "memory.png")
+    report = json.loads(proc.stdout)
+    assert report["verdict"]["fits"] and report["verdict"]["headroom"] > 0
+    assert (tmp_path / "memory.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    b, device = bundles.load(digits_bundle), load_profile("rpi-zero-2w")
+    for stream, largest in zip((False, True), report["largest_batch"].values()):
+        assert memory.check(memory.plan(b, largest, stream), device=device).fits
+        assert not memory.check(memory.plan(b, largest + 1, stream), device=device).fits
+    proc = edgeprop("profile", digits_bundle, "--device", "stm32f746", check=False)
+    assert proc.returncode == 1 and "DOES NOT FIT" in proc.stdout and "flash" in proc.stdout
+
+
+def test_every_shipped_profile_parses_with_its_figures():
+    names = {p.name for p in profiles()}
+    assert {"jetson-nano", "jetson-orin-nano", "rpi-zero-2w", "rpi4", "rpi5", "stm32f746", "nrf52840",
+            "esp32-s3"} <= names
+    for p in profiles():
+        assert p.ram > 0 and p.flash > 0 and 0 < p.train_share <= 1 and p.cores >= 1 and p.engines
+        assert p.source.endswith(f"{p.name}.toml")
+        assert "Source:" in open(p.source).read(), f"{p.name}: cite the datasheet"
+    assert load_profile("rpi-zero-2w").ram == 512 * MiB
+    assert load_profile("stm32f746").ram == 320 * 1024
+
+
+@pytest.mark.parametrize("change, message", [
+    (("ram = ", None), "lacks field(s) ram"),
+    (("ram = ", 'ram = "lots"'), "field 'ram': expected a size"),
+    (("cores = ", "cores = 0"), "field 'cores' must be a positive integer"),
+    (("train_share = ", "train_share = 1.5"), "field 'train_share'"),
+    (("kind = ", 'kind = "phone"'), "field 'kind' must be one of"),
+    (("engines = ", "engines = []"), "field 'engines' must be a non-empty list"),
+    (("arch = ", 'arch = "aarch64"\nspeed = 3'), "unknown field(s) speed"),
+    (("name = ", 'name = "broken'), "not a valid TOML"),
+])
+def test_malformed_user_profile_names_the_field(tmp_path, change, message):
+    prefix, replacement = change
+    lines = [line for line in open(load_profile("rpi4").source).read().splitlines()]
+    lines = [(replacement if line.startswith(prefix) else line) for line in lines]
+    path = tmp_path / "mine.toml"
+    path.write_text("\n".join(line for line in lines if line is not None))
+    with pytest.raises(EdgepropError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        read_profile(path)
+    proc = edgeprop("profile", "/nonexistent", "--device", path, check=False)
+    assert proc.returncode == 2
+
+
+def test_user_profile_file_is_used(tmp_path, digits_bundle):
+    text = open(load_profile("rpi4").source).read().replace('name = "rpi4"', 'name = "tiny-board"')
+    text = text.replace('ram = "2 GiB"', 'ram = "96 MiB"')
+    (tmp_path / "tiny-board.toml").write_text(text)
+    proc = edgeprop("profile", digits_bundle, "--device", tmp_path / "tiny-board.toml", check=False)
+    assert proc.returncode == 1 and "DOES NOT FIT" in proc.stdout  # 70% of 96 MiB < runtime + working set
+
+
+def test_sizes_parse_as_people_write_them():
+    assert parse_size("48MB") == 48_000_000
+    assert parse_size("320 KiB") == 320 * 1024
+    assert parse_size("0.5 GB") == 500_000_000
+    assert parse_size(1234) == 1234
+    for bad in ("lots", "-1MB", "0", "12 parsecs"):
+        with pytest.raises(EdgepropError):
+            parse_size(bad)
+
+
+def test_profile_a_plain_onnx_model_from_torch_onnx_export(tmp_path):
+    """A model edgeprop did not export: inference memory (= zeroth-order's budget) and back-prop's."""
+    script = f"""
+import torch, warnings
+warnings.simplefilter("ignore")
+model = torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten(),
+                            torch.nn.Linear(8 * 28 * 28, 10))
+batch = torch.export.Dim("batch")
+torch.onnx.export(model, (torch.randn(4, 1, 28, 28),), r"{tmp_path / 'user.onnx'}", dynamo=True,
+                  dynamic_shapes=[{{0: batch}}], input_names=["image"], output_names=["logits"])
+"""
+    import subprocess
+    import sys
+    subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, timeout=300)
+    reports = {}
+    for batch in (8, 64):
+        proc = edgeprop("profile", tmp_path / "user.onnx", "--batch-size", batch, "--device", "rpi4", "--json",
+                        blocked=("torch",))  # reads the protobuf with onnx; never needs torch
+        reports[batch] = json.loads(proc.stdout)
+    r = reports[8]
+    params = 4 * (8 * 9 + 8 + 10 * 8 * 28 * 28 + 10)
+    assert params <= r["weights"] <= params + 1024   # plus the exporter's small shape constants
+    assert r["inputs"] == 8 * 28 * 28 * 4
+    assert r["peak"] >= 2 * 8 * 8 * 28 * 28 * 4      # conv output and its ReLU, 8 channels of 28x28
+    assert r["backprop"]["working_set"] > r["inference"]
+    assert r["verdict"]["fits"]
+    assert reports[64]["peak"] == 8 * r["peak"]      # everything live scales with the batch here
+    proc = edgeprop("profile", tmp_path / "user.onnx", "--budget", "1MB", check=False, blocked=("torch",))
+    assert proc.returncode == 1 and "DOES NOT FIT" in proc.stdout
