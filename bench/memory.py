@@ -1,6 +1,6 @@
 """Memory of NoProp-DT training vs end-to-end back-prop of the same network, same batch.
 
-    python bench/memory.py [--epochs 1] [--out bench/results/memory.json]
+    python bench/memory.py [--batches 50] [--out bench/results/memory.json]
 
 For each configuration (digits at batch 1, 32, 64 and 128; Fashion-MNIST at 1, 32 and 128
 when its files are installed, see README):
@@ -11,7 +11,8 @@ when its files are installed, see README):
       the process once torch and the data are loaded).
   (b) whole-process peak resident set of the edgeprop trainer (onnxruntime, no torch) vs a
       torch process training the same network end to end with back-prop and AdamW.
-Every measurement runs in its own fresh process. Also recorded: what the runtime itself
+Every measurement runs in its own fresh process and trains --batches batches (every unit
+steps on each): memory reaches its steady state within the first few. Also recorded: what the runtime itself
 costs (interpreter, numpy, edgeprop, onnxruntime, its environment), the figure behind
 edgeprop.memory's onnxruntime model.
 Targets to report against (not asserted): working set <= 0.10x back-prop's; process peak
@@ -23,10 +24,11 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+import common  # bench/common.py: the script's folder is on sys.path
 
 ROOT = Path(__file__).resolve().parents[1]
 FASHION = "/usr/share/datasets/fashion-mnist"
@@ -64,7 +66,7 @@ def worker_runtime_parts() -> dict:
     return {"parts": parts, "total": rss.current()}
 
 
-def worker_edgeprop(bundle: str, data: str, epochs: int, stream: bool) -> dict:
+def worker_edgeprop(bundle: str, data: str, batches: int, stream: bool) -> dict:
     from edgeprop import bundle as bundles
     from edgeprop import datasets, rss
     from edgeprop.runtimes import get_engine
@@ -72,16 +74,16 @@ def worker_edgeprop(bundle: str, data: str, epochs: int, stream: bool) -> dict:
     b, train = bundles.load(bundle), datasets.load(data, "train")
     before = rss.peak()
     with tempfile.TemporaryDirectory() as folder:
-        trainer = Trainer(b, get_engine("onnxruntime", threads=1), train, TrainConfig(epochs=epochs, stream=stream),
+        trainer = Trainer(b, get_engine("onnxruntime", threads=1), train, TrainConfig(epochs=1, stream=stream),
                           stream_folder=folder)
-        trainer.run(progress=False, checkpoints=False)
+        trainer.run(limit=batches * len(b.units), progress=False, checkpoints=False)
         working_set = trainer.working_set()
         trainer.state = None
     return {"working_set": working_set, "baseline": trainer.baseline,
             "process_peak": max(before, rss.peak()), "torch_imported": "torch" in sys.modules}
 
 
-def worker_torch_backprop(bundle: str, data: str, epochs: int) -> dict:
+def worker_torch_backprop(bundle: str, data: str, batches: int) -> dict:
     """The same NoProp-DT network trained end to end with autograd and torch.optim.AdamW."""
     import numpy as np
     import torch
@@ -100,30 +102,27 @@ def worker_torch_backprop(bundle: str, data: str, epochs: int) -> dict:
     opt = torch.optim.AdamW(chain.parameters(), lr=1e-3, weight_decay=1e-3)
     B, d, T = b.batch_size, b.embedding.shape[1], len(b.blocks)
     onehot = np.eye(b.num_classes, dtype=np.float32)
-    for epoch in range(epochs):
-        perm = np.random.default_rng([0, epoch]).permutation(len(train.y))
-        for i in range(0, len(perm) - B + 1, B):
-            idx = perm[i:i + B]
-            x = torch.from_numpy(normalise(b, train.x[idx]))
-            z, noise = torch.randn(B, d), torch.randn(T, B, d)
-            opt.zero_grad()
-            cross_entropy(chain(x, z, noise), torch.from_numpy(onehot[train.y[idx]]), torch.ones(B)).backward()
-            opt.step()
+    perm = np.random.default_rng(0).permutation(len(train.y))
+    for i in range(batches):
+        idx = perm[i * B % len(perm):][:B]
+        x = torch.from_numpy(normalise(b, train.x[idx]))
+        z, noise = torch.randn(len(idx), d), torch.randn(T, len(idx), d)
+        opt.zero_grad()
+        cross_entropy(chain(x, z, noise), torch.from_numpy(onehot[train.y[idx]]), torch.ones(len(idx))).backward()
+        opt.step()
     return {"working_set": rss.peak() - baseline, "baseline": baseline, "process_peak": max(before, rss.peak())}
 
 
 # ---- driver ---------------------------------------------------------------------------------
 
+
 def spawn(*args) -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    out = subprocess.run([sys.executable, __file__, "--worker", *map(str, args)], capture_output=True,
-                         text=True, env=env, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return common.spawn(__file__, *args)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--batches", type=int, default=50, help="training batches per measurement")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "memory.json"))
     p.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -143,7 +142,7 @@ def main() -> None:
         configs += [("fashion-mnist", FASHION, b) for b in (1, 32, 128)]
     else:
         print(f"{FASHION} not found: Fashion-MNIST configurations skipped", file=sys.stderr)
-    results = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count()}, "epochs": args.epochs,
+    results = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count()}, "batches": args.batches,
                "runtime": spawn("runtime-parts"), "configs": {}}
     with tempfile.TemporaryDirectory() as tmp:
         for name, data, batch in configs:
@@ -152,8 +151,8 @@ def main() -> None:
             train = datasets.load(data, "train")
             data_bytes = train.x.nbytes + train.y.nbytes
             plans = {s: memory.plan(b, stream=s, data_bytes=data_bytes) for s in (False, True)}
-            ram, streamed = (spawn("edgeprop", b.root, data, args.epochs, mode) for mode in ("ram", "stream"))
-            torch_bp = spawn("torch", b.root, data, args.epochs)
+            ram, streamed = (spawn("edgeprop", b.root, data, args.batches, mode) for mode in ("ram", "stream"))
+            torch_bp = spawn("torch", b.root, data, args.batches)
             bp_planned = plans[False].backprop["working_set"]
             results["configs"][f"{name}-batch{batch}"] = {
                 "planned": {"noprop": plans[False].working_set, "noprop_stream": plans[True].working_set,

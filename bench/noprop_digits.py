@@ -20,11 +20,12 @@ import json
 import os
 import platform
 import resource
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+import common  # bench/common.py: the script's folder is on sys.path
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -119,11 +120,9 @@ def worker_throughput(bundle: str, which: str, seconds: float) -> dict:
 
 # ---- driver ---------------------------------------------------------------------------------
 
+
 def spawn(*args) -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    out = subprocess.run([sys.executable, __file__, "--worker", *map(str, args)], capture_output=True,
-                         text=True, env=env, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return common.spawn(__file__, *args)
 
 
 def main() -> None:

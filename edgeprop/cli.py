@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 
@@ -248,7 +249,8 @@ def cmd_profile(args) -> int:
         raise EdgepropError("--fit needs a --budget or a --device to fit into")
     if args.plot:
         from .plots import memory_bars
-        memory_bars(p, verdict, args.plot, title=f"{bundle.root.name} on {device.name if device else 'budget'}")
+        against = f"on {device.name}" if device else (f"within {args.budget}" if budget else "")
+        memory_bars(p, verdict, args.plot, title=f"{bundle.root.name}, batch {p.batch} {against}")
     if args.json:
         out = {"plan": p.to_json(), "measured": measured, "largest_batch": fits}
         if verdict:
@@ -417,6 +419,9 @@ def main(argv: list[str] | None = None) -> int:
     except EdgepropError as e:
         print(f"edgeprop {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # output piped into `head` and the like: not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except OSError as e:  # disk full, permission denied, ...: say so without a traceback
         print(f"edgeprop {args.command}: error: {e}", file=sys.stderr)
         return 2

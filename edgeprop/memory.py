@@ -12,7 +12,8 @@ holds:
            activations, the gradient, the updated weights and slots
   engine   what the engine holds for that peak. onnxruntime keeps an arena per loaded graph
            that grows in doubling regions from 1 MiB and is never given back, so every step
-           graph's arena stays resident; a static engine (TFLM, generated C) plans one arena
+           graph's arena stays resident (see EngineMemory.arena); a static engine (TFLM,
+           generated C) plans one arena
   batch    the step graph's batch inputs: samples, noisy labels, targets, mask
 
   working set = state + others + engines' arenas + batch     (what --budget bounds)
@@ -44,12 +45,18 @@ class EngineMemory:
     note: str
 
     def arena(self, peak: int) -> int:
+        """Resident bytes of the arena that serves a graph whose live tensors peak at `peak`.
+
+        onnxruntime's first run allocates tensor by tensor, adding regions of 1, 2, 4, ...
+        MiB until they hold the peak; later runs reuse a memory pattern, one block of the
+        peak's size, which must fit inside one region: when none is large enough a new one is
+        added, and that block is touched too."""
         if not self.first_region or peak <= 0:
             return max(peak, 0)
-        total, region = 0, self.first_region
+        total, region, largest = 0, self.first_region, 0
         while total < peak:
-            total, region = total + region, region * 2
-        return total
+            total, largest, region = total + region, region, region * 2
+        return total if largest >= peak else total + peak
 
 
 ENGINES = {

@@ -34,8 +34,9 @@ def report(p: MemoryPlan, verdict: Verdict | None, measured: dict | None, title:
              f"{'working set':>12s}"
     if measured:
         header += f" {'measured':>10s} {'m/p':>6s}"
-    if verdict and verdict.what.startswith("working set"):
+    if verdict:
         header += f" {'headroom':>10s}"
+        outside = verdict.need - p.working_set  # runtime and data, when a device bounds the total
     lines += [header, "-" * len(header)]
     for u in p.units:
         row = f"{u.name:8s} {fmt(u.params):>10s} {fmt(u.state):>10s} {fmt(u.step):>10s} {fmt(u.engine):>10s} " \
@@ -43,8 +44,8 @@ def report(p: MemoryPlan, verdict: Verdict | None, measured: dict | None, title:
         if measured:
             m = measured["units"][u.name]
             row += f" {fmt(m):>10s} {m / u.working_set:6.2f}"
-        if verdict and verdict.what.startswith("working set"):
-            row += f" {fmt(verdict.budget - u.working_set):>10s}"
+        if verdict:
+            row += f" {fmt(verdict.budget - outside - u.working_set):>10s}"
         lines.append(row)
     lines.append("")
     lines.append(f"working set   {fmt(p.working_set):>10s}   (weights and optimizer state held, the engines' "
