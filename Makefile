@@ -20,8 +20,9 @@ test: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
 
-bench: $(VENV)/.installed
+bench: $(VENV)/.installed  ## accuracy, throughput and memory vs torch: JSON under bench/results/
 	$(PY) bench/noprop_digits.py
+	$(PY) bench/memory.py
 
 clean:
 	rm -rf runs bench/results

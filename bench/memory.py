@@ -72,7 +72,6 @@ def worker_edgeprop(bundle: str, data: str, batches: int, stream: bool) -> dict:
     from edgeprop.runtimes import get_engine
     from edgeprop.trainer import TrainConfig, Trainer
     b, train = bundles.load(bundle), datasets.load(data, "train")
-    before = rss.peak()
     with tempfile.TemporaryDirectory() as folder:
         trainer = Trainer(b, get_engine("onnxruntime", threads=1), train, TrainConfig(epochs=1, stream=stream),
                           stream_folder=folder)
@@ -80,7 +79,7 @@ def worker_edgeprop(bundle: str, data: str, batches: int, stream: bool) -> dict:
         working_set = trainer.working_set()
         trainer.state = None
     return {"working_set": working_set, "baseline": trainer.baseline,
-            "process_peak": max(before, rss.peak()), "torch_imported": "torch" in sys.modules}
+            "process_peak": rss.process_peak(), "torch_imported": "torch" in sys.modules}
 
 
 def worker_torch_backprop(bundle: str, data: str, batches: int) -> dict:
@@ -94,7 +93,7 @@ def worker_torch_backprop(bundle: str, data: str, batches: int) -> dict:
     from edgeprop.noprop import normalise
     torch.set_num_threads(1)
     b, train = bundles.load(bundle), datasets.load(data, "train")
-    before, baseline = rss.peak(), rss.current()
+    baseline = rss.current()
     rss.reset_peak()
     torch.manual_seed(0)
     blocks = [build_unit(b.model, "block", b.embedding) for _ in b.blocks]
@@ -110,7 +109,7 @@ def worker_torch_backprop(bundle: str, data: str, batches: int) -> dict:
         opt.zero_grad()
         cross_entropy(chain(x, z, noise), torch.from_numpy(onehot[train.y[idx]]), torch.ones(len(idx))).backward()
         opt.step()
-    return {"working_set": rss.peak() - baseline, "baseline": baseline, "process_peak": max(before, rss.peak())}
+    return {"working_set": rss.peak() - baseline, "baseline": baseline, "process_peak": rss.process_peak()}
 
 
 # ---- driver ---------------------------------------------------------------------------------

@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import sys
 import tempfile
 import time
@@ -31,15 +30,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def peak_rss_mb() -> float:
-    """This process's peak resident set. VmHWM, not ru_maxrss: Linux carries ru_maxrss
-    over fork+exec, so a child would report its parent's peak."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """This process's peak resident set (VmHWM, not ru_maxrss: Linux carries ru_maxrss over
+    fork+exec, so a child would report its parent's peak), across the trainer's resets."""
+    from edgeprop import rss
+    return rss.process_peak() / 2**20
 
 
 # ---- workers (each runs in a fresh process) ---------------------------------------------------

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 STATUS = Path("/proc/self/status")
+_earlier_peak = 0  # the highest peak a reset_peak() has discarded
 
 
 def _status(field: str) -> int | None:
@@ -38,8 +39,15 @@ def peak() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
 
 
+def process_peak() -> int:
+    """Peak resident bytes since the process started, across any reset_peak()."""
+    return max(_earlier_peak, peak())
+
+
 def reset_peak() -> bool:
     """Start a new peak from the current resident set; False where the OS cannot."""
+    global _earlier_peak
+    _earlier_peak = process_peak()
     try:
         Path("/proc/self/clear_refs").write_text("5")
         return True

@@ -80,6 +80,8 @@ class Trainer:
     Memory is measured from the OS: `baseline` is the process's resident set once the engine
     has loaded the graphs (interpreter, numpy, engine, data), and the working set is the peak
     above it since then: the state, the engine's arenas and the batches (see edgeprop.memory).
+    Creating a Trainer restarts the OS's peak counter; rss.process_peak() keeps the
+    process-wide figure.
     """
 
     def __init__(self, bundle: Bundle, engine, data: Dataset, config: TrainConfig, stream_folder=None):

@@ -248,3 +248,16 @@ torch.onnx.export(model, (torch.randn(4, 1, 28, 28),), r"{tmp_path / 'user.onnx'
     assert reports[64]["peak"] == 8 * r["peak"]      # everything live scales with the batch here
     proc = edgeprop("profile", tmp_path / "user.onnx", "--budget", "1MB", check=False, blocked=("torch",))
     assert proc.returncode == 1 and "DOES NOT FIT" in proc.stdout
+
+
+def test_process_peak_survives_a_reset():
+    from edgeprop import rss
+    before = rss.process_peak()
+    assert rss.current() > 0 and before >= rss.current()
+    big = np.ones(32 * MiB, np.uint8)  # touch 32 MiB
+    high = rss.process_peak()
+    assert high >= before and high >= rss.current()
+    del big
+    if rss.reset_peak():  # Linux: the counter restarts, the process-wide figure does not
+        # (the kernel's resident counters are cached per thread and may lag by a few pages)
+        assert rss.peak() < high - 16 * MiB and rss.process_peak() >= high - MiB
