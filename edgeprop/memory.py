@@ -109,7 +109,7 @@ class MemoryPlan:
     units: list[UnitPlan]
     runtime: int | None   # interpreter + engine + loaded graphs; None when unknown
     data: int             # the data set held in RAM (0 if not given)
-    flash: int            # bytes kept in storage: every unit's weights and slots + graph files
+    flash: int            # bytes kept in storage (flash on a microcontroller): weights + graph files
     backprop: dict = field(default_factory=dict)
 
     @property
@@ -158,7 +158,10 @@ def plan(bundle: Bundle, batch: int | None = None, stream: bool = False, engine:
         nodes = sum(graph_facts(bundle, k)["nodes"] for k in {u.step_graph for u in bundle.units})
         runtime = eng.runtime + eng.per_node * nodes
     files = sum(bundle.graph_path(k).stat().st_size for k in bundle.graphs)
-    p = MemoryPlan(bundle.rule, batch, stream, engine, units, runtime, data_bytes, resident + files)
+    # In storage: every unit's weights and the graphs. Optimizer slots need no storage on a
+    # microcontroller training block by block: they start at zero and end with their block.
+    weights = sum(u.params for u in units)
+    p = MemoryPlan(bundle.rule, batch, stream, engine, units, runtime, data_bytes, weights + files)
     p.backprop = backprop_plan(bundle, batch, eng)
     return p
 
@@ -207,7 +210,7 @@ def check(p: MemoryPlan, budget: int | None = None, device=None) -> Verdict:
             # Bare metal: weights and data live in flash; only the working set is in SRAM.
             avail, need, what = device.budget, p.working_set, "working set (SRAM)"
             if p.flash + p.data > device.flash + device.psram:
-                problems.append(f"weights, optimizer state, graphs and data need {fmt(p.flash + p.data)} of flash, "
+                problems.append(f"weights, graphs and data need {fmt(p.flash + p.data)} of flash, "
                                 f"{device.name} has {fmt(device.flash + device.psram)}")
         else:
             avail, need, what = device.budget, p.total, "training process"

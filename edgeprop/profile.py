@@ -62,7 +62,7 @@ def report(p: MemoryPlan, verdict: Verdict | None, measured: dict | None, title:
         lines.append(f"  measured runtime + data {fmt(measured['runtime_and_data'])} "
                      f"(planned {fmt(planned)}, ratio {measured['runtime_and_data'] / planned:.2f})")
     lines.append(f"total         {fmt(p.total):>10s}")
-    lines.append(f"storage       {fmt(p.flash):>10s}   (weights, optimizer state and graphs on disk or flash)")
+    lines.append(f"storage       {fmt(p.flash):>10s}   (weights and graphs, on disk or in flash)")
     bp = p.backprop
     lines.append(f"back-prop     {fmt(bp['working_set']):>10s}   end to end, same network and batch "
                  f"(activations {fmt(bp['activations'])}, gradients {fmt(bp['gradients'])}): "
