@@ -10,7 +10,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
 	touch $@
 
-.PHONY: demo test bench clean
+.PHONY: demo test aarch64 bench clean
 demo: $(VENV)/.installed  ## export NoProp-DT for digits, train it with onnxruntime, print test accuracy
 	$(EDGEPROP) export --rule noprop-dt --model mlp --data digits --out runs/digits --force
 	$(EDGEPROP) train runs/digits --data digits --epochs 40
@@ -20,9 +20,13 @@ test: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
 
+aarch64: $(VENV)/.installed  ## deploy to an emulated arm64 Debian (qemu-user) and train there; installs the tools
+	scripts/install-emulators.sh
+	$(PY) -m pytest -q -s tests/test_deploy.py
+
 bench: $(VENV)/.installed  ## accuracy, throughput and memory vs torch: JSON under bench/results/
 	$(PY) bench/noprop_digits.py
 	$(PY) bench/memory.py
 
 clean:
-	rm -rf runs bench/results
+	rm -rf runs bench/results .cache

@@ -269,6 +269,16 @@ def cmd_profile(args) -> int:
     return 0 if verdict is None or verdict.fits else 1
 
 
+def cmd_deploy(args) -> int:
+    from .deploy import deploy, summary
+    from .devices import load_profile
+    device = load_profile(args.device)
+    out = deploy(args.bundle, device, args.out, engine=args.engine, engine_version=args.engine_version,
+                 python=args.python, edgeprop_wheel_path=args.edgeprop_wheel, force=args.force)
+    print(summary(out, device))
+    return 0
+
+
 def _profile_onnx(args, budget, device) -> int:
     _desktop_onnx()
     from .exporters.model_memory import onnx_report
@@ -401,6 +411,18 @@ def parser() -> argparse.ArgumentParser:
     pr.add_argument("--engine", default=None, help="default: onnxruntime, or the device's first engine")
     pr.add_argument("--threads", type=int, default=1)
     pr.set_defaults(func=cmd_profile)
+
+    dp = sub.add_parser("deploy", help="write a folder that sets up and trains offline on a Linux device")
+    dp.add_argument("bundle")
+    dp.add_argument("--device", required=True, help="a profile name (see `edgeprop devices`) or a .toml file")
+    dp.add_argument("--out", required=True)
+    dp.add_argument("--engine", default="onnxruntime")
+    dp.add_argument("--engine-version", default=None,
+                    help="pin the engine's version, e.g. 1.20.1 (default: the newest with a wheel for the device)")
+    dp.add_argument("--python", default=None, help="the device's Python, e.g. 3.11 (default: the profile's)")
+    dp.add_argument("--edgeprop-wheel", default=None, help="ship this edgeprop wheel instead of building one")
+    dp.add_argument("--force", action="store_true", help="replace an existing --out folder")
+    dp.set_defaults(func=cmd_deploy)
 
     i = sub.add_parser("info", help="describe a bundle")
     i.add_argument("bundle")

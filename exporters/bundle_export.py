@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +13,7 @@ from edgeprop.bundle import load as load_bundle
 from edgeprop.errors import EdgepropError
 from edgeprop.progress import Progress
 from edgeprop.schedule import NoiseSchedule
-from edgeprop.storage import save_arrays
+from edgeprop.storage import new_folder, save_arrays
 
 from .liveness import memory_facts
 from .models import build_unit, label_embedding
@@ -90,10 +89,7 @@ def export(out: str | Path, *, rule: str = "noprop-dt", model: str = "mlp", data
     units = [(f"block{t}", "block", t, build_unit(model_json, "block", emb)) for t in range(1, blocks + 1)]
     units.append(("head", "head", None, build_unit(model_json, "head", emb)))
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    tmp.chmod(0o755)
-    try:
+    with new_folder(out) as tmp:
         bar = Progress(4, "export", unit="graphs", enabled=progress)
         graphs = {}
         for role, module in (("block", units[0][3]), ("head", units[-1][3])):
@@ -131,10 +127,4 @@ def export(out: str | Path, *, rule: str = "noprop-dt", model: str = "mlp", data
                            "std": float(train.x.std(dtype=np.float64)) or 1.0},
             "graphs": graphs, "units": units_json})
         load_bundle(tmp)  # the device-side loader must accept what we wrote
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     return out

@@ -1,0 +1,169 @@
+"""`edgeprop deploy`: one folder that trains on a Linux device with no internet and no torch.
+
+    DEPLOY/
+      bundle/          the bundle (no checkpoints)
+      device.toml      the device profile: `train` checks the memory plan against it again
+      wheels/          edgeprop, numpy and the engine, built for the device's CPU and Python
+      setup            offline: check the checksums, make .venv, install from wheels/
+      train, eval      run edgeprop from .venv on bundle/ (train with --device device.toml)
+      SHA256SUMS       every file above
+
+Wheels come from `pip download --platform ... --only-binary=:all:`, so a device whose Python
+or architecture has no engine wheel is an error here, on the desktop, not on the device.
+"""
+from __future__ import annotations
+
+import hashlib
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from . import bundle as bundles
+from . import memory
+from .devices import Profile
+from .errors import EdgepropError
+from .sizes import format_size as fmt
+from .storage import new_folder, sha256_of
+
+# pip platform tags for each device architecture (glibc-based Linux).
+PLATFORMS = {
+    "aarch64": ["manylinux2014_aarch64", "manylinux_2_17_aarch64", "manylinux_2_27_aarch64",
+                "manylinux_2_28_aarch64"],
+    "x86_64": ["manylinux2014_x86_64", "manylinux_2_17_x86_64", "manylinux_2_27_x86_64", "manylinux_2_28_x86_64"],
+    "riscv64": ["manylinux_2_31_riscv64", "manylinux_2_35_riscv64", "manylinux_2_39_riscv64"],
+}
+PYTHON_FLOOR = (3, 9)  # edgeprop's requires-python
+# The oldest engine release that runs the bundle's graphs (ONNX opset 18 arrived in onnxruntime 1.14).
+ENGINE_FLOOR = {"onnxruntime": (1, 14)}
+
+SETUP = """#!/bin/sh
+# Offline set-up on the device: needs python3 with venv (Debian: apt install python3-venv).
+set -e
+cd "$(dirname "$0")"
+sha256sum -c --quiet SHA256SUMS
+python3 -m venv .venv
+.venv/bin/pip install --quiet --no-index --find-links wheels edgeprop
+.venv/bin/edgeprop profile bundle --device device.toml
+"""
+
+RUN = """#!/bin/sh
+# {what} on the device (after ./setup). Extra options are passed on, e.g. --data my_data.npz
+here="$(cd "$(dirname "$0")" && pwd)"
+exec "$here/.venv/bin/edgeprop" {command} "$here/bundle" {options}"$@"
+"""
+
+
+def _version(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split("."))
+    except ValueError:
+        raise EdgepropError(f"'{text}' is not a version number like 1.20.1") from None
+
+
+def engine_requirement(engine: str, version: str | None) -> str:
+    floor = ENGINE_FLOOR.get(engine)
+    if version and floor and _version(version) < floor:
+        raise EdgepropError(f"{engine} {version} cannot run the bundle's ONNX opset 18 graphs; "
+                            f"it needs {'.'.join(map(str, floor))} or newer")
+    if version:
+        return f"{engine}=={version}"
+    return f"{engine}>={'.'.join(map(str, floor))}" if floor else engine
+
+
+def fetch_wheels(dest: Path, requirements: list[str], arch: str, python: str) -> None:
+    """pip download the requirements (and their dependencies) as wheels for arch/python."""
+    if arch not in PLATFORMS:
+        raise EdgepropError(f"no wheel platform known for arch '{arch}' (known: {', '.join(PLATFORMS)})")
+    platforms = [a for p in PLATFORMS[arch] for a in ("--platform", p)]
+    cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--disable-pip-version-check", "--only-binary=:all:",
+           *platforms, "--python-version", python, "--implementation", "cp", "--dest", str(dest), *requirements]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        lines = proc.stderr.splitlines()
+        reason = [line for line in lines if line.startswith("ERROR")] or lines[-1:]
+        raise EdgepropError(f"no wheels of {' '.join(requirements)} for CPython {python} on {arch} Linux "
+                            f"({'; '.join(reason)})")
+
+
+def edgeprop_wheel(dest: Path, wheel: str | None) -> None:
+    """This edgeprop as a wheel: the one given, or built from the source tree it runs from."""
+    if wheel:
+        if not Path(wheel).is_file():
+            raise EdgepropError(f"--edgeprop-wheel {wheel}: no such file")
+        shutil.copy(wheel, dest)
+        return
+    source = Path(__file__).resolve().parents[1]
+    if not (source / "pyproject.toml").is_file():
+        raise EdgepropError("edgeprop is not installed from its source tree here: pass --edgeprop-wheel PATH")
+    with tempfile.TemporaryDirectory() as build:  # a private copy: the build writes build/ and *.egg-info
+        tree = Path(build) / "src"
+        shutil.copytree(source, tree, ignore=shutil.ignore_patterns(".venv", ".git", "build", "*.egg-info", "runs",
+                                                                     "__pycache__", ".cache", "bench"))
+        proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--disable-pip-version-check",
+                               "--no-deps", "--no-build-isolation", "-w", str(dest), str(tree)],
+                              capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise EdgepropError(f"building edgeprop's wheel failed: {proc.stderr.strip().splitlines()[-1:]}")
+
+
+def write_checksums(root: Path) -> None:
+    lines = [f"{sha256_of(p)}  {p.relative_to(root).as_posix()}" for p in sorted(root.rglob("*"))
+             if p.is_file() and p.name != "SHA256SUMS"]
+    (root / "SHA256SUMS").write_text("\n".join(lines) + "\n")
+
+
+def check_checksums(root: Path) -> None:
+    """What `setup` does with sha256sum, for tests and for devices without coreutils."""
+    for line in (root / "SHA256SUMS").read_text().splitlines():
+        digest, rel = line.split("  ", 1)
+        if hashlib.sha256((root / rel).read_bytes()).hexdigest() != digest:
+            raise EdgepropError(f"{root / rel}: checksum does not match SHA256SUMS")
+
+
+def deploy(bundle_path: str | Path, device: Profile, out: str | Path, engine: str = "onnxruntime",
+           engine_version: str | None = None, python: str | None = None, edgeprop_wheel_path: str | None = None,
+           force: bool = False) -> Path:
+    b = bundles.load(bundle_path)
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not force:
+        raise EdgepropError(f"{out} exists and is not empty; pass --force to replace it")
+    if device.kind != "linux":
+        raise EdgepropError(f"{device.name} is a {device.kind} device: deploy to it with the MCU targets, "
+                            f"not a Python folder")
+    python = python or device.python
+    if not python:
+        raise EdgepropError(f"{device.source}: the profile names no 'python' version; pass --python 3.X")
+    if _version(python) < PYTHON_FLOOR:
+        raise EdgepropError(f"{device.name} has Python {python}; edgeprop needs {'.'.join(map(str, PYTHON_FLOOR))} "
+                            f"or newer on the device (pass --python if the device has a newer one installed)")
+    # The same budget check the device repeats before training (without the data set, unknown here).
+    verdict = memory.check(memory.plan(b, engine=engine), device=device)
+    if not verdict.fits:
+        raise EdgepropError(f"{b.root} does not fit {device.name}: " + "; ".join(verdict.problems))
+
+    with new_folder(out) as tmp:
+        shutil.copytree(b.root, tmp / "bundle", ignore=shutil.ignore_patterns("checkpoints"))
+        shutil.copy(device.source, tmp / "device.toml")
+        wheels = tmp / "wheels"
+        wheels.mkdir()
+        requirements = [engine_requirement(engine, engine_version), "numpy"]  # the engine first: pip names it
+        if _version(python) < (3, 11):
+            requirements.append("tomli")
+        fetch_wheels(wheels, requirements, device.arch, python)
+        edgeprop_wheel(wheels, edgeprop_wheel_path)
+        scripts = {"setup": SETUP, "eval": RUN.format(what="Evaluate", command="eval", options=""),
+                   "train": RUN.format(what="Train", command="train", options='--device "$here/device.toml" ')}
+        for name, text in scripts.items():
+            (tmp / name).write_text(text)
+            (tmp / name).chmod(0o755)
+        write_checksums(tmp)
+    return out
+
+
+def summary(out: Path, device: Profile) -> str:
+    wheels = sorted(p.name for p in (out / "wheels").iterdir())
+    size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    return (f"wrote {out} for {device.title} ({fmt(size)}; {len(wheels)} wheels: {', '.join(wheels)})\n"
+            f"copy it to the device, then: ./setup && ./train --data DATA --epochs N")
