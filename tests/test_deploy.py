@@ -2,6 +2,7 @@
 round trip on an emulated arm64 device (skipped, saying why, where its tools are missing)."""
 import shutil
 import time
+from pathlib import Path
 
 import aarch64  # noqa: I001  (tests/aarch64.py)
 import numpy as np
@@ -119,3 +120,27 @@ def test_deployed_folder_trains_on_emulated_aarch64_like_on_x86(rpi5_folder, tmp
     gap = max(float(np.abs(arm[k] - x86[k]).max()) for k in x86)
     assert gap <= 1e-4, gap
     print(f"aarch64 round trip: largest weight difference {gap:.2g}, {time.monotonic() - started:.0f} s")
+
+
+def test_setup_and_train_scripts_run_offline_on_an_x86_64_device(small_bundle, tmp_path):
+    """The scripts themselves, on a device this machine can be: an x86-64 Linux board."""
+    import subprocess
+    import sys
+    board = rpi5_but(tmp_path, 'arch = "aarch64"', 'arch = "x86_64"')
+    python = f"{sys.version_info.major}.{sys.version_info.minor}"
+    board.write_text(board.read_text().replace('python = "3.11"', f'python = "{python}"'))
+    folder = tmp_path / "board"
+    edgeprop("deploy", small_bundle, "--device", board, "--out", folder)
+    env = {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "PIP_NO_INDEX": "1", "HOME": str(tmp_path)}
+    setup = subprocess.run([folder / "setup"], capture_output=True, text=True, env=env, timeout=600)
+    assert setup.returncode == 0, setup.stderr
+    assert "verdict: FITS" in setup.stdout          # the device checks the plan itself
+    train = subprocess.run([folder / "train", "--data", "digits", "--epochs", "1", "--quiet"], capture_output=True,
+                           text=True, env=env, timeout=600)
+    assert train.returncode == 0, train.stderr
+    assert (folder / "bundle/checkpoints/last.npz").is_file()
+    evaluate = subprocess.run([folder / "eval", "--data", "digits", "--json"], capture_output=True, text=True,
+                              env=env, timeout=600)
+    assert evaluate.returncode == 0 and '"accuracy"' in evaluate.stdout, evaluate.stderr
+    installed = {p.name.split("-")[0].lower() for p in (folder / ".venv").glob("lib/python*/site-packages/*.dist-info")}
+    assert {"edgeprop", "numpy", "onnxruntime"} <= installed and "torch" not in installed
