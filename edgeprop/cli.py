@@ -68,28 +68,6 @@ def _budget(args):
     return budget, device
 
 
-def _refuse_unless_fits(bundle, data, args, budget, device) -> None:
-    """Plan the run; if it cannot fit, say what does not, by how much, and what would."""
-    from . import memory
-    from .sizes import format_size as fmt
-    data_bytes = data.x.nbytes + data.y.nbytes
-    p = memory.plan(bundle, stream=args.stream, engine=args.engine, data_bytes=data_bytes)
-    verdict = memory.check(p, budget, device)
-    if verdict.fits:
-        return
-    target = f"device {device.name} ({fmt(device.budget)} for training)" if device else f"--budget {args.budget}"
-    hints = []
-    if not args.stream:
-        streamed = memory.check(memory.plan(bundle, stream=True, engine=args.engine, data_bytes=data_bytes),
-                                budget, device)
-        if streamed.fits:
-            hints.append(f"add --stream (then {fmt(streamed.need)} of {fmt(streamed.budget)})")
-    for how, batch in memory.fit(bundle, budget, device, args.engine, data_bytes).items():
-        hints.append(f"{how}: export again with --batch-size {batch} or less" if batch else f"{how}: no batch size")
-    raise EdgepropError(f"this run does not fit {target}: " + "; ".join(verdict.problems)
-                        + ". What would fit: " + "; ".join(hints))
-
-
 def cmd_train(args) -> int:
     from .sizes import format_size as fmt
     from .trainer import TrainConfig, Trainer, epoch_losses
@@ -106,7 +84,11 @@ def cmd_train(args) -> int:
         raise EdgepropError(f"{ckpt} already exists; pass --resume to continue it, or --restart to train "
                             f"from the initial weights (it is replaced at the first new checkpoint)")
     if budget is not None or device is not None:  # before any state is loaded or written
-        _refuse_unless_fits(bundle, data, args, budget, device)
+        from .memory import refusal
+        why = refusal(bundle, budget, device, stream=args.stream, engine=args.engine,
+                      data_bytes=data.x.nbytes + data.y.nbytes)
+        if why:
+            raise EdgepropError(why)
     trainer = Trainer(bundle, _engine(args), data, config)
     trainer.config.budget = budget if budget is not None else _device_working_budget(trainer, device)
     if args.resume:

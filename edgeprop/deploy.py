@@ -139,9 +139,9 @@ def deploy(bundle_path: str | Path, device: Profile, out: str | Path, engine: st
         raise EdgepropError(f"{device.name} has Python {python}; edgeprop needs {'.'.join(map(str, PYTHON_FLOOR))} "
                             f"or newer on the device (pass --python if the device has a newer one installed)")
     # The same budget check the device repeats before training (without the data set, unknown here).
-    verdict = memory.check(memory.plan(b, engine=engine), device=device)
-    if not verdict.fits:
-        raise EdgepropError(f"{b.root} does not fit {device.name}: " + "; ".join(verdict.problems))
+    why = memory.refusal(b, device=device, engine=engine)
+    if why:
+        raise EdgepropError(why)
 
     with new_folder(out) as tmp:
         shutil.copytree(b.root, tmp / "bundle", ignore=shutil.ignore_patterns("checkpoints"))

@@ -252,6 +252,24 @@ def fit(bundle: Bundle, budget: int | None = None, device=None, engine: str = "o
     return out
 
 
+def refusal(bundle: Bundle, budget: int | None = None, device=None, stream: bool = False,
+            engine: str = "onnxruntime", data_bytes: int = 0) -> str | None:
+    """None if the run fits; else what does not fit, by how much, and what would."""
+    verdict = check(plan(bundle, stream=stream, engine=engine, data_bytes=data_bytes), budget, device)
+    if verdict.fits:
+        return None
+    target = f"device {device.name} ({fmt(device.budget)} for training)" if device else f"a budget of {fmt(budget)}"
+    hints = []
+    if not stream:
+        streamed = check(plan(bundle, stream=True, engine=engine, data_bytes=data_bytes), budget, device)
+        if streamed.fits:
+            hints.append(f"add --stream (then {fmt(streamed.need)} of {fmt(streamed.budget)})")
+    for how, batch in fit(bundle, budget, device, engine, data_bytes).items():
+        hints.append(f"{how}: export again with --batch-size {batch} or less" if batch else f"{how}: no batch size")
+    return f"{bundle.root} does not fit {target}: " + "; ".join(verdict.problems) + ". What would fit: " + \
+        "; ".join(hints)
+
+
 def check_inference(report: dict, budget: int | None = None, device=None) -> dict:
     """Does a plain inference model's forward pass (= zeroth-order fine-tuning) fit, and
     would end-to-end back-prop? `report` comes from exporters.model_memory.onnx_report."""

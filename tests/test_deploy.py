@@ -67,7 +67,7 @@ def rpi5_but(tmp_path, old: str, new: str):
 def test_a_device_that_cannot_fit_is_refused(small_bundle, tmp_path):
     tiny = rpi5_but(tmp_path, 'ram = "4 GiB"', 'ram = "64 MiB"')
     proc = edgeprop("deploy", small_bundle, "--device", tiny, "--out", tmp_path / "out", check=False)
-    assert proc.returncode == 2 and "does not fit rpi5" in proc.stderr and "short" in proc.stderr
+    assert proc.returncode == 2 and "does not fit device rpi5" in proc.stderr and "short" in proc.stderr
     assert not (tmp_path / "out").exists()
 
 

@@ -107,7 +107,7 @@ def test_planned_working_set_matches_measured(digits_bundle):
 def test_budget_that_cannot_fit_is_refused_before_anything_is_written(bundle_copy):
     proc = edgeprop("train", bundle_copy, "--data", "digits", "--epochs", "1", "--budget", "2MB", check=False)
     assert proc.returncode == 2
-    assert "does not fit --budget 2MB" in proc.stderr and "short" in proc.stderr
+    assert "does not fit a budget of 1.9 MiB" in proc.stderr and "short" in proc.stderr
     assert not (bundle_copy / "checkpoints").exists()
 
 
