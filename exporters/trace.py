@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from torch.fx.experimental.proxy_tensor import make_fx
 
+from .conv_grad import DECOMPOSITIONS
 from .models import unit_loss
 from .optim import Optimizer
 
@@ -74,7 +75,8 @@ def trace_step(module: nn.Module, role: str, opt: Optimizer, data: dict[str, tor
     flat = flatten(module)
     args = [flat, *[torch.zeros_like(flat) for _ in opt.slots], *data.values(),
             torch.tensor(1e-3), torch.tensor(1.0)]  # example lr and step; both are inputs
-    return make_fx(step)(*args), args, inputs, outputs
+    # Convolution gradients are traced as forward convolutions: engines have no conv backward op.
+    return make_fx(step, decomposition_table=DECOMPOSITIONS)(*args), args, inputs, outputs
 
 
 def trace_infer(module: nn.Module, data: dict[str, torch.Tensor], output: str):

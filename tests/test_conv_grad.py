@@ -1,0 +1,87 @@
+"""The convolution gradient as forward convolutions: against autograd, and through ONNX."""
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from torch import nn
+
+from edgeprop.exporters.conv_grad import DECOMPOSITIONS, conv2d_grads
+from edgeprop.exporters.models import unit_loss
+from edgeprop.exporters.optim import Optimizer
+from edgeprop.exporters.trace import to_onnx, trace_step
+
+CASES = [  # (n, c_in, c_out, h, w, k, stride, padding, dilation, groups)
+    (2, 1, 8, 28, 28, 3, 1, 1, 1, 1),
+    (3, 4, 6, 9, 11, 3, 2, 1, 1, 2),
+    (1, 3, 5, 10, 7, (3, 2), (2, 3), (0, 1), (1, 2), 1),
+    (2, 6, 6, 8, 8, 3, 1, 2, 2, 6),     # depthwise
+    (4, 2, 4, 13, 13, 5, 3, 2, 1, 2),   # stride skips the last rows
+    (1, 1, 1, 5, 5, 1, 1, 0, 1, 1),
+]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_conv_gradients_match_autograd(case):
+    n, c_in, c_out, h, w, k, stride, padding, dilation, groups = case
+    pair = lambda v: (v, v) if isinstance(v, int) else v  # noqa: E731
+    k, stride, padding, dilation = map(pair, (k, stride, padding, dilation))
+    g = torch.Generator().manual_seed(sum(map(hash, map(str, case))) % 2**31)
+    x = torch.randn(n, c_in, h, w, dtype=torch.float64, generator=g, requires_grad=True)
+    weight = torch.randn(c_out, c_in // groups, *k, dtype=torch.float64, generator=g, requires_grad=True)
+    bias = torch.randn(c_out, dtype=torch.float64, generator=g, requires_grad=True)
+    y = torch.nn.functional.conv2d(x, weight, bias, stride, padding, dilation, groups)
+    grad_out = torch.randn(y.shape, dtype=torch.float64, generator=g)
+    expected = torch.autograd.grad(y, (x, weight, bias), grad_out)
+    got = conv2d_grads(grad_out, x.detach(), weight.detach(), stride, padding, dilation, groups)
+    for name, e, a in zip(("input", "weight", "bias"), expected, got):
+        assert a.shape == e.shape, name
+        torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-10, msg=name)
+
+
+def test_traced_step_has_no_convolution_backward():
+    from torch.fx.experimental.proxy_tensor import make_fx
+    conv = nn.Conv2d(2, 3, 3, stride=2, padding=1)
+
+    def grads(weight, bias, x):
+        return torch.func.grad(lambda w, b: torch.nn.functional.conv2d(x, w, b, 2, 1).square().sum(),
+                               argnums=(0, 1))(weight, bias)
+
+    graph = make_fx(grads, decomposition_table=DECOMPOSITIONS)(conv.weight.detach(), conv.bias.detach(),
+                                                               torch.randn(2, 2, 9, 9))
+    ops = {str(n.target) for n in graph.graph.nodes if n.op == "call_function"}
+    assert not any("convolution_backward" in op for op in ops), ops
+
+
+class SmallCNN(nn.Module):
+    """A conv classifier: the pieces of the paper's image block (research/noprop.md)."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                                 nn.Conv2d(8, 8, 3, stride=2, padding=1, groups=2), nn.ReLU(),
+                                 nn.Flatten(), nn.Linear(8 * 4 * 4, 10))
+
+    def forward(self, z):
+        return self.net(z)
+
+
+def test_conv_step_graph_exports_to_onnx_and_matches_torch(tmp_path):
+    torch.manual_seed(0)
+    module = SmallCNN()
+    opt = Optimizer("adamw")
+    batch = 4
+    feeds = {"z": torch.randn(batch, 1, 14, 14), "target": torch.eye(10)[torch.arange(batch)],
+             "mask": torch.ones(batch)}
+    graph, args, inputs, outputs = trace_step(module, "head", opt, feeds)
+    model = to_onnx(graph, args, inputs, outputs, tmp_path / "cnn_step.onnx")
+    assert {n.op_type for n in model.graph.node} >= {"Conv", "ConvTranspose", "MaxPool"}
+    session = ort.InferenceSession(str(tmp_path / "cnn_step.onnx"), providers=["CPUExecutionProvider"])
+    got = dict(zip(outputs, session.run(None, {name: a.numpy() for name, a in zip(inputs, args)})))
+    # torch eager: autograd through nn.Conv2d (its own convolution_backward), then the same update
+    loss = unit_loss("head", module, feeds)
+    grad = torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, list(module.parameters()))])
+    flat, lr, step = args[0], args[-2], args[-1]
+    new_flat, slots = opt.update(flat, grad, {s: torch.zeros_like(flat) for s in opt.slots}, lr, step)
+    expected = {"next.param": new_flat, "next.opt.m": slots["m"], "next.opt.v": slots["v"], "loss": loss}
+    for name, value in expected.items():
+        np.testing.assert_allclose(got[name], value.detach().numpy(), rtol=1e-4, atol=1e-6, err_msg=name)
