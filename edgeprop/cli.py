@@ -265,6 +265,9 @@ def _profile_onnx(args, budget, device) -> int:
     _desktop_onnx()
     from .exporters.model_memory import onnx_report
     report = onnx_report(args.bundle, args.batch_size, engine=args.engine or "onnxruntime")
+    if args.measure:
+        from .exporters.model_memory import measure_onnx
+        report["measured_arena"] = measure_onnx(args.bundle, report["batch"])
     verdict = None
     if budget or device:
         from . import memory

@@ -12,6 +12,9 @@ given at --batch-size (default 1); a model with static shapes is planned at its 
 """
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import onnx
@@ -91,6 +94,8 @@ def format_report(r: dict, verdict: dict | None) -> str:
              f"weights          {fmt(r['weights']):>10s}",
              f"inputs           {fmt(r['inputs']):>10s}",
              f"live peak        {fmt(r['peak']):>10s}   (intermediates and outputs; arena {fmt(r['arena'])})",
+             *([f"  measured arena {fmt(r['measured_arena']):>10s}   ratio {r['measured_arena'] / r['arena']:.2f} "
+                f"(onnxruntime, {r['batch']} per run, fresh process)"] if r.get("measured_arena") else []),
              f"inference        {fmt(r['inference']):>10s}   = zeroth-order fine-tuning's working set",
              f"back-prop        {fmt(r['backprop']['working_set']):>10s}   (activations kept "
              f"{fmt(r['backprop']['activations'])}, gradients and Adam slots {fmt(3 * r['weights'])})"]
@@ -101,3 +106,39 @@ def format_report(r: dict, verdict: dict | None) -> str:
         lines.append(("verdict: FITS: " if verdict["fits"] else "verdict: DOES NOT FIT: ") + verdict["message"])
     return "\n".join(lines)
 
+
+
+# Run in a fresh process: in this one, the heap that onnx.load freed would be reused by the
+# engine and hide what it takes.
+_MEASURE = """
+import json, sys
+import numpy as np
+from edgeprop import rss
+from edgeprop.runtimes import get_engine
+path, batch, runs = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+graph = get_engine("onnxruntime").load(path)
+rng = np.random.default_rng(0)
+types = {"tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(int64)": np.int64,
+         "tensor(int32)": np.int32, "tensor(bool)": np.bool_, "tensor(uint8)": np.uint8}
+feeds = {}
+for i in graph.session.get_inputs():
+    shape = [d if isinstance(d, int) else batch for d in i.shape]
+    dtype = types[i.type]
+    feeds[i.name] = rng.standard_normal(shape).astype(dtype) if np.issubdtype(dtype, np.floating) \\
+        else np.zeros(shape, dtype)
+base = rss.current()
+rss.reset_peak()
+for _ in range(runs):
+    graph.run(feeds)
+print(json.dumps({"engine_bytes": rss.peak() - base}))
+"""
+
+
+def measure_onnx(path: str | Path, batch: int, runs: int = 3) -> int:
+    """Bytes onnxruntime took to run the model `runs` times at `batch`, above the loaded
+    session and its inputs: what the planner calls the arena."""
+    proc = subprocess.run([sys.executable, "-c", _MEASURE, str(path), str(batch), str(runs)],
+                          capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0:
+        raise EdgepropError(f"{path}: onnxruntime could not run the model ({proc.stderr.strip()[-300:]})")
+    return json.loads(proc.stdout.strip().splitlines()[-1])["engine_bytes"]

@@ -246,6 +246,10 @@ torch.onnx.export(model, (torch.randn(4, 1, 28, 28),), r"{tmp_path / 'user.onnx'
     assert r["backprop"]["working_set"] > r["inference"]
     assert r["verdict"]["fits"]
     assert reports[64]["peak"] == 8 * r["peak"]      # everything live scales with the batch here
+    # The engine model against onnxruntime itself, run in a fresh process on random inputs.
+    proc = edgeprop("profile", tmp_path / "user.onnx", "--batch-size", 64, "--measure", "--json", blocked=("torch",))
+    measured = json.loads(proc.stdout)
+    assert 0.8 <= measured["measured_arena"] / measured["arena"] <= 1.2, measured
     proc = edgeprop("profile", tmp_path / "user.onnx", "--budget", "1MB", check=False, blocked=("torch",))
     assert proc.returncode == 1 and "DOES NOT FIT" in proc.stdout
 
