@@ -310,11 +310,12 @@ def parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("export", help="export a model as a bundle of per-block training graphs (desktop)")
     e.add_argument("--rule", default="noprop-dt")
-    e.add_argument("--model", default="mlp")
+    e.add_argument("--model", default="mlp", choices=["mlp", "cnn"],
+                   help="mlp (flat inputs) or cnn (the paper's conv block, for images)")
     e.add_argument("--data", default="digits", help="digits, an .npz file, or an IDX folder")
     e.add_argument("--out", required=True)
     e.add_argument("--blocks", type=int, default=10, help="T, the number of NoProp blocks")
-    e.add_argument("--width", type=int, default=128)
+    e.add_argument("--width", type=int, default=None, help="hidden width (default: 128 for mlp, 256 for cnn)")
     e.add_argument("--embedding", default="one-hot", choices=["one-hot", "orthogonal"])
     e.add_argument("--embed-dim", type=int, default=None)
     e.add_argument("--batch-size", type=int, default=64, help="fixed batch size of the step graphs")

@@ -16,20 +16,38 @@ from edgeprop.schedule import NoiseSchedule
 from edgeprop.storage import new_folder, save_arrays
 
 from .liveness import memory_facts
-from .models import build_unit, label_embedding
+from .models import MODELS, build_unit, label_embedding
 from .optim import Optimizer
 from .trace import describe, flatten, layout, to_onnx, trace_infer, trace_step
 
 
-def example_inputs(role: str, batch: int, n_features: int, classes: int, dim: int) -> dict[str, torch.Tensor]:
+def example_inputs(role: str, batch: int, input_shape: list[int], classes: int, dim: int) -> dict[str, torch.Tensor]:
     """Example data inputs of a unit's step graph; their shapes fix the graph's batch size."""
     g = torch.Generator().manual_seed(0)
     mask = torch.ones(batch)
     if role == "head":
         return {"z": torch.randn(batch, dim, generator=g), "target": torch.eye(classes)[torch.arange(batch) % classes],
                 "mask": mask}
-    return {"x": torch.randn(batch, n_features, generator=g), "z": torch.randn(batch, dim, generator=g),
+    return {"x": torch.randn(batch, *input_shape, generator=g), "z": torch.randn(batch, dim, generator=g),
             "target": torch.randn(batch, dim, generator=g), "mask": mask, "loss_scale": torch.tensor(1.0)}
+
+
+DEFAULT_WIDTH = {"mlp": 128, "cnn": 256}
+
+
+def model_input_shape(model: str, sample_shape: tuple[int, ...]) -> list[int]:
+    """The model's input: flat for the MLP; (channels, height, width) for the CNN, taking
+    (H, W) images as one channel and flat square samples (8x8 digits) as square images."""
+    if model == "mlp":
+        return [int(np.prod(sample_shape))]
+    if len(sample_shape) == 3:
+        return [int(s) for s in sample_shape]
+    if len(sample_shape) == 2:
+        return [1, int(sample_shape[0]), int(sample_shape[1])]
+    side = int(round(np.sqrt(sample_shape[0]))) if len(sample_shape) == 1 else 0
+    if side * side != int(np.prod(sample_shape)):
+        raise EdgepropError(f"--model cnn needs images; samples have shape {list(sample_shape)}")
+    return [1, side, side]
 
 
 def export_graph(trace, batch: int, root: Path, rel: str, loss_output: str | None) -> dict:
@@ -46,7 +64,7 @@ def export_graph(trace, batch: int, root: Path, rel: str, loss_output: str | Non
 
 
 def export(out: str | Path, *, rule: str = "noprop-dt", model: str = "mlp", data: str = "digits",
-           blocks: int = 10, width: int = 128, embedding: str = "one-hot", embed_dim: int | None = None,
+           blocks: int = 10, width: int | None = None, embedding: str = "one-hot", embed_dim: int | None = None,
            batch_size: int = 64, optimizer: str = "adamw", lr: float = 1e-3, head_lr: float = 1e-2,
            weight_decay: float = 1e-3,
            momentum: float = 0.9, eta: float = 0.1, seed: int = 0, force: bool = False,
@@ -60,8 +78,9 @@ def export(out: str | Path, *, rule: str = "noprop-dt", model: str = "mlp", data
     """
     if rule != "noprop-dt":
         raise EdgepropError(f"--rule {rule}: only noprop-dt is available so far")
-    if model != "mlp":
-        raise EdgepropError(f"--model {model}: only mlp is available so far")
+    if model not in MODELS:
+        raise EdgepropError(f"--model {model}: choose one of {', '.join(MODELS)}")
+    width = DEFAULT_WIDTH[model] if width is None else width
     if batch_size < 1 or blocks < 1 or width < 1:
         raise EdgepropError("--batch-size, --blocks and --width must be at least 1")
     out = Path(out)
@@ -74,7 +93,7 @@ def export(out: str | Path, *, rule: str = "noprop-dt", model: str = "mlp", data
     if len(train) == 0:
         raise EdgepropError(f"{train.name}: no samples")
     classes = int(train.y.max()) + 1  # check() below rejects negative labels
-    input_shape = [int(np.prod(train.x.shape[1:]))]  # flat MLP input
+    input_shape = model_input_shape(model, train.x.shape[1:])
     datasets.check(train, input_shape, classes)
     try:
         emb = label_embedding(embedding, classes, embed_dim, seed)
@@ -94,10 +113,10 @@ def export(out: str | Path, *, rule: str = "noprop-dt", model: str = "mlp", data
         graphs = {}
         for role, module in (("block", units[0][3]), ("head", units[-1][3])):
             def step_graph(batch, role=role, module=module):
-                return trace_step(module, role, opt, example_inputs(role, batch, input_shape[0], classes, emb.shape[1]))
+                return trace_step(module, role, opt, example_inputs(role, batch, input_shape, classes, emb.shape[1]))
 
             def infer_graph(batch, role=role, module=module):
-                data_in = example_inputs(role, batch, input_shape[0], classes, emb.shape[1])
+                data_in = example_inputs(role, batch, input_shape, classes, emb.shape[1])
                 names = ("z",) if role == "head" else ("x", "z")
                 return trace_infer(module, {k: data_in[k] for k in names}, "logits" if role == "head" else "u_hat")
 

@@ -28,6 +28,46 @@ class MLPBlock(nn.Module):
         return torch.softmax(logits, dim=-1) @ self.embedding
 
 
+class CNNBlock(nn.Module):
+    """One NoProp-DT block for images (C, H, W): the paper's block without its BatchNorm and
+    dropout (research/noprop.md, "Block architecture"; the CT/FM block has none either).
+
+    image  conv32 3x3, ReLU, maxpool 2, conv64 3x3, ReLU, conv128 3x3, ReLU, maxpool 2, FC256
+    label  FC256, ReLU, then [FC256, ReLU, FC256] with a skip connection
+    joint  FC256, ReLU, FC128, ReLU, FC(classes) on the concatenation, then softmax · W_embed
+
+    The paper's convolutions are unpadded (28x28 -> 4x4x128 = 2048 features, 0.92M
+    parameters per block); images under 14 pixels (8x8 digits) would shrink to nothing, so
+    they get padding 1 instead.
+    """
+
+    def __init__(self, image_shape: list[int], embedding: np.ndarray, width: int = 256):
+        super().__init__()
+        num_classes, embed_dim = embedding.shape
+        channels, h, w = image_shape
+        pad = 0 if min(h, w) >= 14 else 1
+        self.image = nn.Sequential(
+            nn.Conv2d(channels, 32, 3, padding=pad), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3, padding=pad), nn.ReLU(),
+            nn.Conv2d(64, 128, 3, padding=pad), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten())
+        with torch.no_grad():
+            features = self.image(torch.zeros(1, channels, h, w)).shape[1]
+        self.image.append(nn.Linear(features, width))
+        self.label = nn.Sequential(nn.Linear(embed_dim, width), nn.ReLU())
+        self.label_skip = nn.Sequential(nn.Linear(width, width), nn.ReLU(), nn.Linear(width, width))
+        self.joint = nn.Sequential(nn.Linear(2 * width, width), nn.ReLU(), nn.Linear(width, width // 2), nn.ReLU(),
+                                   nn.Linear(width // 2, num_classes))
+        self.register_buffer("embedding", torch.as_tensor(embedding, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:  # (B, C, H, W), (B, d) -> (B, d)
+        label = self.label(z)
+        logits = self.joint(torch.cat([self.image(x), label + self.label_skip(label)], dim=-1))
+        return torch.softmax(logits, dim=-1) @ self.embedding
+
+
+MODELS = ("mlp", "cnn")
+
+
 class Head(nn.Module):
     """p̂(y | z_T): a linear classifier on the clean-end latent."""
 
@@ -44,6 +84,8 @@ def build_unit(model: dict, role: str, embedding: np.ndarray) -> nn.Module:
     """The torch module of one unit, from the manifest's model description."""
     if role == "head":
         return Head(embedding)
+    if model["kind"] == "cnn":
+        return CNNBlock(model["input_shape"], embedding, int(model["width"]))
     if model["kind"] != "mlp":
         raise ValueError(f"unknown model kind {model['kind']!r}")
     return MLPBlock(int(np.prod(model["input_shape"])), embedding, int(model["width"]))

