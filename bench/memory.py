@@ -148,7 +148,7 @@ def main() -> None:
             print(f"{name}, batch {batch} ...", file=sys.stderr)
             b = bundles.load(export(Path(tmp) / f"{name}-{batch}", data=data, batch_size=batch, progress=False))
             train = datasets.load(data, "train")
-            data_bytes = train.x.nbytes + train.y.nbytes
+            data_bytes = train.nbytes
             plans = {s: memory.plan(b, stream=s, data_bytes=data_bytes) for s in (False, True)}
             ram, streamed = (spawn("edgeprop", b.root, data, args.batches, mode) for mode in ("ram", "stream"))
             torch_bp = spawn("torch", b.root, data, args.batches)

@@ -86,7 +86,7 @@ def cmd_train(args) -> int:
     if budget is not None or device is not None:  # before any state is loaded or written
         from .memory import refusal
         why = refusal(bundle, budget, device, stream=args.stream, engine=args.engine,
-                      data_bytes=data.x.nbytes + data.y.nbytes)
+                      data_bytes=data.nbytes)
         if why:
             raise EdgepropError(why)
     trainer = Trainer(bundle, _engine(args), data, config)
@@ -185,7 +185,7 @@ def cmd_plot(args) -> int:
 
 
 def cmd_devices(args) -> int:
-    from .devices import profiles
+    from .devices import HERE, profiles
     from .sizes import format_size as fmt
     rows = profiles()
     if args.json:
@@ -197,7 +197,7 @@ def cmd_devices(args) -> int:
         ram = fmt(p.ram) + (f" +{fmt(p.psram)}" if p.psram else "")
         print(f"{p.name:17s} {p.kind:5s} {p.arch:11s} {p.cores:5d} {ram:>10s} {fmt(p.budget):>12s} "
               f"{fmt(p.flash):>10s}  {', '.join(p.engines)}")
-    print("\nAdd your own: copy a file from", profiles()[0].source.rsplit("/", 1)[0], "and pass --device FILE.toml")
+    print(f"\nAdd your own: copy a file from {HERE} and pass --device FILE.toml")
     return 0
 
 
@@ -207,10 +207,10 @@ def cmd_profile(args) -> int:
     budget, device = _budget(args)
     engine = args.engine or (device.engines[0] if device and "onnxruntime" not in device.engines else "onnxruntime")
     if str(args.bundle).endswith(".onnx"):
-        return _profile_onnx(args, budget, device)
+        return _profile_onnx(args, budget, device, engine)
     bundle = bundles.load(args.bundle)
     data = _data(bundle, args.data, "train") if args.data else None
-    data_bytes = data.x.nbytes + data.y.nbytes if data is not None else 0
+    data_bytes = data.nbytes if data is not None else 0
     if device is not None and device.kind == "mcu" and not args.stream:
         args.stream = True  # bare metal: weights stay in flash, one unit's state in SRAM
     p = memory.plan(bundle, args.batch_size, args.stream, engine, data_bytes)
@@ -261,10 +261,10 @@ def cmd_deploy(args) -> int:
     return 0
 
 
-def _profile_onnx(args, budget, device) -> int:
+def _profile_onnx(args, budget, device, engine: str) -> int:
     _desktop_onnx()
     from .exporters.model_memory import onnx_report
-    report = onnx_report(args.bundle, args.batch_size, engine=args.engine or "onnxruntime")
+    report = onnx_report(args.bundle, args.batch_size, engine=engine)
     if args.measure:
         from .exporters.model_memory import measure_onnx
         report["measured_arena"] = measure_onnx(args.bundle, report["batch"])

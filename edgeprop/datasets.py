@@ -31,6 +31,11 @@ class Dataset:
     def __len__(self) -> int:
         return len(self.y)
 
+    @property
+    def nbytes(self) -> int:
+        """What the data set holds in RAM."""
+        return self.x.nbytes + self.y.nbytes
+
 
 def load(source: str, split: str) -> Dataset:
     if split not in SPLITS:

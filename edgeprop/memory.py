@@ -97,6 +97,7 @@ class UnitPlan:
     step: int       # step graph liveness peak (includes the gradient, = params bytes)
     engine: int     # the engine's arena for that peak
     batch: int
+    held: int = 0         # weights and slots in RAM while it steps: its own, or every unit's (filled in by plan())
     working_set: int = 0  # everything held while this unit steps (filled in by plan())
 
 
@@ -152,7 +153,8 @@ def plan(bundle: Bundle, batch: int | None = None, stream: bool = False, engine:
     held = sum(graphs.values()) if eng.retains_arenas else max(graphs.values())
     resident = sum(u.state for u in units)
     for u in units:
-        u.working_set = (u.state if stream else resident) + held + u.batch
+        u.held = u.state if stream else resident
+        u.working_set = u.held + held + u.batch
     runtime = None
     if eng.runtime is not None:
         nodes = sum(graph_facts(bundle, k)["nodes"] for k in {u.step_graph for u in bundle.units})

@@ -60,13 +60,11 @@ def memory_bars(plan, verdict, out: Path, title: str = "") -> Path:
     plt = _pyplot()
     mib = 1 / 2**20
     names = [u.name for u in plan.units] + ["back-prop"]
-    resident = sum(u.state for u in plan.units)
-    state = [u.state if plan.stream else resident for u in plan.units]
     bp = plan.backprop
     parts = {  # what each bar is made of, bottom to top
-        "weights + optimizer state": state + [bp["state"]],
+        "weights + optimizer state": [u.held for u in plan.units] + [bp["state"]],
         "engine arenas (activations, gradient, update)":
-            [u.working_set - u.batch - s for u, s in zip(plan.units, state)] + [bp["engine"]],
+            [u.working_set - u.batch - u.held for u in plan.units] + [bp["engine"]],
         "batch": [u.batch for u in plan.units] + [bp["batch"]],
     }
     fig, ax = plt.subplots(figsize=(max(6, 0.5 * len(names) + 2), 4.5), dpi=120)

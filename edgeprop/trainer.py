@@ -103,10 +103,14 @@ class Trainer:
         self.saved = None  # work items done at the last checkpoint this run wrote or resumed from
 
     def _initial_state(self):
-        if not self.config.stream:
-            return self.bundle.initial_state()[0]
         with open_arrays(self.bundle.path(INIT_STATE)) as (arrays, _):
-            return StreamedState(self.bundle, arrays, INIT_STATE, self.stream_folder)
+            return self._state_from(arrays, INIT_STATE)
+
+    def _state_from(self, arrays, where: str):
+        """Every unit's state from "UNIT/KEY" arrays: in RAM, or in stream files with --stream."""
+        if self.config.stream:
+            return StreamedState(self.bundle, arrays, where, self.stream_folder)
+        return split_state(self.bundle, arrays, where)
 
     def working_set(self) -> int:
         """Measured: peak resident bytes above the baseline since the graphs were loaded."""
@@ -138,10 +142,7 @@ class Trainer:
                 if meta.get(key) != mine[key]:
                     raise EdgepropError(f"{path}: checkpoint was written with {key}={meta.get(key)!r}, "
                                         f"this run has {key}={mine[key]!r}; resume with the same settings")
-            if self.config.stream:
-                self.state = StreamedState(self.bundle, arrays, str(path), self.stream_folder)
-            else:
-                self.state = split_state(self.bundle, arrays, str(path))
+            self.state = self._state_from(arrays, str(path))
         self.done, self.steps, self.losses = int(meta["done"]), meta["steps"], meta["losses"]
         self.history = meta["history"]
         self.saved = self.done

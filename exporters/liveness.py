@@ -57,13 +57,15 @@ def tensor_bytes(model: onnx.ModelProto, where: str = "graph") -> dict[str, int]
     return sizes
 
 
-def live_bytes(model: onnx.ModelProto, where: str = "graph") -> tuple[list[int], int, int]:
-    """(live bytes while each node runs, bytes of the graph inputs, bytes of constants)."""
+def live_bytes(model: onnx.ModelProto, where: str = "graph",
+               sizes: dict[str, int] | None = None) -> tuple[list[int], int, int]:
+    """(live bytes while each node runs, bytes of the graph inputs, bytes of constants);
+    `sizes` from tensor_bytes when the caller already has them."""
     g = model.graph
     flow = sorted({n.op_type for n in g.node} & CONTROL_FLOW)
     if flow:
         raise ValueError(f"{where}: control flow ({', '.join(flow)}) is not supported by the planner")
-    sizes = tensor_bytes(model, where)
+    sizes = sizes if sizes is not None else tensor_bytes(model, where)
     inputs = {v.name for v in g.input}
     constants = {i.name for i in g.initializer} | {o for n in g.node if n.op_type == "Constant" for o in n.output}
     outputs = {v.name for v in g.output}

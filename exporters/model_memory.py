@@ -70,8 +70,8 @@ def onnx_report(path: str | Path, batch: int | None = None, engine: str = "onnxr
     batch = static or batch or 1
     fixed = _at_batch(model, batch, path)
     try:
-        timeline, inputs, constants = live_bytes(fixed, path)
-        sizes = tensor_bytes(fixed, path)
+        sizes = tensor_bytes(fixed, path)  # shape inference, once
+        timeline, inputs, constants = live_bytes(fixed, path, sizes)
     except (ValueError, onnx.shape_inference.InferenceError) as e:
         raise EdgepropError(str(e)) from None
     eng = engine_memory(engine)
