@@ -90,7 +90,7 @@ def worker_torch_backprop(bundle: str, data: str, batches: int) -> dict:
     from edgeprop import bundle as bundles
     from edgeprop import datasets, rss
     from edgeprop.exporters.models import Chain, build_unit, cross_entropy
-    from edgeprop.noprop import normalise
+    from edgeprop.rules import normalise
     torch.set_num_threads(1)
     b, train = bundles.load(bundle), datasets.load(data, "train")
     baseline = rss.current()

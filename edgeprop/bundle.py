@@ -9,8 +9,9 @@
                            "embedding" holds the fixed label embedding W_embed (classes × d)
       checkpoints/         written by `edgeprop train` (not covered by the manifest)
 
-A unit is one thing the device steps on its own: a NoProp block or the classifier head.
-Identical blocks share one step graph file; their weights differ.
+A unit is one thing the device steps on its own: a NoProp block or head, a block of a
+sequential model with its local classifier, a Forward-Forward layer, a whole network.
+Units with the same role and shapes share one step graph file; their weights differ.
 """
 from __future__ import annotations
 
@@ -28,7 +29,6 @@ from .schedule import NoiseSchedule
 from .storage import open_arrays, sha256_of, write_atomic
 
 SCHEMA_VERSION = 1
-RULES = ("noprop-dt",)
 MANIFEST = "manifest.json"
 INIT_STATE = "state/init.npz"
 CHECKPOINT = "checkpoints/last.npz"
@@ -80,8 +80,8 @@ class View:
 @dataclass(frozen=True)
 class Unit:
     name: str
-    role: str            # "block" or "head"
-    t: int | None        # block index 1..T (None for the head)
+    role: str            # what the rule makes of it: "block", "head", "layer", "network", ...
+    t: int | None        # NoProp-DT's block index 1..T (None otherwise)
     step_graph: str      # key into Bundle.graphs
     infer_graph: str
     lr: float            # default learning rate (a step-graph input: the trainer may override it)
@@ -118,7 +118,7 @@ class Unit:
 class Bundle:
     """A loaded, fully validated bundle (made by `load`)."""
 
-    embedding: np.ndarray  # the fixed label embedding W_embed (classes × d)
+    embedding: np.ndarray | None  # NoProp's fixed label embedding W_embed (classes × d)
 
     def __init__(self, root: Path, manifest: dict):
         self.root = Path(root)
@@ -142,10 +142,13 @@ class Bundle:
                           for u in manifest["units"]]
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise BundleError(f"{self.root / MANIFEST}: missing or malformed field ({e!r})") from None
+        from .rules import RULES  # the rules import this module
         if self.rule not in RULES:
             raise BundleError(f"{self.root / MANIFEST}: rule '{self.rule}' is not one this edgeprop runs "
                               f"({', '.join(RULES)})")
-        self.schedule = NoiseSchedule.from_json(manifest.get("noise", {}))
+        noisy = self.rule == "noprop-dt" or "noise" in manifest
+        self.schedule = NoiseSchedule.from_json(manifest.get("noise", {})) if noisy else None
+        self.embedding = None
         for unit in self.units:
             unit.check_layout(str(self.root / MANIFEST))
 
@@ -154,8 +157,8 @@ class Bundle:
         return [u for u in self.units if u.role == "block"]
 
     @property
-    def head(self) -> Unit:
-        return next(u for u in self.units if u.role == "head")
+    def head(self) -> Unit | None:
+        return next((u for u in self.units if u.role == "head"), None)
 
     def path(self, rel: str) -> Path:
         return self.root / rel
@@ -195,7 +198,9 @@ def flat_items(state: Mapping[str, Mapping[str, np.ndarray]]) -> Iterator[tuple[
             yield f"{unit}/{key}", value
 
 
-def _embedding(bundle: Bundle, arrays: Mapping[str, np.ndarray]) -> np.ndarray:
+def _embedding(bundle: Bundle, arrays: Mapping[str, np.ndarray]) -> np.ndarray | None:
+    if "embed_dim" not in bundle.model:  # only NoProp's rules have a label embedding
+        return None
     emb = arrays.get("embedding")
     d = int(bundle.model["embed_dim"])
     if emb is None or emb.shape != (bundle.num_classes, d) or not np.all(np.isfinite(emb)):

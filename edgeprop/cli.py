@@ -27,10 +27,25 @@ def _data(bundle, source: str, split: str):
     return data
 
 
+def _blocks(text: str | None):
+    """--blocks: NoProp-DT's T (a number); sequential rules: every-layer, none, or layer
+    indices where blocks start ("0,2,4")."""
+    if text is None or text in ("every-layer", "none"):
+        return text
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise EdgepropError(f"--blocks {text}: a number, every-layer, none, or comma-separated layer indices") from None
+    return values[0] if len(values) == 1 and "," not in text else values
+
+
 def cmd_export(args) -> int:
     exporters = _desktop()
-    out = exporters.export(args.out, rule=args.rule, model=args.model, data=args.data, blocks=args.blocks,
-                           width=args.width, embedding=args.embedding, embed_dim=args.embed_dim,
+    blocks = _blocks(args.blocks)
+    if args.rule != "noprop-dt" and isinstance(blocks, int):
+        blocks = [blocks]  # one index: where the second block starts
+    out = exporters.export(args.out, rule=args.rule, model=args.model, data=args.data, blocks=blocks,
+                           width=args.width, depth=args.depth, embedding=args.embedding, embed_dim=args.embed_dim,
                            batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr, head_lr=args.head_lr,
                            weight_decay=args.weight_decay, eta=args.eta, seed=args.seed, force=args.force,
                            progress=not args.quiet)
@@ -52,7 +67,7 @@ def cmd_validate(args) -> int:
               f"(tolerance {args.tol:g})")
         print(f"  free-running  largest difference {free['max_abs_diff']:.3g} in {free['worst']} "
               f"(allowed {free['allowed']:.3g})")
-        print(f"  torch vs torch with inputs nudged by one ulp: {report['torch_sensitivity']:.3g}")
+        print(f"  torch vs torch from weights nudged by the lock-step difference: {report['torch_sensitivity']:.3g}")
     if not report["ok"]:
         print("validate: FAILED: the runtime and the torch reference disagree", file=sys.stderr)
         return 1
@@ -128,9 +143,10 @@ def cmd_eval(args) -> int:
     if args.json:
         print(json.dumps(report))
     else:
-        blocks = " ".join(f"{a:.3f}" for a in report["per_block_accuracy"])
         print(f"test accuracy {report['accuracy']:.4f} on {report['n']} samples ({args.runs} inference run(s))")
-        print(f"per-block accuracy (each û_t alone): {blocks}")
+        if "per_unit_accuracy" in report:
+            units = " ".join(f"{a:.3f}" for a in report["per_unit_accuracy"])
+            print(f"per-unit accuracy ({report['per_unit_note']}): {units}")
     return 0
 
 
@@ -140,14 +156,23 @@ def cmd_info(args) -> int:
     m = bundle.manifest
     n_params = sum(u.n_params for u in bundle.units)
     print(f"bundle     {bundle.root} (schema {m['schema_version']}, id {bundle.id})")
-    print(f"rule       {bundle.rule}: {len(bundle.blocks)} blocks + head, {bundle.model['embedding']} embedding "
-          f"(d={bundle.model['embed_dim']})")
-    print(f"model      {bundle.model['kind']} width {bundle.model['width']}, input {bundle.input_shape}, "
-          f"{bundle.num_classes} classes, {n_params:,} parameters")
-    print(f"training   batch {bundle.batch_size}, {bundle.optimizer['name']} lr {bundle.blocks[0].lr:g} "
-          f"(head {bundle.head.lr:g}), "
-          f"eta {bundle.schedule.eta:g}")
-    print("weights    " + " ".join(f"{w:.3g}" for w in bundle.schedule.weights))
+    model = bundle.model
+    roles = {}
+    for u in bundle.units:
+        roles[u.role] = roles.get(u.role, 0) + 1
+    print(f"rule       {bundle.rule}: " + ", ".join(f"{n} {role}{'s' if n > 1 else ''}" for role, n in roles.items()))
+    if "layers" in model:
+        layers = " ".join(d["type"] for d in model["layers"])
+        print(f"model      sequential ({model['source']}): {layers}; blocks {model['blocks']}")
+    else:
+        print(f"model      {model['kind']} width {model['width']}, {model['embedding']} embedding "
+              f"(d={model['embed_dim']})")
+    print(f"           input {bundle.input_shape}, {bundle.num_classes} classes, {n_params:,} parameters")
+    lrs = ", ".join(sorted({f"{u.role} {u.lr:g}" for u in bundle.units}))
+    print(f"training   batch {bundle.batch_size}, {bundle.optimizer['name']} lr {lrs}")
+    if bundle.schedule is not None:
+        print(f"noise      eta {bundle.schedule.eta:g}, block weights "
+              + " ".join(f"{w:.3g}" for w in bundle.schedule.weights))
     for key, g in bundle.graphs.items():
         size = bundle.graph_path(key).stat().st_size
         print(f"graph      {key:12s} {g.file} ({size / 1024:.0f} KiB, {len(g.inputs)} inputs)")
@@ -309,13 +334,16 @@ def parser() -> argparse.ArgumentParser:
             sp.add_argument("--threads", type=int, default=1, help="engine threads (default: 1)")
 
     e = sub.add_parser("export", help="export a model as a bundle of per-block training graphs (desktop)")
-    e.add_argument("--rule", default="noprop-dt")
+    e.add_argument("--rule", default="noprop-dt", help="noprop-dt (default), local, mono-forward, backprop")
     e.add_argument("--model", default="mlp", choices=["mlp", "cnn"],
-                   help="mlp (flat inputs) or cnn (the paper's conv block, for images)")
+                   help="mlp (flat inputs) or cnn (NoProp-DT: the paper's conv block, for images)")
     e.add_argument("--data", default="digits", help="digits, an .npz file, or an IDX folder")
     e.add_argument("--out", required=True)
-    e.add_argument("--blocks", type=int, default=10, help="T, the number of NoProp blocks")
+    e.add_argument("--blocks", default=None,
+                   help="noprop-dt: T, the number of blocks (default 10); local: every-layer (default), none, "
+                        "or the layer indices where blocks start, e.g. 0,2")
     e.add_argument("--width", type=int, default=None, help="hidden width (default: 128 for mlp, 256 for cnn)")
+    e.add_argument("--depth", type=int, default=2, help="hidden layers of the mlp for sequential rules (default: 2)")
     e.add_argument("--embedding", default="one-hot", choices=["one-hot", "orthogonal"])
     e.add_argument("--embed-dim", type=int, default=None)
     e.add_argument("--batch-size", type=int, default=64, help="fixed batch size of the step graphs")

@@ -33,7 +33,7 @@ def loss_curves(bundle: Bundle, history: dict[str, list[float]], out: Path) -> P
     from matplotlib.ticker import MaxNLocator
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     cmap = plt.get_cmap("viridis")
-    for unit in bundle.units:
+    for k, unit in enumerate(bundle.units):
         means = history.get(unit.name, [])
         if not means:
             continue
@@ -41,11 +41,11 @@ def loss_curves(bundle: Bundle, history: dict[str, list[float]], out: Path) -> P
         if unit.role == "head":
             ax.plot(epochs, means, color="black", linestyle="--", label="head (cross-entropy)")
         else:
-            ax.plot(epochs, means, color=cmap(unit.t / len(bundle.blocks)), label=f"block {unit.t}")
+            ax.plot(epochs, means, color=cmap((k + 1) / len(bundle.units)), label=unit.name)
     ax.set_yscale("log")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("epoch")
-    ax.set_ylabel("mean training loss (block t: weighted ‖û − u_y‖²)")
+    ax.set_ylabel("mean training loss" + (" (block t: weighted ‖û − u_y‖²)" if bundle.rule == "noprop-dt" else ""))
     ax.set_title(f"{bundle.rule}: loss per unit")
     ax.legend(fontsize=7, ncol=2)
     ax.grid(alpha=0.3, which="both")

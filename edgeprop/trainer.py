@@ -15,8 +15,8 @@ from . import rss
 from .bundle import INIT_STATE, Bundle, flat_items, split_state
 from .datasets import Dataset
 from .errors import EdgepropError
-from .noprop import ORDERS, Feeder, Plan, predict
 from .progress import Progress
+from .rules import ORDERS, Plan, for_bundle
 from .sizes import format_size
 from .state import StreamedState
 from .storage import load_arrays, open_arrays, save_arrays
@@ -34,9 +34,12 @@ def learning_rate(base: float, schedule: str, step: int, total: int) -> float:
 
 
 def base_learning_rates(bundle: Bundle, config: TrainConfig) -> dict[str, float]:
-    """Each unit's learning rate before any schedule: the bundle's, unless the run overrides it."""
-    override = {"block": config.lr, "head": config.head_lr}
-    return {u.name: float(override[u.role] if override[u.role] is not None else u.lr) for u in bundle.units}
+    """Each unit's learning rate before any schedule: the bundle's, unless the run overrides it
+    (--head-lr for a unit whose role is "head", --lr for every other)."""
+    def chosen(unit):
+        override = config.head_lr if unit.role == "head" else config.lr
+        return float(override if override is not None else unit.lr)
+    return {u.name: chosen(u) for u in bundle.units}
 
 
 @dataclass
@@ -91,9 +94,12 @@ class Trainer:
         self.baseline = rss.current()
         rss.reset_peak()
         self.state = self._initial_state()
-        self.embedding = bundle.embedding
-        self.feeder = Feeder(bundle, self.embedding, data, config.seed)
-        self.plan = Plan(len(bundle.units), self.feeder.n_batches, config.epochs, config.order)
+        self.rule = for_bundle(bundle, data, config.seed, self._run_unit)
+        if config.order not in self.rule.orders:
+            raise EdgepropError(f"--order {config.order}: rule {bundle.rule} trains in "
+                                f"{' or '.join(self.rule.orders)} order only")
+        self._infer = {}  # inference graphs, loaded when a rule needs one during training
+        self.plan = Plan(len(bundle.units), self.rule.n_batches, config.epochs, config.order)
         self.lr = base_learning_rates(bundle, config)
         self.done = 0
         self.steps = {u.name: 0 for u in bundle.units}
@@ -111,6 +117,13 @@ class Trainer:
         if self.config.stream:
             return StreamedState(self.bundle, arrays, where, self.stream_folder)
         return split_state(self.bundle, arrays, where)
+
+    def _run_unit(self, unit, feeds: dict) -> dict:
+        """A unit's inference graph on its current weights (chained rules in block-sequential
+        order recompute earlier units' outputs with it)."""
+        if unit.infer_graph not in self._infer:
+            self._infer[unit.infer_graph] = self.engine.load(self.bundle.graph_path(unit.infer_graph))
+        return self._infer[unit.infer_graph].run({"param": self.state[unit.name]["param"], **feeds})
 
     def working_set(self) -> int:
         """Measured: peak resident bytes above the baseline since the graphs were loaded."""
@@ -153,23 +166,34 @@ class Trainer:
         unit = self.bundle.units[unit_index]
         state = self.state[unit.name]
         n = self.steps[unit.name] + 1
-        feeds = {**state, **self.feeder.feeds(unit_index, epoch, batch),
-                 "lr": np.array(self.lr_at(unit.name, n), np.float32), "step": np.array(n, np.float32)}
-        out = self.graphs[unit.step_graph].run(feeds)
-        loss = float(out["loss"])
+        lr = self.lr_at(unit.name, n)
+        if hasattr(self.rule, "update"):  # a rule whose update is not one step-graph run
+            loss = self.rule.update(unit_index, epoch, batch, state, lr, n, self.graphs[unit.step_graph])
+        else:
+            loss = self._graph_step(unit_index, epoch, batch, state, lr, n)
         if not np.isfinite(loss):
             kept = "no checkpoint was written" if self.saved is None else \
                 f"the checkpoint at step {self.saved} is kept"
             raise EdgepropError(f"training diverged: {unit.name} update {n} gave loss {loss}; {kept}")
-        # In place: the engine's output buffers go back to it, and no old state lingers.
-        for key, value in state.items():
-            value[...] = out[f"next.{key}"]
         self.steps[unit.name] = n
         self.losses[unit.name] = loss
         log = self.history[unit.name]
         log.extend([0.0, 0] for _ in range(epoch + 1 - len(log)))
         log[epoch][0] += loss
         log[epoch][1] += 1
+        return loss
+
+    def _graph_step(self, unit_index: int, epoch: int, batch: int, state: dict, lr: float, n: int) -> float:
+        unit = self.bundle.units[unit_index]
+        feeds = {**state, **self.rule.feeds(unit_index, epoch, batch),
+                 "lr": np.array(lr, np.float32), "step": np.array(n, np.float32)}
+        out = self.graphs[unit.step_graph].run(feeds)
+        loss = float(out["loss"])
+        if np.isfinite(loss):
+            # In place: the engine's output buffers go back to it, and no old state lingers.
+            for key, value in state.items():
+                value[...] = out[f"next.{key}"]
+            self.rule.observe(unit_index, epoch, batch, out)
         return loss
 
     def run(self, limit: int | None = None, progress: bool = True, checkpoints: bool = True) -> None:
@@ -234,19 +258,12 @@ def load_trained_state(bundle: Bundle) -> tuple[dict, dict]:
 
 
 def evaluate(bundle: Bundle, engine, data: Dataset, state: dict, seed: int = 0, runs: int = 1) -> dict:
-    """Test accuracy of the full stochastic chain, averaged over `runs`, and of each block's û."""
-    embedding = bundle.embedding
+    """Test accuracy with the rule's own prediction (averaged over `runs` where it is
+    stochastic), and each unit's where the rule has one."""
     graphs = load_graphs(bundle, engine, {u.infer_graph for u in bundle.units})
 
     def run_unit(unit, feeds):
-        (output,) = graphs[unit.infer_graph].run({"param": state[unit.name]["param"], **feeds}).values()
-        return output
+        return graphs[unit.infer_graph].run({"param": state[unit.name]["param"], **feeds})
 
-    x = data.x
-    accs, block_accs = [], []
-    for r in range(runs):
-        pred, block_pred = predict(bundle, embedding, x, run_unit, seed + r)
-        accs.append(float(np.mean(pred == data.y)))
-        block_accs.append(np.mean(block_pred == data.y[None, :], axis=1))
-    return {"accuracy": float(np.mean(accs)), "accuracy_runs": accs, "n": int(len(data)), "runs": runs,
-            "per_block_accuracy": [round(float(a), 4) for a in np.mean(block_accs, axis=0)]}
+    rule = for_bundle(bundle, data, seed)
+    return {**rule.evaluate(data.x, data.y, run_unit, seed, runs), "n": int(len(data)), "runs": runs}

@@ -118,13 +118,6 @@ def cross_entropy(logits, onehot, mask):
     return (per_sample * mask).sum() / mask.sum().clamp(min=1.0)
 
 
-def unit_loss(role: str, module: nn.Module, feeds: dict):
-    """The local loss of one unit on one batch of step-graph inputs."""
-    if role == "head":
-        return cross_entropy(module(feeds["z"]), feeds["target"], feeds["mask"])
-    return denoise_loss(module(feeds["x"], feeds["z"]), feeds["target"], feeds["mask"], feeds["loss_scale"])
-
-
 class Chain(nn.Module):
     """The whole NoProp-DT network as one model, for end-to-end back-prop comparisons: the
     inference chain z_t = a_t û_t(x, z_{t-1}) + b_t z_{t-1} + √c_t ε_t, then the head."""

@@ -1,7 +1,7 @@
 """The torch reference trainer: the same rule, run eagerly with autograd and torch.optim.
 
-It draws every batch and every noise sample from edgeprop.noprop.Feeder, exactly as the
-device runtime does, so the two can be compared step for step. Nothing here is traced:
+It draws every batch and every noise sample from the bundle's device-side rule, exactly as
+the device runtime does, so the two can be compared step for step. Nothing here is traced:
 a disagreement with the runtime points at the exporter or the engine.
 """
 from __future__ import annotations
@@ -12,10 +12,10 @@ import torch
 from edgeprop.bundle import Bundle
 from edgeprop.datasets import Dataset
 from edgeprop.errors import EdgepropError
-from edgeprop.noprop import Feeder, Plan
+from edgeprop.rules import Plan, for_bundle
 from edgeprop.trainer import TrainConfig, base_learning_rates, learning_rate
 
-from .models import build_unit, unit_loss
+from . import rules
 from .optim import Optimizer
 
 
@@ -26,37 +26,51 @@ def torch_device(name: str) -> torch.device:
 
 
 class TorchReference:
-    def __init__(self, bundle: Bundle, data: Dataset, config: TrainConfig, device: str = "cpu"):
-        self.bundle, self.device = bundle, torch_device(device)
-        state, embedding = bundle.initial_state()
-        self.feeder = Feeder(bundle, embedding, data, config.seed)
-        self.plan = Plan(len(bundle.units), self.feeder.n_batches, config.epochs, config.order)
+    def __init__(self, bundle: Bundle, data: Dataset, config: TrainConfig, device: str = "cpu",
+                 dtype: torch.dtype = torch.float32):
+        self.bundle, self.device, self.dtype = bundle, torch_device(device), dtype
+        state, _ = bundle.initial_state()
+        self.desktop = rules.from_bundle(bundle)
+        self.rule = for_bundle(bundle, data, config.seed, self._run_unit)
+        self.plan = Plan(len(bundle.units), self.rule.n_batches, config.epochs, config.order)
         opt = bundle.optimizer
         self.spec = spec = Optimizer(opt["name"], opt["weight_decay"], tuple(opt["betas"]), opt["eps"], opt["momentum"])
         self.config = config
         self.lr = base_learning_rates(bundle, config)
         self.modules, self.optimizers = [], []
         for unit in bundle.units:
-            module = build_unit(bundle.model, unit.role, embedding).to(self.device)
+            module = self.desktop.module(unit).to(self.device, dtype)
             named = {k: torch.from_numpy(v.copy()) for k, v in unit.unflatten(state[unit.name]["param"]).items()}
-            module.load_state_dict(named, strict=False)  # strict=False: the embedding buffer is fixed
+            module.load_state_dict(named, strict=False)  # strict=False: fixed buffers (an embedding) stay
             self.modules.append(module)
             self.optimizers.append(spec.torch_optimizer(module.parameters(), self.lr[unit.name]))
         self.done = 0
         self.steps = [0] * len(bundle.units)
 
+    def _tensors(self, arrays: dict) -> dict:
+        return {k: torch.from_numpy(np.asarray(v)).to(self.device, self.dtype if v.dtype.kind == "f" else None)
+                for k, v in arrays.items()}
+
+    def _run_unit(self, unit, feeds: dict) -> dict:
+        index = self.bundle.units.index(unit)
+        with torch.no_grad():
+            out = self.modules[index](*self._tensors(feeds).values())
+        out = out if isinstance(out, tuple) else (out,)
+        return {k: v.cpu().float().numpy() for k, v in zip(self.desktop.infer_outputs(unit), out)}
+
     def step(self, i: int) -> float:
         index, epoch, batch = self.plan.item(i)
-        feeds = {k: torch.from_numpy(np.asarray(v)).to(self.device)
-                 for k, v in self.feeder.feeds(index, epoch, batch).items()}
+        unit = self.bundle.units[index]
+        feeds = self._tensors(self.rule.feeds(index, epoch, batch))
         module, opt = self.modules[index], self.optimizers[index]
         opt.zero_grad(set_to_none=True)
         for group in opt.param_groups:
             group["lr"] = learning_rate(self.lr[self.bundle.units[index].name], self.config.lr_schedule,
                                         self.steps[index] + 1, self.plan.epochs * self.plan.n_batches)
-        loss = unit_loss(self.bundle.units[index].role, module, feeds)
+        loss, extras = self.desktop.loss(unit, module, feeds)
         loss.backward()
         opt.step()
+        self.rule.observe(index, epoch, batch, {k: v.cpu().float().numpy() for k, v in extras.items()})
         self.steps[index] += 1
         return float(loss.detach())
 

@@ -21,7 +21,6 @@ from torch import nn
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from .conv_grad import DECOMPOSITIONS
-from .models import unit_loss
 from .optim import Optimizer
 
 ONNX_OPSET = 18
@@ -45,9 +44,10 @@ def _views(flat: torch.Tensor, module: nn.Module) -> dict[str, torch.Tensor]:
             for v in layout(module)}
 
 
-def trace_step(module: nn.Module, role: str, opt: Optimizer, data: dict[str, torch.Tensor]):
+def trace_step(module: nn.Module, loss, unit, opt: Optimizer, data: dict[str, torch.Tensor]):
     """FX graph of one unit's step, its example arguments (their shapes fix the batch size),
-    and its input and output names.
+    and its input and output names. `loss(unit, module, feeds)` gives (local loss, extras);
+    the extras (detached tensors a later unit needs) become outputs after the loss.
 
     Parameters and each optimizer slot are one flat buffer per unit: the optimizer runs as a
     dozen element-wise ops over one buffer instead of a dozen per tensor (measured ~25% off
@@ -56,8 +56,11 @@ def trace_step(module: nn.Module, role: str, opt: Optimizer, data: dict[str, tor
     """
     state = ["param"] + [f"opt.{s}" for s in opt.slots]
     inputs = state + list(data) + ["lr", "step"]
-    outputs = [f"next.{k}" for k in state] + ["loss"]
     data_names, n_slots = list(data), len(opt.slots)
+    flat = flatten(module)
+    with torch.no_grad():
+        _, example_extras = loss(unit, module, dict(data))
+    outputs = [f"next.{k}" for k in state] + ["loss", *example_extras]
 
     def step(flat, *args):
         slots = dict(zip(opt.slots, args[:n_slots]))
@@ -65,26 +68,25 @@ def trace_step(module: nn.Module, role: str, opt: Optimizer, data: dict[str, tor
         lr, n = args[-2], args[-1]
 
         def loss_of(params):
-            return unit_loss(role, lambda *a: torch.func.functional_call(module, params, a), feeds)
+            return loss(unit, lambda *a: torch.func.functional_call(module, params, a), feeds)
 
-        grads, loss = torch.func.grad_and_value(loss_of)(_views(flat, module))
+        grads, (value, extras) = torch.func.grad_and_value(loss_of, has_aux=True)(_views(flat, module))
         grad = torch.cat([grads[v["name"]].reshape(-1) for v in layout(module)])
         new_flat, new_slots = opt.update(flat, grad, slots, lr, n)
-        return (new_flat, *[new_slots[s] for s in opt.slots], loss)
+        return (new_flat, *[new_slots[s] for s in opt.slots], value, *extras.values())
 
-    flat = flatten(module)
     args = [flat, *[torch.zeros_like(flat) for _ in opt.slots], *data.values(),
             torch.tensor(1e-3), torch.tensor(1.0)]  # example lr and step; both are inputs
     # Convolution gradients are traced as forward convolutions: engines have no conv backward op.
     return make_fx(step, decomposition_table=DECOMPOSITIONS)(*args), args, inputs, outputs
 
 
-def trace_infer(module: nn.Module, data: dict[str, torch.Tensor], output: str):
+def trace_infer(module: nn.Module, data: dict[str, torch.Tensor], outputs: list[str]):
     def infer(flat, *args):
         return torch.func.functional_call(module, _views(flat, module), tuple(args))
 
     args = [flatten(module), *data.values()]
-    return make_fx(infer)(*args), args, ["param", *data], [output]
+    return make_fx(infer)(*args), args, ["param", *data], list(outputs)
 
 
 def to_onnx(graph_module, args, input_names, output_names, path: Path) -> onnx.ModelProto:

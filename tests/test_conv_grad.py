@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from edgeprop.exporters.conv_grad import DECOMPOSITIONS, conv2d_grads
-from edgeprop.exporters.models import unit_loss
+from edgeprop.exporters.models import cross_entropy
 from edgeprop.exporters.optim import Optimizer
 from edgeprop.exporters.trace import to_onnx, trace_step
 
@@ -72,13 +72,16 @@ def test_conv_step_graph_exports_to_onnx_and_matches_torch(tmp_path):
     batch = 4
     feeds = {"z": torch.randn(batch, 1, 14, 14), "target": torch.eye(10)[torch.arange(batch)],
              "mask": torch.ones(batch)}
-    graph, args, inputs, outputs = trace_step(module, "head", opt, feeds)
+    def loss_of(unit, module, feeds):
+        return cross_entropy(module(feeds["z"]), feeds["target"], feeds["mask"]), {}
+
+    graph, args, inputs, outputs = trace_step(module, loss_of, None, opt, feeds)
     model = to_onnx(graph, args, inputs, outputs, tmp_path / "cnn_step.onnx")
     assert {n.op_type for n in model.graph.node} >= {"Conv", "ConvTranspose", "MaxPool"}
     session = ort.InferenceSession(str(tmp_path / "cnn_step.onnx"), providers=["CPUExecutionProvider"])
     got = dict(zip(outputs, session.run(None, {name: a.numpy() for name, a in zip(inputs, args)})))
     # torch eager: autograd through nn.Conv2d (its own convolution_backward), then the same update
-    loss = unit_loss("head", module, feeds)
+    loss = cross_entropy(module(feeds["z"]), feeds["target"], feeds["mask"])
     grad = torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, list(module.parameters()))])
     flat, lr, step = args[0], args[-2], args[-1]
     new_flat, slots = opt.update(flat, grad, {s: torch.zeros_like(flat) for s in opt.slots}, lr, step)

@@ -16,8 +16,7 @@ from conftest import edgeprop  # noqa: E402
 from edgeprop import bundle as bundles  # noqa: E402
 from edgeprop.bundle import write_manifest  # noqa: E402
 from edgeprop.errors import EdgepropError  # noqa: E402
-from edgeprop.exporters import export  # noqa: E402
-from edgeprop.exporters.models import build_unit, unit_loss  # noqa: E402
+from edgeprop.exporters import export, rules  # noqa: E402
 from edgeprop.exporters.optim import Optimizer  # noqa: E402
 from edgeprop.exporters.validate import validate  # noqa: E402
 from edgeprop.runtimes import get_engine  # noqa: E402
@@ -58,7 +57,8 @@ def _torch_step(bundle, unit, embedding, state, feeds, lr, step):
     """The same step done eagerly: module, autograd, torch.optim with the given state.
     Returns {(buffer, parameter name): array} and the loss."""
     spec = Optimizer(**{k: v for k, v in bundle.optimizer.items() if k != "slots"})
-    module = build_unit(bundle.model, unit.role, embedding)
+    desktop = rules.from_bundle(bundle)
+    module = desktop.module(unit)
     views = {k: unit.unflatten(v) for k, v in state.items()}  # "param", "opt.m", ... -> named views
     named = dict(module.named_parameters())
     with torch.no_grad():
@@ -69,7 +69,7 @@ def _torch_step(bundle, unit, embedding, state, feeds, lr, step):
         slot = {s: torch.from_numpy(views[f"opt.{s}"][name].copy()) for s in spec.slots}
         opt.state[p] = ({"step": torch.tensor(float(step - 1)), "exp_avg": slot["m"], "exp_avg_sq": slot["v"]}
                         if spec.name == "adamw" else {"momentum_buffer": slot["buf"]})
-    loss = unit_loss(unit.role, module, {k: torch.from_numpy(v) for k, v in feeds.items()})
+    loss, _ = desktop.loss(unit, module, {k: torch.from_numpy(v) for k, v in feeds.items()})
     loss.backward()
     opt.step()
     out = {}
@@ -112,7 +112,8 @@ def test_inference_graph_matches_torch(small_bundle, role):
     flat = init[unit.name]["param"]
     feeds = {k: v for k, v in _random_feeds(bundle, unit, rng).items() if k in ("x", "z")}
     got = get_engine("onnxruntime").load(bundle.graph_path(unit.infer_graph)).run({"param": flat, **feeds})
-    module = build_unit(bundle.model, unit.role, embedding)
+    desktop = rules.from_bundle(bundle)
+    module = desktop.module(unit)
     module.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in unit.unflatten(flat).items()}, strict=False)
     with torch.no_grad():
         want = module(*[torch.from_numpy(feeds[k]) for k in ("x", "z") if k in feeds]).numpy()

@@ -35,12 +35,12 @@ def test_head_is_trained_on_noised_clean_labels_not_block_outputs(digits_bundle)
     b = bundles.load(digits_bundle)
     state, emb = b.initial_state()
     trainer = Trainer(b, get_engine(), datasets.load("digits", "train"), TrainConfig(epochs=1))
-    feeds = trainer.feeder.feeds(len(b.units) - 1, 0, 0)
-    idx = np.random.default_rng([0, 0]).permutation(len(trainer.feeder.y))[:b.batch_size]
+    feeds = trainer.rule.feeds(len(b.units) - 1, 0, 0)
+    idx = np.random.default_rng([0, 0]).permutation(len(trainer.rule.y))[:b.batch_size]
     rng = np.random.default_rng([0, 0, 0, len(b.units) - 1])
     eps = rng.standard_normal((b.batch_size, emb.shape[1]), dtype=np.float32)
     ab = b.schedule.alpha_bar[-1]
-    np.testing.assert_allclose(feeds["z"], np.sqrt(ab) * emb[trainer.feeder.y[idx]] + np.sqrt(1 - ab) * eps, rtol=1e-6)
+    np.testing.assert_allclose(feeds["z"], np.sqrt(ab) * emb[trainer.rule.y[idx]] + np.sqrt(1 - ab) * eps, rtol=1e-6)
 
 
 def test_blocks_are_independent(digits_bundle):

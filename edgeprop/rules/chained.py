@@ -1,0 +1,55 @@
+"""Rules where unit k learns on unit k−1's output for the same batch, never its gradient:
+
+    local         greedy local learning: each block of a sequential model has a small
+                  auxiliary classifier; block and head take a cross-entropy step together
+    mono-forward  every layer has a projection M_i to class scores (no bias) and its own
+                  cross-entropy; prediction from the last layer's scores (Gong et al. 2025)
+    backprop      the whole network as one unit: end-to-end back-prop, the reference row
+
+A unit's step graph takes `x` (the previous unit's output, detached) and returns `h` (its
+own output, computed before its update) beside the new state, so in interleaved order the
+next unit's input costs nothing. In block-sequential order the earlier units are already
+trained, and their inference graphs recompute it.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .base import Rule, RunUnit, normalise, padded
+
+
+class Chained(Rule):
+    def __init__(self, bundle, data, seed, run_unit=None):
+        super().__init__(bundle, data, seed, run_unit)
+        self._carry = None  # ((epoch, batch, unit index), that unit's output h)
+
+    def _input(self, index: int, epoch: int, batch: int, idx: np.ndarray) -> np.ndarray:
+        if self._carry is not None and self._carry[0] == (epoch, batch, index - 1):
+            return self._carry[1]
+        h = normalise(self.bundle, self.x[idx])
+        for unit in self.bundle.units[:index]:
+            h = self.run_unit(unit, {"x": h})["h"]
+        return h
+
+    def feeds(self, index: int, epoch: int, batch: int) -> dict[str, np.ndarray]:
+        idx, mask = self.batch(epoch, batch)
+        return {"x": self._input(index, epoch, batch, idx), "target": self.onehot[self.y[idx]], "mask": mask}
+
+    def observe(self, index: int, epoch: int, batch: int, outputs: dict) -> None:
+        if index + 1 < len(self.bundle.units):
+            self._carry = ((epoch, batch, index), np.asarray(outputs["h"]))
+
+    def evaluate(self, x, y, run_unit: RunUnit, seed: int = 0, runs: int = 1) -> dict:
+        """Deterministic: the last unit's class scores; also each unit's own classifier."""
+        B = self.bundle.batch_size
+        per_unit = np.zeros(len(self.bundle.units))
+        for start in range(0, len(x), B):
+            h, n = padded(self.bundle, x[start:start + B])
+            for k, unit in enumerate(self.bundle.units):
+                out = run_unit(unit, {"x": h})
+                h = out.get("h")
+                per_unit[k] += np.sum(np.argmax(out["logits"][:n], axis=1) == y[start:start + n])
+        per_unit /= len(x)
+        return {"accuracy": float(per_unit[-1]), "accuracy_runs": [float(per_unit[-1])],
+                "per_unit_accuracy": [round(float(a), 4) for a in per_unit],
+                "per_unit_note": "each unit's own classifier"}

@@ -1,0 +1,91 @@
+"""NoProp-DT, desktop side: T denoising blocks and a linear head (models.py holds the networks)."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from edgeprop.errors import EdgepropError
+from edgeprop.schedule import NoiseSchedule
+
+from ..models import build_unit, cross_entropy, denoise_loss, label_embedding
+from . import Spec, UnitSpec
+
+DEFAULT_WIDTH = {"mlp": 128, "cnn": 256}
+
+
+def model_input_shape(model: str, sample_shape: tuple[int, ...]) -> list[int]:
+    """The model's input: flat for the MLP; (channels, height, width) for the CNN, taking
+    (H, W) images as one channel and flat square samples (8x8 digits) as square images."""
+    if model == "mlp":
+        return [int(np.prod(sample_shape))]
+    if len(sample_shape) == 3:
+        return [int(s) for s in sample_shape]
+    if len(sample_shape) == 2:
+        return [1, int(sample_shape[0]), int(sample_shape[1])]
+    side = int(round(np.sqrt(sample_shape[0]))) if len(sample_shape) == 1 else 0
+    if side * side != int(np.prod(sample_shape)):
+        raise EdgepropError(f"--model cnn needs images; samples have shape {list(sample_shape)}")
+    return [1, side, side]
+
+
+class NopropDT:
+    def __init__(self, model: dict, embedding: np.ndarray):
+        self.model, self.embedding = model, embedding
+
+
+    def module(self, unit):
+        return build_unit(self.model, unit.role, self.embedding)
+
+    def _examples(self, unit, batch):
+        g = torch.Generator().manual_seed(0)
+        classes, dim = self.embedding.shape
+        mask = torch.ones(batch)
+        if unit.role == "head":
+            return {"z": torch.randn(batch, dim, generator=g),
+                    "target": torch.eye(classes)[torch.arange(batch) % classes], "mask": mask}
+        return {"x": torch.randn(batch, *self.model["input_shape"], generator=g),
+                "z": torch.randn(batch, dim, generator=g), "target": torch.randn(batch, dim, generator=g),
+                "mask": mask, "loss_scale": torch.tensor(1.0)}
+
+    def step_inputs(self, unit, batch):
+        return self._examples(unit, batch)
+
+    def infer_inputs(self, unit, batch):
+        names = ("z",) if unit.role == "head" else ("x", "z")
+        return {k: v for k, v in self._examples(unit, batch).items() if k in names}
+
+    def infer_outputs(self, unit):
+        return ["logits"] if unit.role == "head" else ["u_hat"]
+
+    def loss(self, unit, module, feeds):
+        if unit.role == "head":
+            return cross_entropy(module(feeds["z"]), feeds["target"], feeds["mask"]), {}
+        return denoise_loss(module(feeds["x"], feeds["z"]), feeds["target"], feeds["mask"], feeds["loss_scale"]), {}
+
+
+def create(o, train) -> Spec:
+    if not isinstance(o.model, str) or o.model not in DEFAULT_WIDTH:
+        raise EdgepropError(f"--rule noprop-dt: --model must be one of {', '.join(DEFAULT_WIDTH)}")
+    blocks = 10 if o.blocks is None else o.blocks
+    width = DEFAULT_WIDTH[o.model] if o.width is None else o.width
+    if not isinstance(blocks, int) or blocks < 1 or width < 1:
+        raise EdgepropError("--blocks and --width must be at least 1")
+    classes = int(train.y.max()) + 1
+    input_shape = model_input_shape(o.model, train.x.shape[1:])
+    try:
+        emb = label_embedding(o.embedding, classes, o.embed_dim, o.seed)
+    except ValueError as e:
+        raise EdgepropError(str(e)) from None
+    sched = NoiseSchedule.cosine(blocks, eta=o.eta).check()
+    model = {"kind": o.model, "input_shape": input_shape, "num_classes": classes, "embed_dim": int(emb.shape[1]),
+             "embedding": o.embedding, "width": width, "blocks": blocks}
+    rule = NopropDT(model, emb)
+    torch.manual_seed(o.seed)
+    units = [UnitSpec(f"block{t}", "block", "block", build_unit(model, "block", emb), o.lr, t)
+             for t in range(1, blocks + 1)]
+    units.append(UnitSpec("head", "head", "head", build_unit(model, "head", emb), o.head_lr))
+    return Spec(rule, model, units, manifest={"noise": sched.to_json()}, arrays={"embedding": emb})
+
+
+def from_bundle(bundle) -> NopropDT:
+    return NopropDT(bundle.model, bundle.embedding)
