@@ -39,8 +39,13 @@ def _blocks(text: str | None):
     return values[0] if len(values) == 1 and "," not in text else values
 
 
+# Rule-specific `export` flags (dest names): passed to the exporter only when given.
+RULE_OPTIONS: list[str] = []
+
+
 def cmd_export(args) -> int:
     exporters = _desktop()
+    rule_options = {k: getattr(args, k) for k in RULE_OPTIONS if getattr(args, k) is not None}
     blocks = _blocks(args.blocks)
     if args.rule != "noprop-dt" and isinstance(blocks, int):
         blocks = [blocks]  # one index: where the second block starts
@@ -48,7 +53,7 @@ def cmd_export(args) -> int:
                            width=args.width, depth=args.depth, embedding=args.embedding, embed_dim=args.embed_dim,
                            batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr, head_lr=args.head_lr,
                            weight_decay=args.weight_decay, eta=args.eta, seed=args.seed, force=args.force,
-                           progress=not args.quiet)
+                           progress=not args.quiet, **rule_options)
     print(f"wrote {out}")
     return 0
 
