@@ -89,8 +89,8 @@ def create(o, train) -> Spec:
     head = HEADS[o.rule]
     if isinstance(o.model, nn.Module):
         model, source = o.model, "user"
-        first = next(layer for layer in model if isinstance(layer, (nn.Linear, nn.Conv2d)))
-        kind = "mlp" if isinstance(first, nn.Linear) else "cnn"
+        first = next(d["type"] for d in L.describe(model) if d["type"] in L.TRAINABLE)
+        kind = "mlp" if first == "Linear" else "cnn"
         input_shape = o.extra.get("input_shape") or model_input_shape(kind, train.x.shape[1:])
     elif o.model == "mlp":
         source, input_shape = "mlp", [int(np.prod(train.x.shape[1:]))]
