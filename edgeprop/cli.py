@@ -40,7 +40,7 @@ def _blocks(text: str | None):
 
 
 # Rule-specific `export` flags (dest names): passed to the exporter only when given.
-RULE_OPTIONS: list[str] = []
+RULE_OPTIONS: list[str] = ["threshold", "zo_eps", "zo_directions", "zo_layers", "init", "inference_steps"]
 
 
 def cmd_export(args) -> int:
@@ -143,12 +143,16 @@ def cmd_eval(args) -> int:
     state, meta = load_trained_state(bundle)
     if not meta:
         print(f"note: {bundle.checkpoint_path()} not found; evaluating the untrained initial weights", file=sys.stderr)
-    report = evaluate(bundle, _engine(args), data, state, seed=args.seed, runs=args.runs)
+    options = {"inference_steps": args.inference_steps} if args.inference_steps is not None else {}
+    report = evaluate(bundle, _engine(args), data, state, seed=args.seed, runs=args.runs, **options)
     report["trained_steps"] = int(meta.get("done", 0))
     if args.json:
         print(json.dumps(report))
     else:
         print(f"test accuracy {report['accuracy']:.4f} on {report['n']} samples ({args.runs} inference run(s))")
+        for key, value in report.items():  # a rule's other predictions, e.g. accuracy_readout
+            if key.startswith("accuracy_") and key != "accuracy_runs":
+                print(f"  {key.removeprefix('accuracy_')} accuracy {value:.4f}")
         if "per_unit_accuracy" in report:
             units = " ".join(f"{a:.3f}" for a in report["per_unit_accuracy"])
             print(f"per-unit accuracy ({report['per_unit_note']}): {units}")
@@ -339,7 +343,9 @@ def parser() -> argparse.ArgumentParser:
             sp.add_argument("--threads", type=int, default=1, help="engine threads (default: 1)")
 
     e = sub.add_parser("export", help="export a model as a bundle of per-block training graphs (desktop)")
-    e.add_argument("--rule", default="noprop-dt", help="noprop-dt (default), local, mono-forward, backprop")
+    e.add_argument("--rule", default="noprop-dt",
+                   help="noprop-dt (default), local, mono-forward, backprop, forward-forward, zeroth-order, "
+                        "noprop-ct, noprop-fm")
     e.add_argument("--model", default="mlp", choices=["mlp", "cnn"],
                    help="mlp (flat inputs) or cnn (NoProp-DT: the paper's conv block, for images)")
     e.add_argument("--data", default="digits", help="digits, an .npz file, or an IDX folder")
@@ -353,12 +359,27 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--embed-dim", type=int, default=None)
     e.add_argument("--batch-size", type=int, default=64, help="fixed batch size of the step graphs")
     e.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd"])
-    e.add_argument("--lr", type=float, default=1e-3, help="blocks' learning rate")
+    e.add_argument("--lr", type=float, default=None,
+                   help="units' learning rate (default: the rule's: 1e-3, forward-forward 0.03)")
     e.add_argument("--head-lr", type=float, default=1e-2,
                    help="the linear head's learning rate (a trivial classifier on z_T: it can go faster)")
     e.add_argument("--weight-decay", type=float, default=1e-3)
     e.add_argument("--eta", type=float, default=0.1)
     e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--zo-eps", type=float, default=None,
+                   help="zeroth-order: perturbation scale ε (default: 1e-3)")
+    e.add_argument("--zo-directions", type=int, default=None,
+                   help="zeroth-order: random directions averaged per step (default: 1)")
+    e.add_argument("--zo-layers", default=None,
+                   help="zeroth-order: layers perturbed and updated: all (default), last-K, or trainable "
+                        "layer indices, e.g. 4 or 2,4 (the rest stay fixed)")
+    e.add_argument("--init", default=None, metavar="BUNDLE",
+                   help="zeroth-order: start from this bundle's trained weights (its checkpoint, else its "
+                        "initial ones): a backprop or zeroth-order bundle of the same --model/--width/--depth")
+    e.add_argument("--threshold", type=float, default=None,
+                   help="forward-forward: goodness threshold θ on mean(h²) (default: 2.0)")
+    e.add_argument("--inference-steps", type=int, default=None,
+                   help="noprop-ct, noprop-fm: ODE/diffusion steps at inference (default: 40; the paper: 1000)")
     e.add_argument("--force", action="store_true", help="replace an existing bundle and its checkpoints")
     common(e, engine=False)
     e.set_defaults(func=cmd_export)
@@ -401,6 +422,8 @@ def parser() -> argparse.ArgumentParser:
     ev.add_argument("bundle")
     ev.add_argument("--data", default="digits")
     ev.add_argument("--runs", type=int, default=1, help="stochastic inference runs to average")
+    ev.add_argument("--inference-steps", type=int, default=None,
+                    help="noprop-ct, noprop-fm: inference steps (default: the bundle's)")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--json", action="store_true")
     common(ev)

@@ -15,8 +15,10 @@ holds:
            graph's arena stays resident (see EngineMemory.arena); a static engine (TFLM,
            generated C) plans one arena
   batch    the step graph's batch inputs: samples, noisy labels, targets, mask
+  scratch  what the device rule itself allocates for a step (manifest unit "scratch"):
+           zeroth-order's one chunk of regenerated perturbation; 0 for graph-step rules
 
-  working set = state + others + engines' arenas + batch     (what --budget bounds)
+  working set = state + others + engines' arenas + batch + scratch   (what --budget bounds)
   total       = runtime (interpreter, numpy, engine, loaded graphs) + data set + working set
 
 End-to-end back-prop of the same network is planned from the same facts: it must keep every
@@ -97,6 +99,7 @@ class UnitPlan:
     step: int       # step graph liveness peak (includes the gradient, = params bytes)
     engine: int     # the engine's arena for that peak
     batch: int
+    scratch: int = 0      # bytes the device rule allocates beside the graph (zeroth-order's chunk)
     held: int = 0         # weights and slots in RAM while it steps: its own, or every unit's (filled in by plan())
     working_set: int = 0  # everything held while this unit steps (filled in by plan())
 
@@ -143,18 +146,19 @@ def plan(bundle: Bundle, batch: int | None = None, stream: bool = False, engine:
         raise EdgepropError(f"batch size must be at least 1, got {batch}")
     eng = engine_memory(engine)
     units = []
+    scratch = {u["name"]: int(u.get("scratch", 0)) for u in bundle.manifest["units"]}
     for u in bundle.units:
         facts = graph_facts(bundle, u.step_graph)
         state = sum(FLOAT * t.shape[0] for t in u.state)
         step = _peak(facts["peak"], batch)
         units.append(UnitPlan(u.name, u.step_graph, FLOAT * u.n_params, state, step, eng.arena(step),
-                              _at(facts["inputs"], batch) - state))
+                              _at(facts["inputs"], batch) - state, scratch[u.name]))
     graphs = {u.graph: u.engine for u in units}
     held = sum(graphs.values()) if eng.retains_arenas else max(graphs.values())
     resident = sum(u.state for u in units)
     for u in units:
         u.held = u.state if stream else resident
-        u.working_set = u.held + held + u.batch
+        u.working_set = u.held + held + u.batch + u.scratch
     runtime = None
     if eng.runtime is not None:
         nodes = sum(graph_facts(bundle, k)["nodes"] for k in {u.step_graph for u in bundle.units})

@@ -257,13 +257,17 @@ def load_trained_state(bundle: Bundle) -> tuple[dict, dict]:
     return split_state(bundle, arrays, str(path)), meta
 
 
-def evaluate(bundle: Bundle, engine, data: Dataset, state: dict, seed: int = 0, runs: int = 1) -> dict:
+def evaluate(bundle: Bundle, engine, data: Dataset, state: dict, seed: int = 0, runs: int = 1, **options) -> dict:
     """Test accuracy with the rule's own prediction (averaged over `runs` where it is
-    stochastic), and each unit's where the rule has one."""
+    stochastic), and each unit's where the rule has one. `options`: the rule's own
+    (its class lists them in `eval_options`), e.g. inference_steps."""
+    rule = for_bundle(bundle, data, seed)
+    unknown = sorted(set(options) - set(getattr(rule, "eval_options", ())))
+    if unknown:
+        raise EdgepropError(f"rule {bundle.rule} takes no " + ", ".join("--" + k.replace("_", "-") for k in unknown))
     graphs = load_graphs(bundle, engine, {u.infer_graph for u in bundle.units})
 
     def run_unit(unit, feeds):
         return graphs[unit.infer_graph].run({"param": state[unit.name]["param"], **feeds})
 
-    rule = for_bundle(bundle, data, seed)
-    return {**rule.evaluate(data.x, data.y, run_unit, seed, runs), "n": int(len(data)), "runs": runs}
+    return {**rule.evaluate(data.x, data.y, run_unit, seed, runs, **options), "n": int(len(data)), "runs": runs}

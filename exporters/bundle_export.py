@@ -33,10 +33,14 @@ def export_graph(trace, batch: int, root: Path, rel: str, loss_output: str | Non
     return {**describe(model, rel), "memory": memory_facts(model, bigger, batch, loss_output, rel)}
 
 
-def export(out: str | Path, *, rule: str = "noprop-dt", model="mlp", data: str = "digits",
-           batch_size: int = 64, optimizer: str = "adamw", weight_decay: float = 1e-3, momentum: float = 0.9,
-           example_input=None, force: bool = False, progress: bool = True, **options) -> Path:
+def export(model_or_out=None, /, *, out: str | Path | None = None, rule: str = "noprop-dt", model="mlp",
+           data: str = "digits", batch_size: int = 64, optimizer: str = "adamw", weight_decay: float = 1e-3,
+           momentum: float = 0.9, example_input=None, force: bool = False, progress: bool = True,
+           **options) -> Path:
     """Export `model` trained by `rule` on `data` as a bundle folder at `out`; return its path.
+
+        export(seq, rule="local", example_input=torch.zeros(1, 1, 28, 28), out="runs/mine")
+        export("runs/digits", rule="noprop-dt", model="mlp")     # a built-in model
 
     model: "mlp", "cnn" (NoProp-DT's blocks) or a torch.nn.Sequential of supported layers
     (sequential rules). example_input: a tensor (B, ...) giving a user model's input shape.
@@ -48,6 +52,12 @@ def export(out: str | Path, *, rule: str = "noprop-dt", model="mlp", data: str =
     failed export never leaves half a bundle; an existing bundle is replaced only with
     `force=True` (its checkpoints go with it).
     """
+    if isinstance(model_or_out, (str, Path)):
+        out = model_or_out
+    elif model_or_out is not None:
+        model = model_or_out
+    if out is None:
+        raise EdgepropError("export needs out=, the bundle folder to write")
     known = {f.name for f in fields(rules.Options)}
     extra = {k: options.pop(k) for k in list(options) if k not in known}
     if example_input is not None:
@@ -74,11 +84,16 @@ def export(out: str | Path, *, rule: str = "noprop-dt", model="mlp", data: str =
     spec = rules.create(opts, train)
     datasets.check(train, spec.model["input_shape"], spec.model["num_classes"])
 
+    # A rule whose device half updates the weights itself (zeroth-order) exports no step
+    # graph: its units' step names the inference graph, and they have no optimizer slots.
+    own_update = getattr(spec.rule, "step_graph", True) is False
+    kinds = ("infer",) if own_update else ("step", "infer")
+    slots = () if own_update else opt.slots
     with new_folder(out) as tmp:
         first = {}  # graph key -> the first unit using it
         for u in spec.units:
             first.setdefault(u.graph, u)
-        bar = Progress(2 * len(first), "export", unit="graphs", enabled=progress)
+        bar = Progress(len(kinds) * len(first), "export", unit="graphs", enabled=progress)
         graphs = {}
         for key, unit in first.items():
             def step_graph(batch, unit=unit):
@@ -87,7 +102,8 @@ def export(out: str | Path, *, rule: str = "noprop-dt", model="mlp", data: str =
             def infer_graph(batch, unit=unit):
                 return trace_infer(unit.module, spec.rule.infer_inputs(unit, batch), spec.rule.infer_outputs(unit))
 
-            for kind, trace in (("step", step_graph), ("infer", infer_graph)):
+            for kind in kinds:
+                trace = step_graph if kind == "step" else infer_graph
                 rel = f"graphs/{key}_{kind}.onnx"
                 graphs[f"{key}_{kind}"] = export_graph(trace, batch_size, tmp, rel, "loss" if kind == "step" else None)
                 bar.update(len(graphs))
@@ -97,20 +113,21 @@ def export(out: str | Path, *, rule: str = "noprop-dt", model="mlp", data: str =
         for u in spec.units:
             flat = flatten(u.module).numpy().astype(np.float32)
             arrays[f"{u.name}/param"] = flat
-            arrays.update({f"{u.name}/opt.{s}": np.zeros_like(flat) for s in opt.slots})
+            arrays.update({f"{u.name}/opt.{s}": np.zeros_like(flat) for s in slots})
             state = [{"name": key, "shape": [len(flat)], "dtype": "float32"}
-                     for key in ["param"] + [f"opt.{s}" for s in opt.slots]]
-            units_json.append({"name": u.name, "role": u.role, "t": u.t, "step_graph": f"{u.graph}_step",
+                     for key in ["param"] + [f"opt.{s}" for s in slots]]
+            units_json.append({"name": u.name, "role": u.role, "t": u.t, "step_graph": f"{u.graph}_{kinds[0]}",
                                "infer_graph": f"{u.graph}_infer", "lr": u.lr, "state": state,
-                               "layout": layout(u.module)})
+                               "layout": layout(u.module), "scratch": u.scratch})
         save_arrays(tmp / INIT_STATE, arrays)
 
         write_manifest(tmp, {
             "format": "edgeprop-bundle", "rule": rule, "model": spec.model, "batch_size": batch_size,
-            "optimizer": opt.to_json(), **spec.manifest, "seed": opts.seed,
+            "optimizer": opt.to_json(), "seed": opts.seed,
             "data": {"source": data, "n_train": len(train)},
             "input_norm": {"mean": float(train.x.mean(dtype=np.float64)),
                            "std": float(train.x.std(dtype=np.float64)) or 1.0},
-            "graphs": graphs, "units": units_json})
+            "graphs": graphs, "units": units_json,
+            **spec.manifest})  # the rule's entries win: its own optimizer, fine-tuned weights' input_norm
         load_bundle(tmp)  # the device-side loader must accept what we wrote
     return out

@@ -122,7 +122,8 @@ def memory_facts(at_batch: onnx.ModelProto, at_next_batch: onnx.ModelProto, batc
       inputs   [c, s]: bytes of the graph's inputs (state + batch)
       saved    [c, s]: live bytes when `loss_output` is computed, i.e. what a step keeps
                from its forward pass for its backward pass (back-prop would keep this for
-               every block at once)
+               every block at once); for a forward graph (no `loss_output`), every tensor
+               its nodes make, views and constants aside: what back-prop through it keeps
       constants  bytes of the graph's constant tensors (held by the engine)
       nodes      number of nodes
     """
@@ -136,4 +137,11 @@ def memory_facts(at_batch: onnx.ModelProto, at_next_batch: onnx.ModelProto, batc
     if loss_output is not None:
         i = next(i for i, n in enumerate(at_batch.graph.node) if loss_output in n.output)
         facts["saved"] = _affine(t0[i], t1[i], batch)
+    else:
+        facts["saved"] = _affine(_made(at_batch, where), _made(at_next_batch, where), batch)
     return facts
+
+
+def _made(model: onnx.ModelProto, where: str) -> int:
+    sizes = tensor_bytes(model, where)
+    return sum(sizes[o] for n in model.graph.node if n.op_type not in ALIASES | {"Constant"} for o in n.output if o)

@@ -33,19 +33,26 @@ class TorchReference:
         self.desktop = rules.from_bundle(bundle)
         self.rule = for_bundle(bundle, data, config.seed, self._run_unit)
         self.plan = Plan(len(bundle.units), self.rule.n_batches, config.epochs, config.order)
+        # A rule that updates the weights itself (zeroth-order) runs its own update here too,
+        # on torch forward passes (see _TorchForward): no torch optimizer, no slots.
+        self.own_update = hasattr(self.rule, "update")
         opt = bundle.optimizer
-        self.spec = spec = Optimizer(opt["name"], opt["weight_decay"], tuple(opt["betas"]), opt["eps"], opt["momentum"])
+        self.spec = None if self.own_update else \
+            Optimizer(opt["name"], opt["weight_decay"], tuple(opt["betas"]), opt["eps"], opt["momentum"])
         self.config = config
         self.lr = base_learning_rates(bundle, config)
         self.modules, self.optimizers = [], []
         for unit in bundle.units:
-            module = self.desktop.module(unit).to(self.device, dtype)
-            named = {k: torch.from_numpy(v.copy()) for k, v in unit.unflatten(state[unit.name]["param"]).items()}
-            module.load_state_dict(named, strict=False)  # strict=False: fixed buffers (an embedding) stay
-            self.modules.append(module)
-            self.optimizers.append(spec.torch_optimizer(module.parameters(), self.lr[unit.name]))
+            self.modules.append(self.desktop.module(unit).to(self.device, dtype))
+            self._load(len(self.modules) - 1, state[unit.name]["param"])
+            self.optimizers.append(None if self.own_update else
+                                   self.spec.torch_optimizer(self.modules[-1].parameters(), self.lr[unit.name]))
         self.done = 0
         self.steps = [0] * len(bundle.units)
+
+    def _load(self, index: int, flat: np.ndarray) -> None:
+        named = {k: torch.from_numpy(v.copy()) for k, v in self.bundle.units[index].unflatten(flat).items()}
+        self.modules[index].load_state_dict(named, strict=False)  # strict=False: fixed buffers (an embedding) stay
 
     def _tensors(self, arrays: dict) -> dict:
         return {k: torch.from_numpy(np.asarray(v)).to(self.device, self.dtype if v.dtype.kind == "f" else None)
@@ -61,12 +68,19 @@ class TorchReference:
     def step(self, i: int) -> float:
         index, epoch, batch = self.plan.item(i)
         unit = self.bundle.units[index]
+        lr = learning_rate(self.lr[unit.name], self.config.lr_schedule, self.steps[index] + 1,
+                           self.plan.epochs * self.plan.n_batches)
+        if self.own_update:
+            state, _ = self.unit_state(index)
+            loss = self.rule.update(index, epoch, batch, state, lr, self.steps[index] + 1, _TorchForward(self, index))
+            self._load(index, state["param"])
+            self.steps[index] += 1
+            return loss
         feeds = self._tensors(self.rule.feeds(index, epoch, batch))
         module, opt = self.modules[index], self.optimizers[index]
         opt.zero_grad(set_to_none=True)
         for group in opt.param_groups:
-            group["lr"] = learning_rate(self.lr[self.bundle.units[index].name], self.config.lr_schedule,
-                                        self.steps[index] + 1, self.plan.epochs * self.plan.n_batches)
+            group["lr"] = lr
         loss, extras = self.desktop.loss(unit, module, feeds)
         loss.backward()
         opt.step()
@@ -85,9 +99,22 @@ class TorchReference:
         module, opt = self.modules[index], self.optimizers[index]
         params = list(module.parameters())
         state = {"param": np.concatenate([p.detach().cpu().numpy().reshape(-1) for p in params])}
-        for slot in self.spec.slots:
+        for slot in self.spec.slots if self.spec else ():
             state[f"opt.{slot}"] = np.concatenate([self.spec.slots_of(opt, p)[slot].reshape(-1) for p in params])
         return state, self.steps[index]
 
     def params(self) -> dict[str, dict[str, np.ndarray]]:
         return {unit.name: {"param": self.unit_state(i)[0]["param"]} for i, unit in enumerate(self.bundle.units)}
+
+
+class _TorchForward:
+    """A unit's torch module behind an engine graph's `run(feeds)`, for a rule that updates
+    the weights itself: each run loads the `param` it is fed, then runs the forward pass."""
+
+    def __init__(self, reference: TorchReference, index: int):
+        self.reference, self.index = reference, index
+
+    def run(self, feeds: dict) -> dict:
+        self.reference._load(self.index, feeds["param"])
+        unit = self.reference.bundle.units[self.index]
+        return self.reference._run_unit(unit, {k: v for k, v in feeds.items() if k != "param"})

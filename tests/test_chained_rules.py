@@ -8,6 +8,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from torch import nn  # noqa: E402
+
 from conftest import edgeprop  # noqa: E402
 from edgeprop import bundle as bundles  # noqa: E402
 from edgeprop import datasets  # noqa: E402
@@ -17,7 +19,6 @@ from edgeprop.exporters.validate import validate  # noqa: E402
 from edgeprop.rules import normalise  # noqa: E402
 from edgeprop.runtimes import get_engine  # noqa: E402
 from edgeprop.trainer import TrainConfig, Trainer  # noqa: E402
-from torch import nn  # noqa: E402
 
 RULES = ("local", "mono-forward", "backprop")
 
@@ -32,7 +33,7 @@ def _conv_model():
 def small(request, tmp_path_factory):
     out = tmp_path_factory.mktemp("chained") / request.param
     if request.param == "local-conv":  # a user model through the Python API, blocks starting at layers 0 and 4
-        return export(out, rule="local", model=_conv_model(), example_input=torch.zeros(1, 1, 8, 8),
+        return export(_conv_model(), rule="local", example_input=torch.zeros(1, 1, 8, 8), out=out,
                       blocks=[4], batch_size=16, progress=False)
     return export(out, rule=request.param, width=32, batch_size=16, progress=False)
 

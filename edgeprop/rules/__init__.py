@@ -16,6 +16,10 @@ RULES = {
     "local": ("chained", "Chained"),
     "mono-forward": ("chained", "Chained"),
     "backprop": ("chained", "Chained"),
+    "noprop-ct": ("noprop_continuous", "NopropCT"),
+    "noprop-fm": ("noprop_continuous", "NopropFM"),
+    "zeroth-order": ("zeroth_order", "ZerothOrder"),
+    "forward-forward": ("forward_forward", "ForwardForward"),
 }
 
 

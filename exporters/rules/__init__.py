@@ -21,7 +21,11 @@ from torch import nn
 
 from edgeprop.errors import EdgepropError
 
-RULE_MODULES = {"noprop-dt": "noprop_dt", "local": "chained", "mono-forward": "chained", "backprop": "chained"}
+RULE_MODULES = {"noprop-dt": "noprop_dt", "local": "chained", "mono-forward": "chained", "backprop": "chained",
+                "forward-forward": "forward_forward",
+                "zeroth-order": "zeroth_order",
+                "noprop-ct": "noprop_continuous",
+                "noprop-fm": "noprop_continuous"}
 
 
 @dataclass
@@ -34,7 +38,7 @@ class Options:
     depth: int = 2                   # hidden layers of the built-in MLP for sequential rules
     embedding: str = "one-hot"
     embed_dim: int | None = None
-    lr: float = 1e-3
+    lr: float | None = None          # None: the rule module's DEFAULT_LR (1e-3 unless it says otherwise)
     head_lr: float = 1e-2
     eta: float = 0.1
     seed: int = 0
@@ -49,6 +53,7 @@ class UnitSpec:
     module: nn.Module
     lr: float
     t: int | None = None
+    scratch: int = 0       # bytes the device rule allocates beyond the graph (the memory planner counts them)
 
 
 @dataclass
@@ -67,7 +72,10 @@ def rule_module(name: str):
 
 
 def create(options: Options, train) -> Spec:
-    return rule_module(options.rule).create(options, train)
+    module = rule_module(options.rule)
+    if options.lr is None:
+        options.lr = getattr(module, "DEFAULT_LR", 1e-3)
+    return module.create(options, train)
 
 
 def from_bundle(bundle):
