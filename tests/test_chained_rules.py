@@ -101,6 +101,8 @@ def test_unsupported_layers_and_models_are_refused(tmp_path):
         export(tmp_path / "d", rule="backprop", model=nn.Sequential(nn.Linear(64, 32), nn.ReLU()))
     with pytest.raises(EdgepropError, match="cannot run on inputs"):
         export(tmp_path / "e", rule="local", model=nn.Sequential(nn.Linear(50, 10)))
+    with pytest.raises(EdgepropError, match="--rule local takes no --threshold, --zo-eps"):
+        export(tmp_path / "g", rule="local", threshold=2.0, zo_eps=1e-3)
     with pytest.raises(EdgepropError, match="--rule nope"):
         export(tmp_path / "f", rule="nope")
     assert not any(tmp_path.iterdir())  # nothing half-written

@@ -42,7 +42,7 @@ class Options:
     head_lr: float = 1e-2
     eta: float = 0.1
     seed: int = 0
-    extra: dict = field(default_factory=dict)  # rule-specific options
+    extra: dict = field(default_factory=dict)  # rule-specific options (the rule module's OPTIONS)
 
 
 @dataclass
@@ -73,6 +73,10 @@ def rule_module(name: str):
 
 def create(options: Options, train) -> Spec:
     module = rule_module(options.rule)
+    unknown = sorted(set(options.extra) - getattr(module, "OPTIONS", set()))
+    if unknown:  # an option meant for another rule would otherwise be silently ignored
+        flags = ", ".join("example_input" if k == "input_shape" else "--" + k.replace("_", "-") for k in unknown)
+        raise EdgepropError(f"--rule {options.rule} takes no {flags}")
     if options.lr is None:
         options.lr = getattr(module, "DEFAULT_LR", 1e-3)
     return module.create(options, train)

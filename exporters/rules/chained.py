@@ -22,6 +22,8 @@ from .noprop_dt import model_input_shape
 
 HEADS = {"local": "linear", "mono-forward": "projection", "backprop": "none"}
 
+OPTIONS = {"input_shape"}  # rule-specific export options it reads (rules.create refuses others)
+
 
 class ChainedUnit(nn.Module):
     def __init__(self, body: nn.Sequential, head: nn.Module):

@@ -29,6 +29,8 @@ from . import Spec, UnitSpec
 # their biases and stay near chance for 100 epochs; 0.03 reaches 90% in 60.
 DEFAULT_LR = 0.03
 
+OPTIONS = {"input_shape", "threshold"}
+
 DEFAULT_THRESHOLD = 2.0
 FLAT_LAYERS = {"Linear", "ReLU", "LeakyReLU", "Tanh", "Sigmoid", "GELU", "Identity"}
 

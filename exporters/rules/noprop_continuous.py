@@ -37,6 +37,8 @@ GAMMA_CLEAN = -3.0     # initial γ(1): ᾱ_1 = 0.953 (the paper gives none; see
 GAMMA_NOISE = 7.0      # initial γ(0): ᾱ_0 = 0.0009
 FM_SIGMA = 0.0         # the paper leaves σ open; 0 is the plain rectified flow
 
+OPTIONS = {"inference_steps"}
+
 
 def _sigmoid(x):
     # Not torch.sigmoid: onnxruntime's Sigmoid approximates, up to 1.7% relative error in the

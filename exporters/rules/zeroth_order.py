@@ -32,6 +32,8 @@ from . import Spec
 from . import chained as chained_rule
 from .chained import Chained
 
+OPTIONS = {"input_shape", "zo_eps", "zo_directions", "zo_layers", "init"}
+
 CHUNK = 1 << 16  # perturbation elements generated at a time: the device's only scratch buffer
 
 
