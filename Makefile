@@ -27,6 +27,7 @@ aarch64: $(VENV)/.installed  ## deploy to an emulated arm64 Debian (qemu-user) a
 bench: $(VENV)/.installed  ## accuracy, throughput and memory vs torch: JSON under bench/results/
 	$(PY) bench/noprop_digits.py
 	$(PY) bench/memory.py
+	$(PY) bench/rules.py
 
 clean:
 	rm -rf runs bench/results .cache

@@ -1,6 +1,6 @@
 """Every learning rule side by side on the same engine: accuracy, speed, memory.
 
-    python bench/rules.py [--data digits,fashion] [--rules noprop-dt,local,...] [--epochs-scale 1.0]
+    python bench/rules.py [--data digits,fashion,PATH] [--rules noprop-dt,local,...] [--epochs-scale 1.0]
                           [--out bench/results/rules.json]
 
 For each data set and rule: export on the desktop (torch), then train and evaluate in a
@@ -12,7 +12,8 @@ fresh process that never imports torch (onnxruntime, one thread), as a device wo
 The `backprop` row is end-to-end back-prop of the same MLP (width 128, 2 hidden layers)
 compiled to one step graph the same way: the reference the other rows are read against.
 Fashion-MNIST comes from Debian's dataset-fashion-mnist package; without it those rows
-are skipped with a message.
+are skipped with a message. PATH: your own data (an .npz or an IDX folder, as `--data`
+takes), 10 epochs per rule unless scaled.
 """
 from __future__ import annotations
 
@@ -75,16 +76,17 @@ def worker_export(rule: str, data: str, out: str, options: str) -> dict:
 
 
 def measure(rule: str, data: str, options: dict, note: str, epochs: int) -> dict:
+    source = DATA.get(data, data)  # a named data set, or the user's own path
     with tempfile.TemporaryDirectory() as tmp:
         bundle, extra = str(Path(tmp) / rule), {}
         if rule == "zeroth-order":  # fine-tuning: start from one epoch of back-prop
             start = str(Path(tmp) / "start")
-            common.spawn(__file__, "export", "backprop", DATA[data], start, json.dumps({"width": options["width"]}))
-            extra["accuracy_start"] = common.spawn(__file__, "train", start, DATA[data], 1)["accuracy"]
+            common.spawn(__file__, "export", "backprop", source, start, json.dumps({"width": options["width"]}))
+            extra["accuracy_start"] = common.spawn(__file__, "train", start, source, 1)["accuracy"]
             options = {**options, "init": start}
-        exported = common.spawn(__file__, "export", rule, DATA[data], bundle, json.dumps(options))
+        exported = common.spawn(__file__, "export", rule, source, bundle, json.dumps(options))
         return {"data": data, "rule": rule, "note": note, "options": options, **exported, **extra,
-                **common.spawn(__file__, "train", bundle, DATA[data], epochs)}
+                **common.spawn(__file__, "train", bundle, source, epochs)}
 
 
 def main() -> int:
@@ -114,7 +116,7 @@ def main() -> int:
                 print(f"skip: {skipped[-1]}", file=sys.stderr)
                 continue
             options, scale, note = RULES[rule]
-            epochs = max(1, round(EPOCHS[data] * scale * args.epochs_scale))
+            epochs = max(1, round(EPOCHS.get(data, 10) * scale * args.epochs_scale))
             try:
                 row = measure(rule, data, options, note, epochs)
             except subprocess.CalledProcessError as e:  # a rule that fails here is a result too
