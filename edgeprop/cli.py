@@ -18,7 +18,8 @@ from .state import STREAM_FOLDER
 
 def _engine(args):
     from .runtimes import get_engine
-    return get_engine(args.engine, threads=args.threads)
+    options = {"provider": args.provider} if args.provider != "cpu" else {}
+    return get_engine(args.engine, threads=args.threads, **options)
 
 
 def _data(bundle, source: str, split: str):
@@ -62,12 +63,12 @@ def cmd_validate(args) -> int:
     _desktop()
     from .exporters.validate import validate
     report = validate(args.bundle, args.data, steps=args.steps, device=args.reference_device, tol=args.tol,
-                      seed=args.seed, progress=not args.quiet)
+                      seed=args.seed, provider=args.provider, progress=not args.quiet)
     if args.json:
         print(json.dumps(report, indent=1))
     else:
         lock, free = report["lockstep"], report["free_running"]
-        print(f"{report['steps']} steps per unit, onnxruntime vs torch on {report['device']}")
+        print(f"{report['steps']} steps per unit, onnxruntime ({report['provider']}) vs torch on {report['device']}")
         print(f"  lock-step     largest difference {lock['max_abs_diff']:.3g} in {lock['worst']} "
               f"(tolerance {args.tol:g})")
         print(f"  free-running  largest difference {free['max_abs_diff']:.3g} in {free['worst']} "
@@ -341,6 +342,8 @@ def parser() -> argparse.ArgumentParser:
         if engine:
             sp.add_argument("--engine", default="onnxruntime", help="inference engine (default: onnxruntime)")
             sp.add_argument("--threads", type=int, default=1, help="engine threads (default: 1)")
+            sp.add_argument("--provider", default="cpu", choices=["cpu", "cuda"],
+                            help="onnxruntime execution provider: cuda runs the graphs on a GPU (onnxruntime-gpu)")
 
     e = sub.add_parser("export", help="export a model as a bundle of per-block training graphs (desktop)")
     e.add_argument("--rule", default="noprop-dt",
@@ -389,6 +392,7 @@ def parser() -> argparse.ArgumentParser:
     v.add_argument("--data", default="digits")
     v.add_argument("--steps", type=int, default=50, help="optimizer steps per unit")
     v.add_argument("--reference-device", default="cpu", help="cpu or cuda")
+    v.add_argument("--provider", default="cpu", choices=["cpu", "cuda"], help="the runtime's onnxruntime provider")
     v.add_argument("--tol", type=float, default=1e-4, help="largest allowed absolute weight difference")
     v.add_argument("--seed", type=int, default=0)
     v.add_argument("--json", action="store_true")

@@ -44,14 +44,14 @@ def _largest(bundle, a: dict, b: dict) -> tuple[float, str]:
 
 
 def validate(bundle_path, data: str = "digits", steps: int = 50, device: str = "cpu", tol: float = 1e-4,
-             seed: int = 0, engine: str = "onnxruntime", progress: bool = True) -> dict:
+             seed: int = 0, engine: str = "onnxruntime", provider: str = "cpu", progress: bool = True) -> dict:
     bundle = bundles.load(bundle_path)
     train = datasets.load(data, "train")
     datasets.check(train, bundle.input_shape, bundle.num_classes)
     n_batches = -(-len(train) // bundle.batch_size)
     config = TrainConfig(epochs=-(-steps // n_batches), order="interleaved", seed=seed)
     limit = steps * len(bundle.units)
-    eng = get_engine(engine)
+    eng = get_engine(engine, **({"provider": provider} if provider != "cpu" else {}))
 
     # Lock-step: the runtime starts every step from the reference's state.
     reference = TorchReference(bundle, train, config, device)
@@ -86,7 +86,7 @@ def validate(bundle_path, data: str = "digits", steps: int = 50, device: str = "
 
     allowed = max(tol, SENSITIVITY_FACTOR * sensitivity)
     ok = bool(lock_gap <= tol and free_gap <= allowed)
-    return {"ok": ok, "steps": steps, "device": str(reference.device), "tol": tol,
+    return {"ok": ok, "steps": steps, "device": str(reference.device), "provider": provider, "tol": tol,
             "lockstep": {"max_abs_diff": lock_gap, "worst": lock_worst},
             "free_running": {"max_abs_diff": free_gap, "worst": free_worst, "allowed": allowed},
             "torch_sensitivity": sensitivity}

@@ -1,4 +1,8 @@
-"""The default engine: stock onnxruntime (the inference build; aarch64 wheels exist)."""
+"""The default engine: stock onnxruntime (the inference build; aarch64 wheels exist).
+
+`provider="cuda"` runs the graphs on a GPU (a Jetson's, with onnxruntime-gpu installed);
+onnxruntime would silently fall back to the CPU when CUDA cannot start, so that is an error.
+"""
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,7 +10,9 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from edgeprop.errors import BundleError
+from edgeprop.errors import BundleError, EdgepropError
+
+PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
 
 
 class Graph:
@@ -28,8 +34,14 @@ class Engine:
     name = "onnxruntime"
     suffix = ".onnx"
 
-    def __init__(self, threads: int = 1):
-        self.threads = threads
+    def __init__(self, threads: int = 1, provider: str = "cpu"):
+        if provider not in PROVIDERS:
+            raise EdgepropError(f"--provider {provider}: choose one of {', '.join(PROVIDERS)}")
+        wanted = PROVIDERS[provider][0]
+        if wanted not in ort.get_available_providers():
+            raise EdgepropError(f"--provider {provider}: this onnxruntime ({ort.__version__}) has no {wanted} "
+                                f"(it has {', '.join(ort.get_available_providers())}); install onnxruntime-gpu")
+        self.threads, self.provider = threads, provider
 
     def load(self, path: Path) -> Graph:
         opts = ort.SessionOptions()
@@ -38,7 +50,10 @@ class Engine:
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         opts.log_severity_level = 3
         try:
-            session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+            session = ort.InferenceSession(str(path), opts, providers=PROVIDERS[self.provider])
         except Exception as e:  # onnxruntime raises its own exception types for a bad model
             raise BundleError(f"{path}: onnxruntime cannot load this graph ({e})") from None
+        if session.get_providers()[0] != PROVIDERS[self.provider][0]:
+            raise EdgepropError(f"--provider {self.provider}: onnxruntime could not start "
+                                f"{PROVIDERS[self.provider][0]} (no GPU, or its CUDA libraries are missing)")
         return Graph(session)

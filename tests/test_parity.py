@@ -183,6 +183,23 @@ def test_runtime_matches_the_cuda_reference(digits_bundle):
     assert report["device"].startswith("cuda") and report["ok"], report
 
 
+CUDA_PROVIDER = "CUDAExecutionProvider" in __import__("onnxruntime").get_available_providers()
+
+
+@pytest.mark.skipif(CUDA_PROVIDER, reason="checks the message shown when onnxruntime has no CUDA provider")
+def test_cuda_provider_without_onnxruntime_gpu_is_a_clear_error(bundle_copy):
+    proc = edgeprop("train", bundle_copy, "--provider", "cuda", "--epochs", "1", "--quiet", check=False)
+    assert proc.returncode == 2 and "no CUDAExecutionProvider" in proc.stderr and "onnxruntime-gpu" in proc.stderr
+    assert not (bundle_copy / "checkpoints").exists()  # refused before any work
+
+
+@pytest.mark.skipif(not (CUDA_PROVIDER and torch.cuda.is_available()),
+                    reason="no GPU with onnxruntime-gpu here: the --provider cuda step graphs are not exercised")
+def test_cuda_provider_matches_the_cuda_reference(digits_bundle):
+    report = validate(digits_bundle, steps=20, device="cuda", provider="cuda", progress=False)
+    assert report["ok"] and report["lockstep"]["max_abs_diff"] <= 1e-4, report
+
+
 def test_padded_samples_change_nothing(small_bundle):
     """A masked-out (padding) sample may hold anything: the step's outputs must not move."""
     bundle = small_bundle
