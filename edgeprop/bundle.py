@@ -5,6 +5,7 @@
                            every graph's inputs/outputs and every state tensor (name, shape,
                            dtype), sha256 of every file below
       graphs/*.onnx        per-unit step graphs and inference graphs
+      graphs/*.tflite      the same graphs for LiteRT (bundles exported with --tflite)
       state/init.npz       initial parameters and optimizer state of every unit, "UNIT/KEY";
                            "embedding" holds the fixed label embedding W_embed (classes × d)
       checkpoints/         written by `edgeprop train` (not covered by the manifest)
@@ -60,9 +61,18 @@ class Tensor:
 
 @dataclass(frozen=True)
 class Graph:
-    file: str
+    files: dict[str, str]  # one file per format, by suffix: {".onnx": "graphs/x.onnx", ".tflite": ...}
     inputs: tuple[Tensor, ...]
     outputs: tuple[Tensor, ...]
+
+    @property
+    def file(self) -> str:
+        return self.files[".onnx"]
+
+    @staticmethod
+    def files_of(entry: dict) -> dict[str, str]:
+        """A manifest graph entry's files: "file" (ONNX, always) and "tflite" (optional)."""
+        return {".onnx": entry["file"], **({".tflite": entry["tflite"]} if "tflite" in entry else {})}
 
 
 @dataclass(frozen=True)
@@ -132,7 +142,7 @@ class Bundle:
             self.batch_size = int(manifest["batch_size"])
             self.optimizer = manifest["optimizer"]
             self.input_norm = (float(manifest["input_norm"]["mean"]), float(manifest["input_norm"]["std"]))
-            self.graphs = {k: Graph(g["file"], tuple(Tensor.from_json(t, k) for t in g["inputs"]),
+            self.graphs = {k: Graph(Graph.files_of(g), tuple(Tensor.from_json(t, k) for t in g["inputs"]),
                                     tuple(Tensor.from_json(t, k) for t in g["outputs"]))
                            for k, g in manifest["graphs"].items()}
             self.units = [Unit(u["name"], u["role"], u.get("t"), u["step_graph"], u["infer_graph"], float(u["lr"]),
@@ -163,8 +173,12 @@ class Bundle:
     def path(self, rel: str) -> Path:
         return self.root / rel
 
-    def graph_path(self, key: str) -> Path:
-        return self.root / self.graphs[key].file
+    def graph_path(self, key: str, suffix: str = ".onnx") -> Path:
+        files = self.graphs[key].files
+        if suffix not in files:
+            raise BundleError(f"{self.root}: this bundle has no {suffix} graphs (export it with "
+                              f"--{suffix.lstrip('.')} to run it on that engine)")
+        return self.root / files[suffix]
 
     def initial_state(self) -> tuple[dict[str, dict[str, np.ndarray]], np.ndarray]:
         """({unit: {key: array}}, embedding), checked against the manifest."""
@@ -245,7 +259,8 @@ def load(path: str | Path) -> Bundle:
         if sha256_of(fpath) != digest:
             raise BundleError(f"{fpath}: sha256 does not match manifest.json (corrupt or modified file)")
     bundle = Bundle(root, manifest)
-    unchecked = sorted(({g.file for g in bundle.graphs.values()} | {INIT_STATE}) - set(files))
+    used = {f for g in bundle.graphs.values() for f in g.files.values()}
+    unchecked = sorted((used | {INIT_STATE}) - set(files))
     if unchecked:
         raise BundleError(f"{mpath}: {unchecked} used but without a checksum in 'files'")
     for unit in bundle.units:
@@ -264,7 +279,7 @@ def load(path: str | Path) -> Bundle:
 def write_manifest(root: Path, manifest: dict) -> None:
     """Fill in the checksums of every file the manifest names and write it atomically."""
     root = Path(root)
-    files = sorted({g["file"] for g in manifest["graphs"].values()} | {INIT_STATE})
+    files = sorted({f for g in manifest["graphs"].values() for f in Graph.files_of(g).values()} | {INIT_STATE})
     manifest = dict(manifest, schema_version=SCHEMA_VERSION,
                     files={rel: sha256_of(root / rel) for rel in files})
     write_atomic(root / MANIFEST, (json.dumps(manifest, indent=1) + "\n").encode())

@@ -53,8 +53,8 @@ def cmd_export(args) -> int:
     out = exporters.export(args.out, rule=args.rule, model=args.model, data=args.data, blocks=blocks,
                            width=args.width, depth=args.depth, embedding=args.embedding, embed_dim=args.embed_dim,
                            batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr, head_lr=args.head_lr,
-                           weight_decay=args.weight_decay, eta=args.eta, seed=args.seed, force=args.force,
-                           progress=not args.quiet, **rule_options)
+                           weight_decay=args.weight_decay, eta=args.eta, seed=args.seed, tflite=args.tflite,
+                           force=args.force, progress=not args.quiet, **rule_options)
     print(f"wrote {out}")
     return 0
 
@@ -63,12 +63,13 @@ def cmd_validate(args) -> int:
     _desktop()
     from .exporters.validate import validate
     report = validate(args.bundle, args.data, steps=args.steps, device=args.reference_device, tol=args.tol,
-                      seed=args.seed, provider=args.provider, progress=not args.quiet)
+                      seed=args.seed, engine=args.engine, provider=args.provider, progress=not args.quiet)
     if args.json:
         print(json.dumps(report, indent=1))
     else:
         lock, free = report["lockstep"], report["free_running"]
-        print(f"{report['steps']} steps per unit, onnxruntime ({report['provider']}) vs torch on {report['device']}")
+        print(f"{report['steps']} steps per unit, {report['engine']} ({report['provider']}) "
+              f"vs torch on {report['device']}")
         print(f"  lock-step     largest difference {lock['max_abs_diff']:.3g} in {lock['worst']} "
               f"(tolerance {args.tol:g})")
         print(f"  free-running  largest difference {free['max_abs_diff']:.3g} in {free['worst']} "
@@ -383,6 +384,8 @@ def parser() -> argparse.ArgumentParser:
                    help="forward-forward: goodness threshold θ on mean(h²) (default: 2.0)")
     e.add_argument("--inference-steps", type=int, default=None,
                    help="noprop-ct, noprop-fm: ODE/diffusion steps at inference (default: 40; the paper: 1000)")
+    e.add_argument("--tflite", action="store_true",
+                   help="also write every graph as .tflite for --engine litert (needs edgeprop[tflite])")
     e.add_argument("--force", action="store_true", help="replace an existing bundle and its checkpoints")
     common(e, engine=False)
     e.set_defaults(func=cmd_export)
@@ -392,6 +395,7 @@ def parser() -> argparse.ArgumentParser:
     v.add_argument("--data", default="digits")
     v.add_argument("--steps", type=int, default=50, help="optimizer steps per unit")
     v.add_argument("--reference-device", default="cpu", help="cpu or cuda")
+    v.add_argument("--engine", default="onnxruntime", help="the runtime's engine: onnxruntime or litert")
     v.add_argument("--provider", default="cpu", choices=["cpu", "cuda"], help="the runtime's onnxruntime provider")
     v.add_argument("--tol", type=float, default=1e-4, help="largest allowed absolute weight difference")
     v.add_argument("--seed", type=int, default=0)

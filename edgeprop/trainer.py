@@ -17,6 +17,7 @@ from .datasets import Dataset
 from .errors import EdgepropError
 from .progress import Progress
 from .rules import ORDERS, Plan, for_bundle
+from .runtimes import load_graph
 from .sizes import format_size
 from .state import StreamedState
 from .storage import load_arrays, open_arrays, save_arrays
@@ -122,7 +123,7 @@ class Trainer:
         """A unit's inference graph on its current weights (chained rules in block-sequential
         order recompute earlier units' outputs with it)."""
         if unit.infer_graph not in self._infer:
-            self._infer[unit.infer_graph] = self.engine.load(self.bundle.graph_path(unit.infer_graph))
+            self._infer[unit.infer_graph] = load_graph(self.engine, self.bundle, unit.infer_graph)
         return self._infer[unit.infer_graph].run({"param": self.state[unit.name]["param"], **feeds})
 
     def working_set(self) -> int:
@@ -242,7 +243,7 @@ def epoch_losses(history: dict[str, list[list[float]]]) -> dict[str, list[float]
 
 def load_graphs(bundle: Bundle, engine, keys: set[str]) -> dict:
     """Load the named graphs up front, so a graph the engine rejects fails before any work."""
-    return {key: engine.load(bundle.graph_path(key)) for key in sorted(keys)}
+    return {key: load_graph(engine, bundle, key) for key in sorted(keys)}
 
 
 def load_trained_state(bundle: Bundle) -> tuple[dict, dict]:

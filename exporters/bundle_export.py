@@ -15,28 +15,35 @@ from edgeprop.progress import Progress
 from edgeprop.storage import new_folder, save_arrays
 
 from . import rules
+from . import tflite as tflite_format
 from .liveness import memory_facts
 from .optim import Optimizer
 from .trace import describe, flatten, layout, to_onnx, trace_infer, trace_step
 
 
-def export_graph(trace, batch: int, root: Path, rel: str, loss_output: str | None) -> dict:
-    """Export `trace(batch)` to root/rel and describe it for the manifest, with the memory
-    facts the device-side planner needs. The graph is also traced at batch + 1 (and thrown
-    away) so that the planner can scale every figure to other batch sizes."""
-    model = to_onnx(*trace(batch), root / rel)
+def export_graph(trace, batch: int, root: Path, rel: str, loss_output: str | None, tflite: bool = False) -> dict:
+    """Export `trace(batch)` to root/rel (ONNX; also .tflite when asked) and describe it for
+    the manifest, with the memory facts the device-side planner needs. The graph is also
+    traced at batch + 1 (and thrown away) so that the planner can scale every figure to
+    other batch sizes."""
+    traced = trace(batch)
+    model = to_onnx(*traced, root / rel)
+    entry = describe(model, rel)
+    if tflite:
+        entry["tflite"] = str(Path(rel).with_suffix(".tflite"))
+        tflite_format.to_tflite(traced[0], traced[1], root / entry["tflite"])
     scratch = root / ".planner" / Path(rel).name
     try:
         bigger = to_onnx(*trace(batch + 1), scratch)
     finally:
         shutil.rmtree(scratch.parent, ignore_errors=True)
-    return {**describe(model, rel), "memory": memory_facts(model, bigger, batch, loss_output, rel)}
+    return {**entry, "memory": memory_facts(model, bigger, batch, loss_output, rel)}
 
 
 def export(model_or_out=None, /, *, out: str | Path | None = None, rule: str = "noprop-dt", model="mlp",
            data: str = "digits", batch_size: int = 64, optimizer: str = "adamw", weight_decay: float = 1e-3,
-           momentum: float = 0.9, example_input=None, force: bool = False, progress: bool = True,
-           **options) -> Path:
+           momentum: float = 0.9, example_input=None, tflite: bool = False, force: bool = False,
+           progress: bool = True, **options) -> Path:
     """Export `model` trained by `rule` on `data` as a bundle folder at `out`; return its path.
 
         export(seq, rule="local", example_input=torch.zeros(1, 1, 28, 28), out="runs/mine")
@@ -46,6 +53,9 @@ def export(model_or_out=None, /, *, out: str | Path | None = None, rule: str = "
     (sequential rules). example_input: a tensor (B, ...) giving a user model's input shape.
     Other keyword options (blocks, width, depth, lr, head_lr, eta, embedding, seed, ...)
     are those of rules.Options; rule-specific ones go to the rule.
+
+    tflite=True also writes every graph as graphs/<unit>_{step,infer}.tflite for the litert
+    engine (needs the tflite extra: litert-torch).
 
     Files written: manifest.json, graphs/<unit>_{step,infer}.onnx, state/init.npz (see
     edgeprop.bundle). The bundle is built beside `out` and moved into place at the end, so a
@@ -64,6 +74,8 @@ def export(model_or_out=None, /, *, out: str | Path | None = None, rule: str = "
         extra["input_shape"] = [int(s) for s in example_input.shape[1:]]
     opts = rules.Options(rule=rule, model=model, extra=extra, **options)
     rules.rule_module(rule)  # an unknown rule fails before any work
+    if tflite:
+        tflite_format.require()
     if batch_size < 1:
         raise EdgepropError("--batch-size must be at least 1")
     out = Path(out)
@@ -105,7 +117,8 @@ def export(model_or_out=None, /, *, out: str | Path | None = None, rule: str = "
             for kind in kinds:
                 trace = step_graph if kind == "step" else infer_graph
                 rel = f"graphs/{key}_{kind}.onnx"
-                graphs[f"{key}_{kind}"] = export_graph(trace, batch_size, tmp, rel, "loss" if kind == "step" else None)
+                graphs[f"{key}_{kind}"] = export_graph(trace, batch_size, tmp, rel, "loss" if kind == "step" else None,
+                                                       tflite)
                 bar.update(len(graphs))
         bar.close()
 

@@ -5,13 +5,22 @@ graph of a conv block cannot be exported as is. Traced with `DECOMPOSITIONS`, ma
 replaces it by ops every inference engine has:
 
   input gradient   a transposed convolution of the output gradient with the same weights
-                   (ONNX ConvTranspose), output_padding chosen to give back the input's size
+                   (ONNX ConvTranspose), unpadded, then cropped to the input's size
   weight gradient  a convolution of the input by the output gradient with batch and channel
                    axes swapped: the batch becomes the summed-over channel axis, stride and
                    dilation trade places; groups are kept apart by folding them into channels
   bias gradient    the output gradient summed over batch and space
 
 Supported: 2-D, non-transposed convolutions with any stride, padding, dilation and groups.
+
+Max-pooling's gradient (`aten.max_pool2d_with_indices_backward`, a scatter by the argmax
+indices) has no LiteRT lowering either, and LiteRT's argmax indices do not follow torch's
+numbering (seen: a CNN's first-layer gradient came out zero). So the winners are found again
+from the input: for each kernel offset in torch's scan order, a strided slice gives every
+window's element there, and it wins where it equals the window's max and no earlier offset
+won (torch keeps the first max). A depthwise transposed convolution with a one-hot kernel
+carries each winner's gradient back to its input position. Exact, ties included, for any
+kernel, stride, padding and dilation.
 """
 from __future__ import annotations
 
@@ -21,17 +30,26 @@ import torch.nn.functional as F
 aten = torch.ops.aten
 
 
+def transposed(t, weight, stride, padding, dilation, groups, size):
+    """conv_transpose2d(t, weight, stride, padding, dilation, groups) at spatial `size`.
+
+    Run unpadded and cropped: LiteRT has no transposed convolution with explicit padding
+    (TFLite's is SAME or VALID only). The crop also restores rows the forward convolution's
+    stride skipped (what ONNX's output_padding is for), as zeros when the full output ends
+    before them."""
+    full = F.conv_transpose2d(t, weight, None, stride, 0, 0, groups, dilation)
+    (ph, pw), (h, w) = padding, size
+    full = F.pad(full, (0, max(0, pw + w - full.shape[3]), 0, max(0, ph + h - full.shape[2])))
+    return full[:, :, ph:ph + h, pw:pw + w]
+
+
 def conv2d_grads(grad_out, x, weight, stride, padding, dilation, groups, need=(True, True, True)):
     """(grad_input, grad_weight, grad_bias) of y = conv2d(x, weight, bias, stride, padding, dilation, groups)."""
     n, c_in, h, w = x.shape
     c_out, c_in_g, kh, kw = weight.shape
     g_in = g_w = g_b = None
     if need[0]:
-        # The transposed convolution's natural size can fall short of the input's when the
-        # stride skipped the last rows or columns: output_padding restores them.
-        out_pad = [size - ((o - 1) * s - 2 * p + d * (k - 1) + 1)
-                   for size, o, s, p, d, k in zip((h, w), grad_out.shape[2:], stride, padding, dilation, (kh, kw))]
-        g_in = F.conv_transpose2d(grad_out, weight, None, stride, padding, out_pad, groups, dilation)
+        g_in = transposed(grad_out, weight, stride, padding, dilation, groups, (h, w))
     if need[1]:
         ho, wo = grad_out.shape[2:]
         c_out_g = c_out // groups
@@ -52,4 +70,41 @@ def _convolution_backward(grad_out, x, weight, bias_sizes, stride, padding, dila
     return conv2d_grads(grad_out, x, weight, stride, padding, dilation, groups, tuple(output_mask))
 
 
-DECOMPOSITIONS = {aten.convolution_backward.default: _convolution_backward}
+def max_pool2d_grad(grad_out, x, kernel_size, stride, padding, dilation):
+    """grad_input of y = max_pool2d(x, kernel_size, stride, padding, dilation)."""
+    n, c, h, w = x.shape
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel_size, stride, padding, dilation
+    ho, wo = grad_out.shape[2:]
+    # The window element at offset (a, b) of every output, as one strided slice of the
+    # padded input; padding never wins (a window always holds a real element).
+    low = torch.finfo(x.dtype).min
+    extra_h = max(0, (kh - 1) * dh + (ho - 1) * sh + 1 - (h + 2 * ph))
+    extra_w = max(0, (kw - 1) * dw + (wo - 1) * sw + 1 - (w + 2 * pw))
+    xp = F.pad(x, (pw, pw + extra_w, ph, ph + extra_h), value=low)
+    offsets = [(a, b) for a in range(kh) for b in range(kw)]  # torch's scan order: first max wins
+    at = {(a, b): xp[:, :, a * dh:a * dh + (ho - 1) * sh + 1:sh, b * dw:b * dw + (wo - 1) * sw + 1:sw]
+          for a, b in offsets}
+    y = at[offsets[0]]
+    for key in offsets[1:]:
+        y = torch.maximum(y, at[key])
+    grad_in, claimed = torch.zeros_like(x), torch.zeros_like(y)
+    one_hot = torch.zeros(len(offsets), c, 1, (kh - 1) * dh + 1, (kw - 1) * dw + 1, dtype=x.dtype)
+    for i, (a, b) in enumerate(offsets):
+        wins = (at[(a, b)] == y).to(x.dtype) * (1 - claimed)
+        claimed = claimed + wins
+        one_hot[i, :, :, a * dh, b * dw] = 1.0
+        grad_in = grad_in + transposed(grad_out * wins, one_hot[i], stride, padding, (1, 1), c, (h, w))
+    return grad_in
+
+
+def _max_pool2d_with_indices_backward(grad_out, x, kernel_size, stride, padding, dilation, ceil_mode, indices):
+    if x.dim() != 4:
+        raise NotImplementedError("edgeprop decomposes the gradient of batched 2-D max-pooling only")
+    def pair(v):
+        return tuple(v) * 2 if len(v) == 1 else tuple(v)
+    # torch's default stride is the kernel size; the indices are not used (see the module doc)
+    return max_pool2d_grad(grad_out, x, pair(kernel_size), pair(stride or kernel_size), pair(padding), pair(dilation))
+
+
+DECOMPOSITIONS = {aten.convolution_backward.default: _convolution_backward,
+                  aten.max_pool2d_with_indices_backward.default: _max_pool2d_with_indices_backward}

@@ -86,7 +86,8 @@ def validate(bundle_path, data: str = "digits", steps: int = 50, device: str = "
 
     allowed = max(tol, SENSITIVITY_FACTOR * sensitivity)
     ok = bool(lock_gap <= tol and free_gap <= allowed)
-    return {"ok": ok, "steps": steps, "device": str(reference.device), "provider": provider, "tol": tol,
+    return {"ok": ok, "steps": steps, "device": str(reference.device), "engine": engine, "provider": provider,
+            "tol": tol,
             "lockstep": {"max_abs_diff": lock_gap, "worst": lock_worst},
             "free_running": {"max_abs_diff": free_gap, "worst": free_worst, "allowed": allowed},
             "torch_sensitivity": sensitivity}

@@ -3,7 +3,7 @@
 An engine loads a graph file and runs it on named numpy arrays:
 
     engine = get_engine("onnxruntime", threads=1)
-    graph = engine.load("runs/digits/graphs/block_step.onnx")
+    graph = load_graph(engine, bundle, "block_step")   # graphs/block_step<engine.suffix>
     outputs = graph.run({"x": x, "z": z, ...})        # {output name: array}
 
 Engines are found by file name: `runtimes/<name>.py` defines `Engine` (tinygrad's habit).
@@ -18,7 +18,7 @@ import numpy as np
 
 from edgeprop.errors import EdgepropError
 
-ENGINES = ("onnxruntime",)
+ENGINES = ("onnxruntime", "litert")
 
 
 class LoadedGraph(Protocol):
@@ -32,7 +32,7 @@ class Engine(Protocol):
     name: str
     suffix: str  # graph file suffix this engine loads
 
-    def load(self, path: Path) -> LoadedGraph: ...
+    def load(self, path: Path, spec=None) -> LoadedGraph: ...  # spec: the manifest's bundle.Graph
 
 
 def get_engine(name: str = "onnxruntime", **options) -> Engine:
@@ -43,3 +43,8 @@ def get_engine(name: str = "onnxruntime", **options) -> Engine:
     except ImportError as e:
         raise EdgepropError(f"engine '{name}' is not installed here ({e})") from None
     return module.Engine(**options)
+
+
+def load_graph(engine: Engine, bundle, key: str) -> LoadedGraph:
+    """A bundle's graph `key` in the engine's format, described by the manifest."""
+    return engine.load(bundle.graph_path(key, engine.suffix), bundle.graphs[key])

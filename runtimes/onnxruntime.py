@@ -43,7 +43,7 @@ class Engine:
                                 f"(it has {', '.join(ort.get_available_providers())}); install onnxruntime-gpu")
         self.threads, self.provider = threads, provider
 
-    def load(self, path: Path) -> Graph:
+    def load(self, path: Path, spec=None) -> Graph:  # the graph file names its inputs itself
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = self.threads
         opts.inter_op_num_threads = 1

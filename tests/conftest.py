@@ -16,10 +16,11 @@ DEVICE_SIDE = ("import sys; blocked = sys.argv.pop(1).split(','); sys.modules.up
                "sys.exit(code)")
 
 
-def edgeprop(*args, torch_allowed=False, blocked=("torch", "onnx"), check=True, timeout=600):
-    """Run the edgeprop CLI in a subprocess; on the device side, with torch and onnx made unimportable."""
-    cmd = [sys.executable, "-m", "edgeprop", *map(str, args)] if torch_allowed else \
-          [sys.executable, "-c", DEVICE_SIDE, ",".join(blocked), *map(str, args)]
+def edgeprop(*args, torch_allowed=False, blocked=("torch", "onnx"), check=True, timeout=600, python=sys.executable):
+    """Run the edgeprop CLI in a subprocess; on the device side, with torch and onnx made
+    unimportable. `python`: another environment's interpreter (an engine's own venv)."""
+    cmd = [python, "-m", "edgeprop", *map(str, args)] if torch_allowed else \
+          [python, "-c", DEVICE_SIDE, ",".join(blocked), *map(str, args)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
     if check and proc.returncode != 0:
         raise AssertionError(f"edgeprop {' '.join(map(str, args))} exited {proc.returncode}\n{proc.stderr}")
@@ -41,3 +42,13 @@ def bundle_copy(digits_bundle, tmp_path) -> Path:
     dst = tmp_path / "digits"
     shutil.copytree(digits_bundle, dst)
     return dst
+
+
+def engine_venv(name: str) -> Path:
+    """The interpreter of an engine's own virtual environment, built by the project's script
+    (scripts/engine-venv.sh: once, then reused)."""
+    proc = subprocess.run([str(ROOT / "scripts" / "engine-venv.sh"), name], capture_output=True, text=True,
+                          timeout=1200)
+    if proc.returncode != 0:
+        raise AssertionError(f"scripts/engine-venv.sh {name} failed:\n{proc.stdout}\n{proc.stderr}")
+    return ROOT / ".venvs" / name / "bin" / "python"

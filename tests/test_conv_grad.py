@@ -3,11 +3,13 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from edgeprop.exporters.conv_grad import DECOMPOSITIONS, conv2d_grads
+from edgeprop.exporters.conv_grad import DECOMPOSITIONS, conv2d_grads, max_pool2d_grad
 from edgeprop.exporters.models import cross_entropy
 from edgeprop.exporters.optim import Optimizer
+from edgeprop.exporters.tflite import to_tflite
 from edgeprop.exporters.trace import to_onnx, trace_step
 
 CASES = [  # (n, c_in, c_out, h, w, k, stride, padding, dilation, groups)
@@ -38,6 +40,28 @@ def test_conv_gradients_match_autograd(case):
         torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-10, msg=name)
 
 
+POOLS = [  # (n, c, h, w, kernel, stride, padding, dilation, input: ties where values repeat)
+    (2, 3, 8, 8, (2, 2), (2, 2), (0, 0), (1, 1), "relu"),     # the paper's 2x2 pool after a ReLU
+    (1, 2, 9, 7, (3, 3), (2, 2), (1, 1), (1, 1), "normal"),   # overlapping windows, padding
+    (2, 2, 10, 10, (3, 2), (1, 2), (1, 0), (2, 1), "relu"),   # rectangular, dilated, stride 1
+    (1, 1, 5, 5, (2, 2), (2, 2), (0, 0), (1, 1), "normal"),   # the last row and column unused
+    (2, 2, 9, 9, (3, 3), (2, 2), (1, 1), (1, 1), "integers"),  # ties everywhere: the first max wins
+]
+
+
+@pytest.mark.parametrize("case", POOLS)
+def test_max_pool_gradient_matches_autograd(case):
+    n, c, h, w, kernel, stride, padding, dilation, values = case
+    torch.manual_seed(0)
+    x = torch.randn(n, c, h, w, dtype=torch.float64)
+    x = {"normal": x, "relu": x.clamp(min=0), "integers": x.mul(1.5).round()}[values].requires_grad_(True)
+    y = F.max_pool2d(x, kernel, stride, padding, dilation)
+    g = torch.randn_like(y)
+    want, = torch.autograd.grad(y, x, g)
+    got = max_pool2d_grad(g, x.detach(), kernel, stride, padding, dilation)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+
+
 def test_traced_step_has_no_convolution_backward():
     from torch.fx.experimental.proxy_tensor import make_fx
     conv = nn.Conv2d(2, 3, 3, stride=2, padding=1)
@@ -65,7 +89,26 @@ class SmallCNN(nn.Module):
         return self.net(z)
 
 
-def test_conv_step_graph_exports_to_onnx_and_matches_torch(tmp_path):
+def run_exported(fmt, graph, args, inputs, outputs, folder):
+    """The traced step exported as `fmt` and run by its engine: {output name: array}."""
+    feeds = [a.numpy() for a in args]
+    if fmt == "onnx":
+        model = to_onnx(graph, args, inputs, outputs, folder / "cnn_step.onnx")
+        assert {n.op_type for n in model.graph.node} >= {"Conv", "ConvTranspose", "MaxPool"}
+        session = ort.InferenceSession(str(folder / "cnn_step.onnx"), providers=["CPUExecutionProvider"])
+        return dict(zip(outputs, session.run(None, dict(zip(inputs, feeds)))))
+    from ai_edge_litert.interpreter import Interpreter
+
+    to_tflite(graph, args, folder / "cnn_step.tflite")
+    interpreter = Interpreter(model_path=str(folder / "cnn_step.tflite"))
+    ops = {op["op_name"] for op in interpreter._get_ops_details()}
+    assert ops >= {"CONV_2D", "TRANSPOSE_CONV", "MAX_POOL_2D"}, ops
+    got = interpreter.get_signature_runner()(**{f"args_{i}": a for i, a in enumerate(feeds)})
+    return {name: got[f"output_{i}"] for i, name in enumerate(outputs)}
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "tflite"])
+def test_conv_step_graph_exports_and_matches_torch(fmt, tmp_path):
     torch.manual_seed(0)
     module = SmallCNN()
     opt = Optimizer("adamw")
@@ -76,10 +119,9 @@ def test_conv_step_graph_exports_to_onnx_and_matches_torch(tmp_path):
         return cross_entropy(module(feeds["z"]), feeds["target"], feeds["mask"]), {}
 
     graph, args, inputs, outputs = trace_step(module, loss_of, None, opt, feeds)
-    model = to_onnx(graph, args, inputs, outputs, tmp_path / "cnn_step.onnx")
-    assert {n.op_type for n in model.graph.node} >= {"Conv", "ConvTranspose", "MaxPool"}
-    session = ort.InferenceSession(str(tmp_path / "cnn_step.onnx"), providers=["CPUExecutionProvider"])
-    got = dict(zip(outputs, session.run(None, {name: a.numpy() for name, a in zip(inputs, args)})))
+    backward = [str(n.target) for n in graph.graph.nodes if n.target in DECOMPOSITIONS]
+    assert not backward, f"ops without an engine lowering left in the trace: {backward}"
+    got = run_exported(fmt, graph, args, inputs, outputs, tmp_path)
     # torch eager: autograd through nn.Conv2d (its own convolution_backward), then the same update
     loss = cross_entropy(module(feeds["z"]), feeds["target"], feeds["mask"])
     grad = torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, list(module.parameters()))])

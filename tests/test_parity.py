@@ -19,24 +19,36 @@ from edgeprop.errors import EdgepropError  # noqa: E402
 from edgeprop.exporters import export, rules  # noqa: E402
 from edgeprop.exporters.optim import Optimizer  # noqa: E402
 from edgeprop.exporters.validate import validate  # noqa: E402
-from edgeprop.runtimes import get_engine  # noqa: E402
+from edgeprop.runtimes import get_engine, load_graph  # noqa: E402
 
-# (model, batch, optimizer). CNN blocks are checked with SGD over 50 free-running steps: from a
-# zero AdamW state, a conv weight whose true gradient is ~0 gets float32 cancellation noise that
-# AdamW scales to a full ±lr step, differently in each engine's convolution (measured: 3e-4 at
-# the first step, while SGD agrees to 5e-5). One AdamW CNN step from a mid-training state is
-# checked exactly in test_step_graph_matches_torch.
-CASES = [("mlp", 1, "adamw"), ("mlp", 32, "adamw"), ("mlp", 1, "sgd"), ("mlp", 32, "sgd"),
-         ("cnn", 1, "sgd"), ("cnn", 4, "adamw")]
+# (model, batch, optimizer, engine). The litert cases export every graph to .tflite as well
+# and check those (ops LiteRT lacks, or lowers differently, show up here). CNN blocks are
+# checked with SGD over 50 free-running steps: from a zero AdamW state, a conv weight whose
+# true gradient is ~0 gets float32 cancellation noise that AdamW scales to a full ±lr step,
+# differently in each engine's convolution (measured: 3e-4 at the first step, while SGD
+# agrees to 5e-5). One AdamW CNN step from a mid-training state is checked exactly in
+# test_step_graph_matches_torch.
+CASES = [("mlp", 1, "adamw", "onnxruntime"), ("mlp", 32, "adamw", "onnxruntime"), ("mlp", 1, "sgd", "onnxruntime"),
+         ("mlp", 32, "sgd", "onnxruntime"), ("cnn", 1, "sgd", "onnxruntime"), ("cnn", 4, "adamw", "onnxruntime"),
+         ("mlp", 1, "adamw", "litert"), ("mlp", 32, "sgd", "litert"), ("cnn", 4, "adamw", "litert")]
 
 
-@pytest.fixture(scope="module", params=CASES, ids=[f"{m}-batch{b}-{o}" for m, b, o in CASES])
+@pytest.fixture(scope="module", params=CASES, ids=[f"{m}-batch{b}-{o}-{e}" for m, b, o, e in CASES])
 def small_bundle(request, tmp_path_factory):
-    model, batch, opt = request.param
-    out = tmp_path_factory.mktemp("parity") / f"{model}-b{batch}-{opt}"
+    model, batch, opt, engine = request.param
+    out = tmp_path_factory.mktemp("parity") / f"{model}-b{batch}-{opt}-{engine}"
     lr = 1e-3 if opt == "adamw" else 0.05
     return bundles.load(export(out, model=model, blocks=2, width=48 if model == "mlp" else 16, batch_size=batch,
-                               optimizer=opt, lr=lr, head_lr=10 * lr, progress=False))
+                               optimizer=opt, lr=lr, head_lr=10 * lr, tflite=engine == "litert", progress=False))
+
+
+def engine_of(bundle) -> str:
+    """The engine a case checks: litert for bundles exported with their .tflite twins."""
+    return "litert" if ".tflite" in next(iter(bundle.graphs.values())).files else "onnxruntime"
+
+
+def graph_of(bundle, key):
+    return load_graph(get_engine(engine_of(bundle)), bundle, key)
 
 
 def _random_feeds(bundle, unit, rng):
@@ -92,7 +104,7 @@ def test_step_graph_matches_torch(small_bundle, role):
             state[k] = np.abs(noise) if k == "opt.v" else noise
     feeds = _random_feeds(bundle, unit, rng)
     lr, step = np.float32(unit.lr), 3
-    graph = get_engine("onnxruntime").load(bundle.graph_path(unit.step_graph))
+    graph = graph_of(bundle, unit.step_graph)
     got = graph.run({**state, **feeds, "lr": np.array(lr), "step": np.array(step, np.float32)})
     want, want_loss = _torch_step(bundle, unit, embedding, state, feeds, float(lr), step)
     assert set(got) == {"loss"} | {buffer for buffer, _ in want}
@@ -111,7 +123,7 @@ def test_inference_graph_matches_torch(small_bundle, role):
     unit = bundle.blocks[0] if role == "block" else bundle.head
     flat = init[unit.name]["param"]
     feeds = {k: v for k, v in _random_feeds(bundle, unit, rng).items() if k in ("x", "z")}
-    got = get_engine("onnxruntime").load(bundle.graph_path(unit.infer_graph)).run({"param": flat, **feeds})
+    got = graph_of(bundle, unit.infer_graph).run({"param": flat, **feeds})
     desktop = rules.from_bundle(bundle)
     module = desktop.module(unit)
     module.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in unit.unflatten(flat).items()}, strict=False)
@@ -131,7 +143,7 @@ def test_trained_weights_match_the_reference_after_50_steps(small_bundle):
     """Free-running, 50 optimizer steps of every unit: within 1e-4 of torch."""
     if small_bundle.model["kind"] == "cnn" and small_bundle.optimizer["name"] == "adamw":
         pytest.skip("AdamW from a zero state amplifies conv-gradient cancellation noise (see CASES)")
-    report = validate(small_bundle.root, steps=50, progress=False)
+    report = validate(small_bundle.root, steps=50, engine=engine_of(small_bundle), progress=False)
     assert report["lockstep"]["max_abs_diff"] <= 1e-4
     assert report["free_running"]["max_abs_diff"] <= 1e-4, report
     assert report["ok"]
@@ -208,7 +220,7 @@ def test_padded_samples_change_nothing(small_bundle):
     init, _ = bundle.initial_state()
     unit, rng = bundle.blocks[0], np.random.default_rng(3)
     feeds = _random_feeds(bundle, unit, rng)  # its last sample is masked out
-    graph = get_engine("onnxruntime").load(bundle.graph_path(unit.step_graph))
+    graph = graph_of(bundle, unit.step_graph)
     common = {**init[unit.name], "lr": np.array(1e-3, np.float32), "step": np.array(1, np.float32)}
     first = graph.run({**common, **feeds})
     for key in ("x", "z", "target"):

@@ -1,0 +1,74 @@
+"""The litert engine on a device that has no onnxruntime and no torch: ai_edge_litert in its
+own environment, and the tflite_runtime fallback (tflite-runtime 2.14, numpy < 2) in another.
+Both environments are built by scripts/engine-venv.sh, as a user would."""
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from conftest import edgeprop, engine_venv
+from edgeprop.storage import load_arrays
+
+pytest.importorskip("litert_torch")
+
+# Neither environment has these installed; importing one would fail anyway, but a module
+# that tried would show here by name.
+ABSENT = ("torch", "onnx", "onnxruntime")
+WHICH = ("import sys, numpy; import edgeprop.runtimes.litert as L; "
+         "print(L.PACKAGE, numpy.__version__, *[m for m in sys.argv[1:] if __import__('importlib.util').util"
+         ".find_spec(m)])")
+
+
+@pytest.fixture(scope="module")
+def tflite_bundle(tmp_path_factory):
+    out = tmp_path_factory.mktemp("litert") / "digits"
+    edgeprop("export", "--rule", "noprop-dt", "--data", "digits", "--blocks", "4", "--tflite", "--out", out,
+             "--quiet", torch_allowed=True)
+    return out
+
+
+def _python_facts(python):
+    import subprocess
+    proc = subprocess.run([str(python), "-c", WHICH, *ABSENT], capture_output=True, text=True, check=True)
+    package, numpy_version, *installed = proc.stdout.split()
+    return package, numpy_version, installed
+
+
+def test_litert_engine_trains_digits_without_onnxruntime(tflite_bundle, tmp_path):
+    python = engine_venv("litert")
+    package, _, installed = _python_facts(python)
+    assert package == "ai_edge_litert" and installed == [], (package, installed)
+    bundle = shutil.copytree(tflite_bundle, tmp_path / "digits")
+    edgeprop("train", bundle, "--engine", "litert", "--data", "digits", "--epochs", "15", "--quiet",
+             python=python, blocked=ABSENT)
+    report = json.loads(edgeprop("eval", bundle, "--engine", "litert", "--data", "digits", "--json",
+                                 python=python, blocked=ABSENT).stdout)
+    # measured: 0.958 (4 blocks of width 128, 15 epochs)
+    assert report["accuracy"] >= 0.92, report
+
+
+def test_tflite_runtime_fallback_runs_the_same_steps(tflite_bundle, tmp_path):
+    """tflite_runtime (numpy 1.x) takes the same steps as ai_edge_litert."""
+    trained = {}
+    for name in ("tflite-runtime", "litert"):
+        python = engine_venv(name)
+        package, numpy_version, installed = _python_facts(python)
+        assert installed == [], installed
+        if name == "tflite-runtime":
+            assert package == "tflite_runtime" and numpy_version.startswith("1."), (package, numpy_version)
+        bundle = shutil.copytree(tflite_bundle, tmp_path / name)
+        edgeprop("train", bundle, "--engine", "litert", "--data", "digits", "--epochs", "1", "--quiet",
+                 python=python, blocked=ABSENT)
+        trained[name], _ = load_arrays(bundle / "checkpoints" / "last.npz")
+    old, new = trained["tflite-runtime"], trained["litert"]
+    assert old.keys() == new.keys()
+    for key in old:
+        np.testing.assert_allclose(old[key], new[key], rtol=0, atol=1e-4, err_msg=key)
+    init, _ = load_arrays(tflite_bundle / "state" / "init.npz")
+    assert not np.allclose(old["block1/param"], init["block1/param"]), "no step was taken"
+
+
+def test_a_bundle_without_tflite_graphs_is_a_clear_error(digits_bundle):
+    proc = edgeprop("train", digits_bundle, "--engine", "litert", "--epochs", "1", check=False)
+    assert proc.returncode != 0 and "no .tflite graphs" in proc.stderr and "--tflite" in proc.stderr
