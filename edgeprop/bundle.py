@@ -6,6 +6,8 @@
                            dtype), sha256 of every file below
       graphs/*.onnx        per-unit step graphs and inference graphs
       graphs/*.tflite      the same graphs for LiteRT (bundles exported with --tflite)
+      ort_training/KEY/    onnxruntime-training artifacts of graph KEY (--ort-training):
+                           training, eval and optimizer models, checkpoint, artifacts.json
       state/init.npz       initial parameters and optimizer state of every unit, "UNIT/KEY";
                            "embedding" holds the fixed label embedding W_embed (classes × d)
       checkpoints/         written by `edgeprop train` (not covered by the manifest)
@@ -259,7 +261,7 @@ def load(path: str | Path) -> Bundle:
         if sha256_of(fpath) != digest:
             raise BundleError(f"{fpath}: sha256 does not match manifest.json (corrupt or modified file)")
     bundle = Bundle(root, manifest)
-    used = {f for g in bundle.graphs.values() for f in g.files.values()}
+    used = bundle_files(manifest)
     unchecked = sorted((used | {INIT_STATE}) - set(files))
     if unchecked:
         raise BundleError(f"{mpath}: {unchecked} used but without a checksum in 'files'")
@@ -276,10 +278,16 @@ def load(path: str | Path) -> Bundle:
     return bundle
 
 
+def bundle_files(manifest: dict) -> set[str]:
+    """Every file a manifest names: graphs in each format, onnxruntime-training artifacts."""
+    return ({f for g in manifest["graphs"].values() for f in Graph.files_of(g).values()}
+            | {f for e in manifest.get("ort_training", {}).values() for f in e["files"].values()})
+
+
 def write_manifest(root: Path, manifest: dict) -> None:
     """Fill in the checksums of every file the manifest names and write it atomically."""
     root = Path(root)
-    files = sorted({f for g in manifest["graphs"].values() for f in Graph.files_of(g).values()} | {INIT_STATE})
+    files = sorted(bundle_files(manifest) | {INIT_STATE})
     manifest = dict(manifest, schema_version=SCHEMA_VERSION,
                     files={rel: sha256_of(root / rel) for rel in files})
     write_atomic(root / MANIFEST, (json.dumps(manifest, indent=1) + "\n").encode())

@@ -54,7 +54,7 @@ def cmd_export(args) -> int:
                            width=args.width, depth=args.depth, embedding=args.embedding, embed_dim=args.embed_dim,
                            batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr, head_lr=args.head_lr,
                            weight_decay=args.weight_decay, eta=args.eta, seed=args.seed, tflite=args.tflite,
-                           force=args.force, progress=not args.quiet, **rule_options)
+                           ort_training=args.ort_training, force=args.force, progress=not args.quiet, **rule_options)
     print(f"wrote {out}")
     return 0
 
@@ -386,6 +386,9 @@ def parser() -> argparse.ArgumentParser:
                    help="noprop-ct, noprop-fm: ODE/diffusion steps at inference (default: 40; the paper: 1000)")
     e.add_argument("--tflite", action="store_true",
                    help="also write every graph as .tflite for --engine litert (needs edgeprop[tflite])")
+    e.add_argument("--ort-training", action="store_true",
+                   help="also write onnxruntime-training artifacts for --engine ort-training "
+                        "(needs scripts/engine-venv.sh ort-training)")
     e.add_argument("--force", action="store_true", help="replace an existing bundle and its checkpoints")
     common(e, engine=False)
     e.set_defaults(func=cmd_export)

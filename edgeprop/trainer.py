@@ -91,11 +91,17 @@ class Trainer:
     def __init__(self, bundle: Bundle, engine, data: Dataset, config: TrainConfig, stream_folder=None):
         self.bundle, self.engine, self.config = bundle, engine, config.check()
         self.stream_folder = stream_folder  # default: the bundle's checkpoints/stream
-        self.graphs = load_graphs(bundle, engine, {u.step_graph for u in bundle.units})
+        # An engine that trains by itself (ort-training) holds each unit's parameters and
+        # optimizer state; the trainer steps its units instead of running step graphs. The
+        # weights are copied back after every step (rules and eval read them); the optimizer
+        # slots in self.state are brought up to date by unit_state() and save().
+        self.trains_itself = getattr(engine, "trains", False)
+        self.graphs = {} if self.trains_itself else load_graphs(bundle, engine, {u.step_graph for u in bundle.units})
         self.baseline = rss.current()
         rss.reset_peak()
         self.state = self._initial_state()
         self.rule = for_bundle(bundle, data, config.seed, self._run_unit)
+        self.held = self._engine_units() if self.trains_itself else {}
         if config.order not in self.rule.orders:
             raise EdgepropError(f"--order {config.order}: rule {bundle.rule} trains in "
                                 f"{' or '.join(self.rule.orders)} order only")
@@ -119,6 +125,18 @@ class Trainer:
             return StreamedState(self.bundle, arrays, where, self.stream_folder)
         return split_state(self.bundle, arrays, where)
 
+    def _engine_units(self) -> dict:
+        """Each unit's training session in an engine that trains by itself, given its state."""
+        if hasattr(self.rule, "update"):
+            raise EdgepropError(f"engine {self.engine.name}: rule {self.bundle.rule} updates the weights itself; "
+                                "train it with onnxruntime or litert")
+        if self.config.stream:
+            raise EdgepropError(f"engine {self.engine.name} holds every unit's state itself: --stream does not apply")
+        held = {u.name: self.engine.load_unit(self.bundle, u) for u in self.bundle.units}
+        for name, unit in held.items():
+            unit.set_state(self.state[name], 0)
+        return held
+
     def _run_unit(self, unit, feeds: dict) -> dict:
         """A unit's inference graph on its current weights (chained rules in block-sequential
         order recompute earlier units' outputs with it)."""
@@ -141,7 +159,25 @@ class Trainer:
                 "lr": self.lr, "lr_schedule": c.lr_schedule, "n_batches": self.plan.n_batches,
                 "memory": {"working_set": self.working_set(), "baseline": self.baseline, "stream": c.stream}}
 
+    def unit_state(self, name: str) -> dict[str, np.ndarray]:
+        """A unit's current tensors (fetched from an engine that holds them)."""
+        if name in self.held:
+            tensors, _ = self.held[name].get_state()
+            for key, value in self.state[name].items():
+                value[...] = tensors[key]
+        return self.state[name]
+
+    def set_unit_state(self, name: str, tensors: dict[str, np.ndarray], steps: int) -> None:
+        """Start a unit's next update from these tensors, after `steps` updates (validate's
+        lock-step starts every step from the torch reference's state)."""
+        self.state[name] = {key: np.array(value, np.float32) for key, value in tensors.items()}
+        self.steps[name] = steps
+        if name in self.held:
+            self.held[name].set_state(self.state[name], steps)
+
     def save(self) -> None:
+        for name in self.held:  # the optimizer state lives in the engine
+            self.unit_state(name)
         save_arrays(self.bundle.checkpoint_path(), flat_items(self.state), self._meta())
         self.saved = self.done
 
@@ -160,6 +196,8 @@ class Trainer:
         self.done, self.steps, self.losses = int(meta["done"]), meta["steps"], meta["losses"]
         self.history = meta["history"]
         self.saved = self.done
+        for name, unit in self.held.items():
+            unit.set_state(self.state[name], self.steps[name])
 
     # -- training ----------------------------------------------------------------------------
     def step(self, i: int) -> float:
@@ -186,14 +224,20 @@ class Trainer:
 
     def _graph_step(self, unit_index: int, epoch: int, batch: int, state: dict, lr: float, n: int) -> float:
         unit = self.bundle.units[unit_index]
-        feeds = {**state, **self.rule.feeds(unit_index, epoch, batch),
-                 "lr": np.array(lr, np.float32), "step": np.array(n, np.float32)}
-        out = self.graphs[unit.step_graph].run(feeds)
+        if unit.name in self.held:
+            held = self.held[unit.name]
+            out = held.step(self.rule.feeds(unit_index, epoch, batch), lr)
+            out["next.param"] = held.params()  # the rules and eval read the weights from the state
+        else:
+            feeds = {**state, **self.rule.feeds(unit_index, epoch, batch),
+                     "lr": np.array(lr, np.float32), "step": np.array(n, np.float32)}
+            out = self.graphs[unit.step_graph].run(feeds)
         loss = float(out["loss"])
         if np.isfinite(loss):
             # In place: the engine's output buffers go back to it, and no old state lingers.
             for key, value in state.items():
-                value[...] = out[f"next.{key}"]
+                if f"next.{key}" in out:
+                    value[...] = out[f"next.{key}"]
             self.rule.observe(unit_index, epoch, batch, out)
         return loss
 

@@ -14,6 +14,7 @@ from edgeprop.errors import EdgepropError
 from edgeprop.progress import Progress
 from edgeprop.storage import new_folder, save_arrays
 
+from . import ort_training as ort_format
 from . import rules
 from . import tflite as tflite_format
 from .liveness import memory_facts
@@ -42,8 +43,8 @@ def export_graph(trace, batch: int, root: Path, rel: str, loss_output: str | Non
 
 def export(model_or_out=None, /, *, out: str | Path | None = None, rule: str = "noprop-dt", model="mlp",
            data: str = "digits", batch_size: int = 64, optimizer: str = "adamw", weight_decay: float = 1e-3,
-           momentum: float = 0.9, example_input=None, tflite: bool = False, force: bool = False,
-           progress: bool = True, **options) -> Path:
+           momentum: float = 0.9, example_input=None, tflite: bool = False, ort_training: bool = False,
+           force: bool = False, progress: bool = True, **options) -> Path:
     """Export `model` trained by `rule` on `data` as a bundle folder at `out`; return its path.
 
         export(seq, rule="local", example_input=torch.zeros(1, 1, 28, 28), out="runs/mine")
@@ -55,7 +56,9 @@ def export(model_or_out=None, /, *, out: str | Path | None = None, rule: str = "
     are those of rules.Options; rule-specific ones go to the rule.
 
     tflite=True also writes every graph as graphs/<unit>_{step,infer}.tflite for the litert
-    engine (needs the tflite extra: litert-torch).
+    engine (needs the tflite extra: litert-torch). ort_training=True also writes
+    onnxruntime-training artifacts under ort_training/ for the ort-training engine (needs
+    that package's own environment: scripts/engine-venv.sh ort-training).
 
     Files written: manifest.json, graphs/<unit>_{step,infer}.onnx, state/init.npz (see
     edgeprop.bundle). The bundle is built beside `out` and moved into place at the end, so a
@@ -76,6 +79,8 @@ def export(model_or_out=None, /, *, out: str | Path | None = None, rule: str = "
     rules.rule_module(rule)  # an unknown rule fails before any work
     if tflite:
         tflite_format.require()
+    if ort_training:
+        ort_format.training_python()
     if batch_size < 1:
         raise EdgepropError("--batch-size must be at least 1")
     out = Path(out)
@@ -95,6 +100,8 @@ def export(model_or_out=None, /, *, out: str | Path | None = None, rule: str = "
         raise EdgepropError(str(e)) from None
     spec = rules.create(opts, train)
     datasets.check(train, spec.model["input_shape"], spec.model["num_classes"])
+    if ort_training:
+        ort_format.check_trainable(spec, opt)
 
     # A rule whose device half updates the weights itself (zeroth-order) exports no step
     # graph: its units' step names the inference graph, and they have no optimizer slots.
@@ -133,6 +140,7 @@ def export(model_or_out=None, /, *, out: str | Path | None = None, rule: str = "
                                "infer_graph": f"{u.graph}_infer", "lr": u.lr, "state": state,
                                "layout": layout(u.module), "scratch": u.scratch})
         save_arrays(tmp / INIT_STATE, arrays)
+        ort = {"ort_training": ort_format.export_ort_training(spec, opt, batch_size, tmp)} if ort_training else {}
 
         write_manifest(tmp, {
             "format": "edgeprop-bundle", "rule": rule, "model": spec.model, "batch_size": batch_size,
@@ -140,7 +148,7 @@ def export(model_or_out=None, /, *, out: str | Path | None = None, rule: str = "
             "data": {"source": data, "n_train": len(train)},
             "input_norm": {"mean": float(train.x.mean(dtype=np.float64)),
                            "std": float(train.x.std(dtype=np.float64)) or 1.0},
-            "graphs": graphs, "units": units_json,
+            "graphs": graphs, "units": units_json, **ort,
             **spec.manifest})  # the rule's entries win: its own optimizer, fine-tuned weights' input_norm
         load_bundle(tmp)  # the device-side loader must accept what we wrote
     return out

@@ -89,8 +89,8 @@ def trace_infer(module: nn.Module, data: dict[str, torch.Tensor], outputs: list[
     return make_fx(infer)(*args), args, ["param", *data], list(outputs)
 
 
-def to_onnx(graph_module, args, input_names, output_names, path: Path) -> onnx.ModelProto:
-    """Export with standard ai.onnx ops only and check the result."""
+def onnx_model(module, args, input_names, output_names) -> onnx.ModelProto:
+    """torch.onnx's dynamo export of `module(*args)`, quietly, without desktop metadata."""
     # optimize=False: onnxscript's optimizer folds AdamW's `+ 1e-8` away as if it were `+ 0`
     # (a 1e-8 constant is within np.allclose's default atol of zero), which turns every
     # zero gradient into 0/0 = NaN. Seen at batch 1, where dead ReLUs make zero gradients.
@@ -99,7 +99,7 @@ def to_onnx(graph_module, args, input_names, output_names, path: Path) -> onnx.M
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     with quiet, warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        program = torch.onnx.export(graph_module, tuple(args), dynamo=True, optimize=False, verbose=False,
+        program = torch.onnx.export(module, tuple(args), dynamo=True, optimize=False, verbose=False,
                                     opset_version=ONNX_OPSET, input_names=input_names, output_names=output_names)
     model = program.model_proto
     # The exporter annotates nodes with desktop stack traces and source paths: dead weight
@@ -109,6 +109,12 @@ def to_onnx(graph_module, args, input_names, output_names, path: Path) -> onnx.M
     for value in [*model.graph.input, *model.graph.output, *model.graph.value_info]:
         del value.metadata_props[:]
     del model.metadata_props[:]
+    return model
+
+
+def to_onnx(graph_module, args, input_names, output_names, path: Path) -> onnx.ModelProto:
+    """Export with standard ai.onnx ops only and check the result."""
+    model = onnx_model(graph_module, args, input_names, output_names)
     path.parent.mkdir(parents=True, exist_ok=True)
     onnx.save_model(model, str(path))
     onnx.checker.check_model(str(path), full_check=True)

@@ -60,11 +60,11 @@ def validate(bundle_path, data: str = "digits", steps: int = 50, device: str = "
     for i in range(limit):
         index = locked.plan.item(i)[0]
         unit = bundle.units[index].name
-        locked.state[unit], locked.steps[unit] = reference.unit_state(index)
+        locked.set_unit_state(unit, *reference.unit_state(index))
         locked.step(i)
         ref_loss = reference.step(i)
         after, _ = reference.unit_state(index)
-        gap, worst = _largest(bundle, {unit: locked.state[unit]}, {unit: after})
+        gap, worst = _largest(bundle, {unit: locked.unit_state(unit)}, {unit: after})
         gap_loss = abs(locked.losses[unit] - ref_loss)
         if not (gap <= lock_gap):
             lock_gap, lock_worst = gap, f"{worst} at step {i}"

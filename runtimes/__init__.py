@@ -18,7 +18,7 @@ import numpy as np
 
 from edgeprop.errors import EdgepropError
 
-ENGINES = ("onnxruntime", "litert")
+ENGINES = ("onnxruntime", "litert", "ort-training")
 
 
 class LoadedGraph(Protocol):
@@ -39,7 +39,7 @@ def get_engine(name: str = "onnxruntime", **options) -> Engine:
     if name not in ENGINES:
         raise EdgepropError(f"unknown engine '{name}'; available: {', '.join(ENGINES)}")
     try:
-        module = importlib.import_module(f"edgeprop.runtimes.{name}")
+        module = importlib.import_module(f"edgeprop.runtimes.{name.replace('-', '_')}")
     except ImportError as e:
         raise EdgepropError(f"engine '{name}' is not installed here ({e})") from None
     return module.Engine(**options)

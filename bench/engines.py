@@ -1,0 +1,142 @@
+"""The same NoProp-DT training on every engine: throughput and peak memory, one thread.
+
+    python bench/engines.py [--seconds 4] [--rounds 3] [--out bench/results/engines.json]
+
+One bundle per batch size (1 and 32; the digits MLP, 10 blocks of width 128 and a head),
+exported with its .tflite twins, trained by:
+  onnxruntime    edgeprop's default engine (.venv)
+  litert         ai_edge_litert, in its own environment without onnxruntime or torch
+                 (.venvs/litert, built by scripts/engine-venv.sh)
+  ort-training   ONNX Runtime's training API on the bundle's per-block artifacts
+                 (.venvs/ort-training)
+  torch          the eager torch reference (nn.Module + autograd + torch.optim): what a
+                 user would otherwise run
+and ONNX Runtime's training API running end-to-end back-prop of an MLP of the same width
+and depth as one block (`--rule backprop`): the anchor a user of that API would pick.
+Each figure: training samples/s (one sample = one pass through every unit), the median of
+--rounds alternating runs, and that run's process peak RSS. Every run is a fresh process.
+Targets to report against (not asserted): the fastest engine >= 3x torch at batch 32 and
+>= 10x at batch 1.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import common  # bench/common.py: the script's folder is on sys.path
+
+ROOT = Path(__file__).resolve().parents[1]
+BATCHES = (1, 32)
+# engine -> the environment it runs in (an engine venv is built on first use)
+PYTHON = {"onnxruntime": sys.executable, "torch": sys.executable, "litert": "litert",
+          "ort-training": "ort-training"}
+
+
+def worker_throughput(bundle: str, which: str, seconds: float) -> dict:
+    from edgeprop import bundle as bundles
+    from edgeprop import datasets, rss
+    from edgeprop.trainer import TrainConfig
+    b, data = bundles.load(bundle), datasets.load("digits", "train")
+    config = TrainConfig(epochs=1000)
+    if which == "torch":
+        import torch
+        torch.set_num_threads(1)
+        from edgeprop.exporters.reference import TorchReference
+        trainer = TorchReference(b, data, config, "cpu")
+    else:
+        from edgeprop.runtimes import get_engine
+        from edgeprop.trainer import Trainer
+        trainer = Trainer(b, get_engine(which, threads=1), data, config)
+    units = len(b.units)
+    for i in range(2 * units):  # warm-up: graphs loaded, caches warm
+        trainer.step(i)
+    i, t0 = 2 * units, time.perf_counter()
+    while time.perf_counter() - t0 < seconds or (i // units) < 3:
+        for _ in range(units):  # whole batches: every unit once
+            trainer.step(i)
+            i += 1
+    elapsed = time.perf_counter() - t0
+    batches = (i - 2 * units) // units
+    return {"samples_per_s": batches * b.batch_size / elapsed, "batches": batches, "seconds": elapsed,
+            "torch_imported": "torch" in sys.modules, "onnxruntime_imported": "onnxruntime" in sys.modules,
+            "peak_rss_mb": rss.process_peak() / 2**20}
+
+
+def median(runs: list[dict]) -> dict:
+    return sorted(runs, key=lambda run: run["samples_per_s"])[len(runs) // 2]
+
+
+def engine_python(engine: str) -> str:
+    where = PYTHON[engine]
+    if where == sys.executable:
+        return where
+    subprocess.run([str(ROOT / "scripts" / "engine-venv.sh"), where], check=True)
+    return str(ROOT / ".venvs" / where / "bin" / "python")
+
+
+def spawn(engine: str, *args) -> dict:
+    return common.spawn(__file__, *args, python=engine_python(engine))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--seconds", type=float, default=4.0, help="timing window per measurement")
+    p.add_argument("--rounds", type=int, default=3, help="alternating rounds per batch size (median kept)")
+    p.add_argument("--engines", default="onnxruntime,litert,ort-training,torch")
+    p.add_argument("--out", default=str(ROOT / "bench" / "results" / "engines.json"))
+    p.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        bundle, which, seconds = args.worker
+        print(json.dumps(worker_throughput(bundle, which, float(seconds))))
+        return
+
+    from edgeprop.exporters import export
+    engines = args.engines.split(",")
+    results = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count()}, "threads": 1,
+               "model": "noprop-dt digits MLP, 10 blocks of width 128 + head; anchor: backprop MLP, same width"}
+    with tempfile.TemporaryDirectory() as tmp:
+        for batch in BATCHES:
+            print(f"export: batch {batch} ...", file=sys.stderr)
+            common_opts = {"batch_size": batch, "progress": False, "tflite": "litert" in engines,
+                           **({"ort_training": True} if "ort-training" in engines else {})}
+            noprop = str(export(Path(tmp) / f"noprop{batch}", **common_opts))
+            anchor = str(export(Path(tmp) / f"backprop{batch}", rule="backprop", width=128, depth=3,
+                                **common_opts)) if "ort-training" in engines else None
+            runs = {e: [] for e in engines}
+            anchor_runs = []
+            for r in range(args.rounds):
+                print(f"throughput: batch {batch}, round {r + 1}/{args.rounds} ...", file=sys.stderr)
+                for engine in engines:  # alternate, so a load change does not land on one engine only
+                    runs[engine].append(spawn(engine, noprop, engine, args.seconds))
+                if anchor:
+                    anchor_runs.append(spawn("ort-training", anchor, "ort-training", args.seconds))
+
+            row = {e: {**median(rs), "rounds": [x["samples_per_s"] for x in rs]} for e, rs in runs.items()}
+            if "torch" in row:
+                for e in engines:
+                    row[e]["vs_torch"] = row[e]["samples_per_s"] / row["torch"]["samples_per_s"]
+            if anchor_runs:
+                row["ort_training_backprop_anchor"] = {**median(anchor_runs),
+                                                       "rounds": [x["samples_per_s"] for x in anchor_runs]}
+            results[f"batch{batch}"] = row
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=1) + "\n")
+    for batch in BATCHES:
+        row = results[f"batch{batch}"]
+        print(f"batch {batch}: " + ", ".join(f"{e} {v['samples_per_s']:,.0f}/s ({v['peak_rss_mb']:.0f} MiB"
+                                              + (f", {v['vs_torch']:.2f}x torch)" if "vs_torch" in v else ")")
+                                              for e, v in row.items()))
+    print(f"wrote {out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
