@@ -1,3 +1,4 @@
+import platform
 import shutil
 import subprocess
 import sys
@@ -34,6 +35,19 @@ def digits_bundle(tmp_path_factory) -> Path:
     edgeprop("export", "--rule", "noprop-dt", "--model", "mlp", "--data", "digits", "--out", out, "--quiet",
              torch_allowed=True)
     return out
+
+
+@pytest.fixture(scope="session")
+def engines_bundle(tmp_path_factory) -> Path:
+    """A small NoProp-DT digits bundle (2 blocks of width 48, batch 16) with every engine's
+    files: .onnx graphs, their .tflite twins, and onnxruntime-training artifacts (x86-64)."""
+    pytest.importorskip("litert_torch")
+    from edgeprop.exporters import export
+    ort = platform.machine() == "x86_64"  # onnxruntime-training has no other wheels
+    if ort:
+        engine_venv("ort-training")
+    return export(tmp_path_factory.mktemp("engines") / "digits", blocks=2, width=48, batch_size=16, tflite=True,
+                  ort_training=ort, progress=False)
 
 
 @pytest.fixture

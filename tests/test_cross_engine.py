@@ -6,7 +6,6 @@ bit into a ±lr step), so the bundle is a small one where they stay below 1e-4 i
 each step's exactness on its own is validate's lock-step (test_parity, test_ort_training).
 """
 import json
-import platform
 import subprocess
 
 import numpy as np
@@ -18,7 +17,6 @@ pytest.importorskip("litert_torch")
 from conftest import ROOT, engine_venv  # noqa: E402
 from edgeprop import bundle as bundles  # noqa: E402
 from edgeprop import datasets  # noqa: E402
-from edgeprop.exporters import export  # noqa: E402
 from edgeprop.exporters.reference import TorchReference  # noqa: E402
 from edgeprop.runtimes import get_engine  # noqa: E402
 from edgeprop.trainer import TrainConfig, Trainer  # noqa: E402
@@ -38,9 +36,8 @@ save_arrays(sys.argv[4], {u: trainer.unit_state(u)["param"] for u in trainer.sta
 """
 
 
-def test_every_engine_trains_like_torch(tmp_path):
-    b = bundles.load(export(tmp_path / "bundle", blocks=2, width=48, batch_size=16, tflite=True,
-                            ort_training=platform.machine() == "x86_64", progress=False))
+def test_every_engine_trains_like_torch(engines_bundle, tmp_path):
+    b = bundles.load(engines_bundle)
     data, config, limit = datasets.load("digits", "train"), TrainConfig(epochs=2), STEPS * len(b.units)
     reference = TorchReference(b, data, config)
     reference.run(limit)
@@ -50,7 +47,7 @@ def test_every_engine_trains_like_torch(tmp_path):
         trainer = Trainer(b, get_engine(engine), data, config)
         trainer.run(limit=limit, progress=False, checkpoints=False)
         got[engine] = {u: trainer.state[u]["param"] for u in trainer.state}
-    if platform.machine() == "x86_64":  # onnxruntime-training has no other wheels
+    if "ort_training" in b.manifest:  # exported on x86-64 only: onnxruntime-training has no other wheels
         out = tmp_path / "ort.npz"
         subprocess.run([str(engine_venv("ort-training")), "-c", TRAIN, str(b.root), "ort-training", str(limit),
                         str(out)], check=True, cwd=ROOT, timeout=300)

@@ -46,9 +46,8 @@ def _bundle(tmp_path_factory, ort_python, name, **options):
 
 
 @pytest.fixture(scope="module")
-def noprop(tmp_path_factory, ort_python):
-    return _bundle(tmp_path_factory, ort_python, "noprop", rule="noprop-dt", model="mlp", blocks=3, width=64,
-                   batch_size=32)
+def noprop(engines_bundle, ort_python):
+    return bundles.load(engines_bundle)
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +132,7 @@ def test_noprop_trains_digits(noprop, ort_python, tmp_path):
              blocked=BLOCKED)
     report = json.loads(edgeprop("eval", copy, "--engine", "ort-training", "--json", python=ort_python,
                                  blocked=BLOCKED).stdout)
-    assert report["accuracy"] >= 0.90, report  # measured 0.944 (the onnxruntime engine: 0.944 too)
+    assert report["accuracy"] >= 0.92, report  # measured 0.958 (litert: 0.958 too)
 
 
 RESUME = """
