@@ -41,7 +41,7 @@ def _blocks(text: str | None):
 
 
 # Rule-specific `export` flags (dest names): passed to the exporter only when given.
-RULE_OPTIONS: list[str] = ["threshold", "zo_eps", "zo_directions", "zo_layers", "init", "inference_steps"]
+RULE_OPTIONS: list[str] = ["threshold", "zo_eps", "zo_directions", "zo_layers", "init", "inference_steps", "dropout"]
 
 
 def cmd_export(args) -> int:
@@ -382,6 +382,8 @@ def parser() -> argparse.ArgumentParser:
                         "initial ones): a backprop or zeroth-order bundle of the same --model/--width/--depth")
     e.add_argument("--threshold", type=float, default=None,
                    help="forward-forward: goodness threshold θ on mean(h²) (default: 2.0)")
+    e.add_argument("--dropout", type=float, default=None,
+                   help="noprop-dt --model cnn: dropout rate after each conv stage (default: 0.2, the paper's)")
     e.add_argument("--inference-steps", type=int, default=None,
                    help="noprop-ct, noprop-fm: ODE/diffusion steps at inference (default: 40; the paper: 1000)")
     e.add_argument("--tflite", action="store_true",

@@ -29,17 +29,25 @@ class MLPBlock(nn.Module):
 
 
 class CNNBlock(nn.Module):
-    """One NoProp-DT block for images (C, H, W): the paper's block without its BatchNorm and
-    dropout (research/noprop.md, "Block architecture"; the CT/FM block has none either).
+    """One NoProp-DT block for images (C, H, W): the paper's block without its BatchNorm
+    (research/noprop.md, "Block architecture"; the CT/FM block has none either).
 
-    image  conv32 3x3, ReLU, maxpool 2, conv64 3x3, ReLU, conv128 3x3, ReLU, maxpool 2, FC256
+    image  conv32 3x3, ReLU, maxpool 2, drop, conv64 3x3, ReLU, drop, conv128 3x3, ReLU,
+           maxpool 2, drop, FC256
     label  FC256, ReLU, then [FC256, ReLU, FC256] with a skip connection
     joint  FC256, ReLU, FC128, ReLU, FC(classes) on the concatenation, then softmax · W_embed
 
     The paper's convolutions are unpadded (28x28 -> 4x4x128 = 2048 features, 0.92M
     parameters per block); images under 14 pixels (8x8 digits) would shrink to nothing, so
     they get padding 1 instead.
+
+    Dropout is a product with mask inputs (0 or 1/(1-p), one per dropout site): the device
+    draws them from a seeded generator and feeds the step graph, so a graph stays a pure
+    function and the torch reference takes the very same masks. Without masks (inference,
+    or dropout 0) the block runs as in eval mode.
     """
+
+    DROP_AFTER = (2, 4, 7)  # image-path layers followed by dropout: after pool 1, conv64's ReLU, pool 2
 
     def __init__(self, image_shape: list[int], embedding: np.ndarray, width: int = 256):
         super().__init__()
@@ -59,9 +67,25 @@ class CNNBlock(nn.Module):
                                    nn.Linear(width // 2, num_classes))
         self.register_buffer("embedding", torch.as_tensor(embedding, dtype=torch.float32))
 
-    def forward(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:  # (B, C, H, W), (B, d) -> (B, d)
+    def dropout_shapes(self, image_shape: list[int]) -> list[list[int]]:
+        """Each dropout mask's shape for one sample."""
+        shapes, h = [], torch.zeros(1, *image_shape)
+        with torch.no_grad():
+            for i, layer in enumerate(self.image):
+                h = layer(h)
+                if i in self.DROP_AFTER:
+                    shapes.append(list(h.shape[1:]))
+        return shapes
+
+    def forward(self, x: torch.Tensor, z: torch.Tensor, *masks: torch.Tensor) -> torch.Tensor:
+        # (B, C, H, W), (B, d), dropout masks -> (B, d)
+        h, drops = x, iter(masks)
+        for i, layer in enumerate(self.image):
+            h = layer(h)
+            if masks and i in self.DROP_AFTER:
+                h = h * next(drops)
         label = self.label(z)
-        logits = self.joint(torch.cat([self.image(x), label + self.label_skip(label)], dim=-1))
+        logits = self.joint(torch.cat([h, label + self.label_skip(label)], dim=-1))
         return torch.softmax(logits, dim=-1) @ self.embedding
 
 

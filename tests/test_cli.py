@@ -22,15 +22,24 @@ def test_export_train_eval_on_digits_reaches_95_percent(bundle_copy):
 
 
 def test_cnn_blocks_train_on_digits_end_to_end(tmp_path):
-    """--model cnn: the paper's conv block (8x8 digits as 1x8x8 images, padded convs), 10
-    blocks of width 32, 5 epochs. Measured 88.7% (per block 67-89%); the floor leaves room."""
+    """--model cnn: the paper's conv block (8x8 digits as 1x8x8 images, padded convs) with its
+    dropout 0.2 (seeded masks fed by the device), 10 blocks of width 32, 5 epochs. Measured
+    83.1% (88.7% without dropout; per block 67-83%); the floor leaves room."""
     out = tmp_path / "cnn"
     edgeprop("export", "--model", "cnn", "--width", "32", "--out", out, "--quiet", torch_allowed=True)
     edgeprop("train", out, "--data", "digits", "--epochs", "5", "--quiet")
     report = json.loads(edgeprop("eval", out, "--data", "digits", "--json", "--runs", "3").stdout)
-    assert report["accuracy"] >= 0.8, report
+    assert report["accuracy"] >= 0.78, report
     info = edgeprop("info", out).stdout
     assert "cnn width 32" in info and "input [1, 8, 8]" in info
+
+
+def test_dropout_is_for_the_cnn_block_only(tmp_path):
+    for model, rule in (("mlp", "noprop-dt"), ("mlp", "local")):
+        proc = edgeprop("export", "--rule", rule, "--model", model, "--dropout", "0.3", "--out", tmp_path / rule,
+                        torch_allowed=True, check=False)
+        assert proc.returncode != 0 and "--dropout" in proc.stderr, proc.stderr
+        assert not (tmp_path / rule).exists()
 
 
 def test_untrained_eval_is_near_chance(digits_bundle):

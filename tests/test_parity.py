@@ -59,10 +59,13 @@ def _random_feeds(bundle, unit, rng):
     if unit.role == "head":
         return {"z": rng.standard_normal((B, d), dtype=np.float32),
                 "target": np.eye(m, dtype=np.float32)[rng.integers(0, m, B)], "mask": mask}
+    keep = 1.0 - bundle.model.get("dropout", 0.0)
+    drops = {f"drop{k + 1}": (rng.random((B, *shape)) < keep).astype(np.float32) / np.float32(keep)
+             for k, shape in enumerate(bundle.model.get("dropout_shapes", []))}
     return {"x": rng.standard_normal((B, *bundle.input_shape), dtype=np.float32),
             "z": rng.standard_normal((B, d), dtype=np.float32),
             "target": np.eye(m, dtype=np.float32)[rng.integers(0, m, B)], "mask": mask,
-            "loss_scale": np.array(bundle.schedule.weights[unit.t - 1], np.float32)}
+            "loss_scale": np.array(bundle.schedule.weights[unit.t - 1], np.float32), **drops}
 
 
 def _torch_step(bundle, unit, embedding, state, feeds, lr, step):
@@ -122,7 +125,7 @@ def test_inference_graph_matches_torch(small_bundle, role):
     init, embedding = bundle.initial_state()
     unit = bundle.blocks[0] if role == "block" else bundle.head
     flat = init[unit.name]["param"]
-    feeds = {k: v for k, v in _random_feeds(bundle, unit, rng).items() if k in ("x", "z")}
+    feeds = {k: v for k, v in _random_feeds(bundle, unit, rng).items() if k in ("x", "z")}  # no dropout: eval
     got = graph_of(bundle, unit.infer_graph).run({"param": flat, **feeds})
     desktop = rules.from_bundle(bundle)
     module = desktop.module(unit)
@@ -210,6 +213,25 @@ def test_cuda_provider_without_onnxruntime_gpu_is_a_clear_error(bundle_copy):
 def test_cuda_provider_matches_the_cuda_reference(digits_bundle):
     report = validate(digits_bundle, steps=20, device="cuda", provider="cuda", progress=False)
     assert report["ok"] and report["lockstep"]["max_abs_diff"] <= 1e-4, report
+
+
+def test_dropout_masks_drive_the_cnn_step(small_bundle):
+    """CNN blocks drop with the masks the device feeds: a zero last mask cuts the image path
+    off (the loss no longer sees x); the inference graph takes no masks (eval mode)."""
+    bundle = small_bundle
+    if "dropout_shapes" not in bundle.model:
+        pytest.skip("MLP blocks have no dropout")
+    init, _ = bundle.initial_state()
+    unit, rng = bundle.blocks[0], np.random.default_rng(4)
+    assert not any(t.name.startswith("drop") for t in bundle.graphs[unit.infer_graph].inputs)
+    feeds = {**init[unit.name], **_random_feeds(bundle, unit, rng), "lr": np.array(1e-3, np.float32),
+             "step": np.array(1, np.float32)}
+    graph = graph_of(bundle, unit.step_graph)
+    kept = float(graph.run(feeds)["loss"])
+    feeds["drop3"] = np.zeros_like(feeds["drop3"])
+    cut = float(graph.run(feeds)["loss"])
+    feeds["x"] = rng.standard_normal(feeds["x"].shape).astype(np.float32)
+    assert cut != kept and float(graph.run(feeds)["loss"]) == cut
 
 
 def test_padded_samples_change_nothing(small_bundle):

@@ -58,11 +58,13 @@ def test_blocks_are_independent(digits_bundle):
 class RecordingEngine:
     """Wraps an engine and records every array fed to any graph."""
 
+    suffix = ".onnx"
+
     def __init__(self, engine):
         self.engine, self.fed = engine, []
 
-    def load(self, path):
-        graph = self.engine.load(path)
+    def load(self, path, spec=None):
+        graph = self.engine.load(path, spec)
         outer = self
 
         class Recorded:

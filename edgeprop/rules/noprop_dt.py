@@ -28,11 +28,17 @@ class NopropDT(Rule):
             ab = sched.alpha_bar[unit.t - 1]
             z = (np.sqrt(ab) * u + np.sqrt(1 - ab) * eps).astype(np.float32)
             return {"x": normalise(self.bundle, self.x[idx]), "z": z, "target": u, "mask": mask,
-                    "loss_scale": np.array(sched.weights[unit.t - 1], np.float32)}
+                    "loss_scale": np.array(sched.weights[unit.t - 1], np.float32), **self._dropout(rng, len(idx))}
         # The head learns p(y | z_T) on z_T ~ q(z_T | y): never on a block's output.
         ab = sched.alpha_bar[-1]
         z = (np.sqrt(ab) * u + np.sqrt(1 - ab) * eps).astype(np.float32)
         return {"z": z, "target": self.onehot[y], "mask": mask}
+
+    def _dropout(self, rng, batch: int) -> dict[str, np.ndarray]:
+        """The block's dropout masks for this step (CNN blocks): 0, or 1/(1-p) for kept units."""
+        p = float(self.bundle.model.get("dropout", 0.0))
+        return {f"drop{k + 1}": ((rng.random((batch, *shape), dtype=np.float32) >= p) / np.float32(1 - p))
+                .astype(np.float32) for k, shape in enumerate(self.bundle.model.get("dropout_shapes", []))}
 
     def evaluate(self, x, y, run_unit: RunUnit, seed: int = 0, runs: int = 1) -> dict:
         """Accuracy of the full stochastic chain, averaged over `runs`, and of each block's û."""

@@ -11,6 +11,8 @@ from ..models import build_unit, cross_entropy, denoise_loss, label_embedding
 from . import Spec, UnitSpec
 
 DEFAULT_WIDTH = {"mlp": 128, "cnn": 256}
+DEFAULT_DROPOUT = {"mlp": 0.0, "cnn": 0.2}  # the paper's image path: dropout 0.2 after each conv stage
+OPTIONS = {"dropout"}
 
 
 def model_input_shape(model: str, sample_shape: tuple[int, ...]) -> list[int]:
@@ -43,9 +45,12 @@ class NopropDT:
         if unit.role == "head":
             return {"z": torch.randn(batch, dim, generator=g),
                     "target": torch.eye(classes)[torch.arange(batch) % classes], "mask": mask}
+        keep = 1.0 - self.model.get("dropout", 0.0)
+        drops = {f"drop{k + 1}": torch.full((batch, *shape), 1.0 / keep)
+                 for k, shape in enumerate(self.model.get("dropout_shapes", []))}
         return {"x": torch.randn(batch, *self.model["input_shape"], generator=g),
                 "z": torch.randn(batch, dim, generator=g), "target": torch.randn(batch, dim, generator=g),
-                "mask": mask, "loss_scale": torch.tensor(1.0)}
+                "mask": mask, "loss_scale": torch.tensor(1.0), **drops}
 
     def step_inputs(self, unit, batch):
         return self._examples(unit, batch)
@@ -60,7 +65,9 @@ class NopropDT:
     def loss(self, unit, module, feeds):
         if unit.role == "head":
             return cross_entropy(module(feeds["z"]), feeds["target"], feeds["mask"]), {}
-        return denoise_loss(module(feeds["x"], feeds["z"]), feeds["target"], feeds["mask"], feeds["loss_scale"]), {}
+        drops = [feeds[k] for k in sorted(feeds) if k.startswith("drop")]
+        return denoise_loss(module(feeds["x"], feeds["z"], *drops), feeds["target"], feeds["mask"],
+                            feeds["loss_scale"]), {}
 
 
 def create(o, train) -> Spec:
@@ -77,12 +84,17 @@ def create(o, train) -> Spec:
     except ValueError as e:
         raise EdgepropError(str(e)) from None
     sched = NoiseSchedule.cosine(blocks, eta=o.eta).check()
+    dropout = o.extra.get("dropout", DEFAULT_DROPOUT[o.model])
+    if not 0.0 <= dropout < 1.0 or (dropout and o.model != "cnn"):
+        raise EdgepropError(f"--dropout {dropout}: the CNN block takes a dropout rate in [0, 1); the MLP has none")
     model = {"kind": o.model, "input_shape": input_shape, "num_classes": classes, "embed_dim": int(emb.shape[1]),
              "embedding": o.embedding, "width": width, "blocks": blocks}
-    rule = NopropDT(model, emb)
     torch.manual_seed(o.seed)
     units = [UnitSpec(f"block{t}", "block", "block", build_unit(model, "block", emb), o.lr, t)
              for t in range(1, blocks + 1)]
+    if dropout:  # the device draws masks of these shapes for every block step
+        model.update(dropout=dropout, dropout_shapes=units[0].module.dropout_shapes(input_shape))
+    rule = NopropDT(model, emb)
     units.append(UnitSpec("head", "head", "head", build_unit(model, "head", emb), o.head_lr))
     return Spec(rule, model, units, manifest={"noise": sched.to_json()}, arrays={"embedding": emb})
 
