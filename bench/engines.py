@@ -17,6 +17,13 @@ Each figure: training samples/s (one sample = one pass through every unit), the 
 --rounds alternating runs, and that run's process peak RSS. Every run is a fresh process.
 Targets to report against (not asserted): the fastest engine >= 3x torch at batch 32 and
 >= 10x at batch 1.
+
+--fashion-cnn N,E adds the image comparison: NoProp-DT with the paper's CNN blocks (10
+blocks, width 256, dropout 0.2) vs the same CNN trained end to end by back-prop (its image
+path and joint head as one Sequential, `--rule backprop`), both on onnxruntime, batch 64,
+E epochs on the first N Fashion-MNIST training images, tested on all 10,000 test images
+(Debian's dataset-fashion-mnist). Target: NoProp-DT within 0.5 points of back-prop. One
+full-data epoch of the ten 28x28 CNN blocks takes about half an hour on a 2-core VM.
 """
 from __future__ import annotations
 
@@ -33,6 +40,7 @@ from pathlib import Path
 import common  # bench/common.py: the script's folder is on sys.path
 
 ROOT = Path(__file__).resolve().parents[1]
+FASHION = Path("/usr/share/datasets/fashion-mnist")
 BATCHES = (1, 32)
 # engine -> the environment it runs in (an engine venv is built on first use)
 PYTHON = {"onnxruntime": sys.executable, "torch": sys.executable, "litert": "litert",
@@ -73,6 +81,47 @@ def median(runs: list[dict]) -> dict:
     return sorted(runs, key=lambda run: run["samples_per_s"])[len(runs) // 2]
 
 
+def worker_train_eval(bundle: str, data: str, epochs: int) -> dict:
+    from edgeprop import bundle as bundles
+    from edgeprop import datasets
+    from edgeprop.runtimes import get_engine
+    from edgeprop.trainer import TrainConfig, Trainer, evaluate
+    b, engine = bundles.load(bundle), get_engine("onnxruntime", threads=1)
+    trainer = Trainer(b, engine, datasets.load(data, "train"), TrainConfig(epochs=epochs))
+    t0 = time.perf_counter()
+    trainer.run(progress=False, checkpoints=False)
+    seconds = time.perf_counter() - t0
+    report = evaluate(b, engine, datasets.load(data, "test"), trainer.state, runs=3 if b.rule == "noprop-dt" else 1)
+    return {"accuracy": report["accuracy"], "per_unit_accuracy": report.get("per_unit_accuracy"),
+            "train_seconds": seconds}
+
+
+def fashion_cnn(n_train: int, epochs: int, tmp: Path) -> dict:
+    """NoProp-DT CNN vs the same CNN by back-prop on the first n_train Fashion-MNIST images."""
+    import numpy as np
+    import torch
+    from torch import nn
+
+    from edgeprop import datasets
+    from edgeprop.exporters import export
+    train, test = datasets.load(str(FASHION), "train"), datasets.load(str(FASHION), "test")
+    data = tmp / "fashion.npz"
+    np.savez(data, x_train=train.x[:n_train], y_train=train.y[:n_train], x_test=test.x, y_test=test.y)
+    # The NoProp-DT block's image path and joint head (without the label path), as one network.
+    cnn = nn.Sequential(nn.Conv2d(1, 32, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(32, 64, 3), nn.ReLU(),
+                        nn.Conv2d(64, 128, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(2048, 256),
+                        nn.ReLU(), nn.Linear(256, 128), nn.ReLU(), nn.Linear(128, 10))
+    rows = {}
+    for name, options in (("backprop", {"rule": "backprop", "model": cnn, "example_input": torch.zeros(1, 1, 28, 28)}),
+                          ("noprop_dt", {"rule": "noprop-dt", "model": "cnn"})):
+        print(f"fashion cnn: {name}, {n_train} images, {epochs} epochs ...", file=sys.stderr)
+        bundle = export(out=tmp / name, data=str(data), batch_size=64, progress=False, **options)
+        rows[name] = spawn("onnxruntime", "train-eval", bundle, data, epochs)
+    rows.update(n_train=n_train, n_test=len(test), epochs=epochs,
+                noprop_minus_backprop_pp=round(100 * (rows["noprop_dt"]["accuracy"] - rows["backprop"]["accuracy"]), 2))
+    return rows
+
+
 def engine_python(engine: str) -> str:
     where = PYTHON[engine]
     if where == sys.executable:
@@ -90,20 +139,26 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=4.0, help="timing window per measurement")
     p.add_argument("--rounds", type=int, default=3, help="alternating rounds per batch size (median kept)")
     p.add_argument("--engines", default="onnxruntime,litert,ort-training,torch")
+    p.add_argument("--fashion-cnn", default=None, metavar="N,E",
+                   help="also compare NoProp-DT and back-prop CNNs: N Fashion-MNIST training images, E epochs")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "engines.json"))
     p.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
-        bundle, which, seconds = args.worker
-        print(json.dumps(worker_throughput(bundle, which, float(seconds))))
+        if args.worker[0] == "train-eval":
+            _, bundle, data, epochs = args.worker
+            print(json.dumps(worker_train_eval(bundle, data, int(epochs))))
+        else:
+            bundle, which, seconds = args.worker
+            print(json.dumps(worker_throughput(bundle, which, float(seconds))))
         return
 
     from edgeprop.exporters import export
-    engines = args.engines.split(",")
+    engines = [e for e in args.engines.split(",") if e]  # --engines "": the CNN comparison alone
     results = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count()}, "threads": 1,
                "model": "noprop-dt digits MLP, 10 blocks of width 128 + head; anchor: backprop MLP, same width"}
     with tempfile.TemporaryDirectory() as tmp:
-        for batch in BATCHES:
+        for batch in BATCHES if engines else ():
             print(f"export: batch {batch} ...", file=sys.stderr)
             common_opts = {"batch_size": batch, "progress": False, "tflite": "litert" in engines,
                            **({"ort_training": True} if "ort-training" in engines else {})}
@@ -127,14 +182,21 @@ def main() -> None:
                 row["ort_training_backprop_anchor"] = {**median(anchor_runs),
                                                        "rounds": [x["samples_per_s"] for x in anchor_runs]}
             results[f"batch{batch}"] = row
+        if args.fashion_cnn:
+            n_train, epochs = map(int, args.fashion_cnn.split(","))
+            results["fashion_cnn"] = fashion_cnn(n_train, epochs, Path(tmp))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1) + "\n")
-    for batch in BATCHES:
+    for batch in BATCHES if engines else ():
         row = results[f"batch{batch}"]
         print(f"batch {batch}: " + ", ".join(f"{e} {v['samples_per_s']:,.0f}/s ({v['peak_rss_mb']:.0f} MiB"
                                               + (f", {v['vs_torch']:.2f}x torch)" if "vs_torch" in v else ")")
                                               for e, v in row.items()))
+    if "fashion_cnn" in results:
+        f = results["fashion_cnn"]
+        print(f"fashion cnn ({f['n_train']} images, {f['epochs']} epochs): noprop-dt {f['noprop_dt']['accuracy']:.4f}, "
+              f"backprop {f['backprop']['accuracy']:.4f} ({f['noprop_minus_backprop_pp']:+.2f} points)")
     print(f"wrote {out}", file=sys.stderr)
 
 

@@ -2,6 +2,7 @@
 previous unit's detached output. Parity with torch, the Python export API on a user's
 nn.Sequential (convolutions included), refusals, and training on digits end to end."""
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -108,17 +109,16 @@ def test_unsupported_layers_and_models_are_refused(tmp_path):
     assert not any(tmp_path.iterdir())  # nothing half-written
 
 
-# Measured on digits, width 64, 2 hidden layers, batch 64, AdamW lr 1e-3, 10 epochs (test split,
-# 450 samples): local 91.6%, mono-forward 93.6%, backprop 94.0%. The floors leave ~3 pp.
-FLOORS = {"local": 0.88, "mono-forward": 0.90, "backprop": 0.90}
+# Measured on digits, the `small` bundles (width 32, 2 hidden layers; the conv model above),
+# batch 16, AdamW lr 1e-3, 5 epochs (test split, 450 samples): local 91.8%, mono-forward
+# 91.8%, backprop 93.1%, local on the conv model 93.1%. The floors leave 3-4 points.
+FLOORS = {"local": 0.88, "mono-forward": 0.88, "backprop": 0.90, "local-conv": 0.89}
 
 
-@pytest.mark.parametrize("rule", RULES)
-def test_rule_trains_digits_end_to_end_without_torch(rule, tmp_path):
-    out = tmp_path / rule
-    edgeprop("export", "--rule", rule, "--width", "64", "--out", out, "--quiet", torch_allowed=True)
-    edgeprop("train", out, "--epochs", "10", "--quiet")
+def test_rule_trains_digits_end_to_end_without_torch(small, tmp_path):
+    out = shutil.copytree(small, tmp_path / small.name)
+    edgeprop("train", out, "--epochs", "5", "--quiet")
     report = json.loads(edgeprop("eval", out, "--json").stdout)
-    assert report["accuracy"] >= FLOORS[rule], report
+    assert report["accuracy"] >= FLOORS[small.name], report
     assert len(report["per_unit_accuracy"]) == len(bundles.load(out).units)
-    assert rule in edgeprop("info", out).stdout
+    assert bundles.load(out).rule in edgeprop("info", out).stdout
