@@ -16,7 +16,12 @@ demo: $(VENV)/.installed  ## export NoProp-DT for digits, train it with onnxrunt
 	$(EDGEPROP) train runs/digits --data digits --epochs 40
 	$(EDGEPROP) eval runs/digits --data digits --runs 5
 
+# The engines that cannot share .venv get their own environments (scripts/engine-venv.sh; the
+# tests use them and would build them too).
+ENGINE_VENVS := litert tflite-runtime $(if $(filter x86_64,$(shell uname -m)),ort-training)
+
 test: $(VENV)/.installed
+	for name in $(ENGINE_VENVS); do scripts/engine-venv.sh $$name || exit 1; done
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
 
@@ -28,6 +33,7 @@ bench: $(VENV)/.installed  ## accuracy, throughput and memory vs torch: JSON und
 	$(PY) bench/noprop_digits.py
 	$(PY) bench/memory.py
 	$(PY) bench/rules.py
+	$(PY) bench/engines.py
 
 clean:
 	rm -rf runs bench/results .cache

@@ -82,11 +82,11 @@ def test_plan_adds_up(digits_bundle):
     assert p.backprop["working_set"] > p.working_set  # every block's activations and gradients at once
 
 
-def test_exported_facts_predict_another_batch_size(tmp_path):
-    """Facts of a batch-2 bundle, evaluated at batch 5, equal liveness over a batch-5 export."""
+def test_exported_facts_predict_another_batch_size(engines_bundle, tmp_path):
+    """Facts of a batch-16 bundle, evaluated at batch 5, equal liveness over a batch-5 export."""
     from edgeprop.exporters import export
-    small = bundles.load(export(tmp_path / "b2", blocks=1, width=16, batch_size=2, progress=False))
-    five = bundles.load(export(tmp_path / "b5", blocks=1, width=16, batch_size=5, progress=False))
+    small = bundles.load(engines_bundle)  # 2 blocks of width 48
+    five = bundles.load(export(tmp_path / "b5", blocks=2, width=48, batch_size=5, progress=False))
     for key in ("block_step", "head_step", "block_infer"):
         timeline, inputs, _ = live_bytes(onnx.load(five.graph_path(key)))
         facts = small.manifest["graphs"][key]["memory"]
