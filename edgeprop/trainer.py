@@ -95,13 +95,13 @@ class Trainer:
         # optimizer state; the trainer steps its units instead of running step graphs. The
         # weights are copied back after every step (rules and eval read them); the optimizer
         # slots in self.state are brought up to date by unit_state() and save().
-        self.trains_itself = getattr(engine, "trains", False)
-        self.graphs = {} if self.trains_itself else load_graphs(bundle, engine, {u.step_graph for u in bundle.units})
+        trains_itself = getattr(engine, "trains", False)
+        self.graphs = {} if trains_itself else load_graphs(bundle, engine, {u.step_graph for u in bundle.units})
         self.baseline = rss.current()
         rss.reset_peak()
         self.state = self._initial_state()
         self.rule = for_bundle(bundle, data, config.seed, self._run_unit)
-        self.held = self._engine_units() if self.trains_itself else {}
+        self.held = self._engine_units() if trains_itself else {}
         if config.order not in self.rule.orders:
             raise EdgepropError(f"--order {config.order}: rule {bundle.rule} trains in "
                                 f"{' or '.join(self.rule.orders)} order only")
@@ -224,20 +224,20 @@ class Trainer:
 
     def _graph_step(self, unit_index: int, epoch: int, batch: int, state: dict, lr: float, n: int) -> float:
         unit = self.bundle.units[unit_index]
-        if unit.name in self.held:
+        if unit.name in self.held:  # the engine keeps the optimizer slots; rules and eval read the weights
             held = self.held[unit.name]
             out = held.step(self.rule.feeds(unit_index, epoch, batch), lr)
-            out["next.param"] = held.params()  # the rules and eval read the weights from the state
+            updated = {"param": held.params()}
         else:
             feeds = {**state, **self.rule.feeds(unit_index, epoch, batch),
                      "lr": np.array(lr, np.float32), "step": np.array(n, np.float32)}
             out = self.graphs[unit.step_graph].run(feeds)
+            updated = {key: out[f"next.{key}"] for key in state}
         loss = float(out["loss"])
         if np.isfinite(loss):
             # In place: the engine's output buffers go back to it, and no old state lingers.
-            for key, value in state.items():
-                if f"next.{key}" in out:
-                    value[...] = out[f"next.{key}"]
+            for key, value in updated.items():
+                state[key][...] = value
             self.rule.observe(unit_index, epoch, batch, out)
         return loss
 

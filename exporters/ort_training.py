@@ -253,6 +253,8 @@ def check_trainable(spec, opt: Optimizer) -> None:
     if getattr(spec.rule, "step_graph", True) is False:
         raise EdgepropError("--ort-training: this rule updates the weights itself (no gradient step); "
                             "onnxruntime-training has nothing to train")
+    if spec.model.get("dropout"):  # its forward model is the inference pass: no mask inputs
+        raise EdgepropError("--ort-training does not feed dropout masks: export the CNN with --dropout 0")
     if opt.name != "adamw":
         raise EdgepropError(f"--ort-training needs --optimizer adamw: onnxruntime-training's SGD has no momentum "
                             f"and no weight decay, so it cannot match --optimizer {opt.name}")

@@ -183,7 +183,9 @@ def test_what_it_cannot_train_is_refused_before_any_work(tmp_path):
         export(tmp_path / "sgd", optimizer="sgd", ort_training=True, progress=False)
     with pytest.raises(EdgepropError, match="updates the weights itself"):
         export(tmp_path / "zo", rule="zeroth-order", ort_training=True, progress=False)
-    assert not (tmp_path / "sgd").exists() and not (tmp_path / "zo").exists()
+    with pytest.raises(EdgepropError, match="dropout"):
+        export(tmp_path / "cnn", model="cnn", ort_training=True, progress=False)
+    assert not any(tmp_path.iterdir())
 
 
 def test_graph_rewrites_for_ops_without_gradients(tmp_path):
