@@ -130,7 +130,7 @@ def deploy(bundle_path: str | Path, device: Profile, out: str | Path, engine: st
     if out.exists() and any(out.iterdir()) and not force:
         raise EdgepropError(f"{out} exists and is not empty; pass --force to replace it")
     if device.kind != "linux":
-        raise EdgepropError(f"{device.name} is a {device.kind} device: deploy to it with the MCU targets, "
+        raise EdgepropError(f"{device.name} is a {device.kind} device: deploy to it with --target c99, "
                             f"not a Python folder")
     python = python or device.python
     if not python:

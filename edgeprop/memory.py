@@ -45,6 +45,15 @@ class EngineMemory:
     first_region: int      # arena's first region, doubled at each growth; 0: exact static arena
     retains_arenas: bool   # every loaded graph keeps its own arena (else one shared arena)
     note: str
+    # An engine that trains by itself (ort-training) loads each unit's own sessions after the
+    # trainer's baseline, so they count in the working set, not the runtime: per unit
+    # per_node·nodes + copies·weights + the forward activations its training session keeps.
+    copies: int = 0        # copies of each unit's weights held by its sessions (0: the engine holds none)
+    first_session: int = 0  # bytes the engine's first session brings (its environment, thread pool)
+
+    @property
+    def holds_units(self) -> bool:
+        return self.copies > 0
 
     def arena(self, peak: int) -> int:
         """Resident bytes of the arena that serves a graph whose live tensors peak at `peak`.
@@ -76,10 +85,24 @@ ENGINES = {
     "litert": EngineMemory("litert", 45_000_000, 2_500, 0, True,
                            "runtime measured on x86-64 (ai-edge-litert 2.3, CPython 3.11); arena = liveness "
                            "peak, without XNNPACK's packed weights (measured 1.9x on the digits MLP)"),
-    # Static arenas planned by liveness; code and graphs live in flash, no interpreter.
-    "tflm": EngineMemory("tflm", 0, 0, 0, False, "arena = liveness peak (estimate until the tflm engine "
-                                                 "reports its exact arena)"),
+    # Static arenas; code and graphs live in flash, no interpreter. A bundle exported with
+    # --tflite where tflite-micro is installed carries TFLM's exact arena per graph (see
+    # tflm_arenas); without it, the liveness peak is the estimate.
+    "tflm": EngineMemory("tflm", 0, 0, 0, False, "arena = liveness peak (an estimate: export with --tflite, "
+                                                 "tflite-micro installed, for TFLM's exact arenas)"),
     "c99": EngineMemory("c99", 0, 0, 0, False, "arena = liveness peak of the generated C's static arena"),
+    # onnxruntime-training 1.19.2, numpy 2.0, CPython 3.11 on x86-64 (tests/test_ort_training.py):
+    # interpreter 11 MiB, numpy 14, edgeprop 8, onnxruntime.training 27, bundle and data 4. Its
+    # first session brings 11 MB; each unit then holds ~7.5 KB per node of its step graph (its
+    # training, eval and optimizer sessions, built twice: the trainer sets each unit's state
+    # by rebuilding it on a checkpoint) and 16 copies of its weights: params, gradients and
+    # AdamW's two moments, plus what that rebuild's checkpoint (a flatbuffer built in a
+    # buffer of 12x the weights) leaves resident. Fitted on five digits MLP bundles (2-10
+    # blocks, width 48-256, batch 16-64): each within 5% of the measured working set.
+    "ort-training": EngineMemory("ort-training", 67_300_000, 7_500, 0, True,
+                                 "each unit's own sessions, measured on x86-64 (onnxruntime-training 1.19.2): "
+                                 "7.5 KB per node + 16x its weights + its activations, after an 11 MB environment",
+                                 copies=16, first_session=11_000_000),
 }
 
 
@@ -122,6 +145,7 @@ class MemoryPlan:
     data: int             # the data set held in RAM (0 if not given)
     flash: int            # bytes kept in storage (flash on a microcontroller): weights + graph files
     backprop: dict = field(default_factory=dict)
+    engine_note: str = ""  # what the engine figures rest on: its memory model, or TFLM's measured arenas
 
     @property
     def working_set(self) -> int:
@@ -145,6 +169,18 @@ def graph_facts(bundle: Bundle, key: str) -> dict:
     return facts
 
 
+def tflm_arenas(bundle: Bundle) -> dict[str, list] | None:
+    """TFLite Micro's arena for each unit's step graph as [c, s] (bytes = c + s·B), as the
+    export measured it with the tflm engine (memory fact "tflm_arena"): exact at the bundle's
+    batch size, the slope measured at one more. None if any step graph lacks it.
+
+    Measured where the .tflite is written rather than when planning: the figure belongs to
+    the file (whose sha256 the manifest holds), and the planner must work from the manifest
+    alone on a machine without tflite-micro (its wheels are x86-64 Linux only)."""
+    arenas = {u.step_graph: graph_facts(bundle, u.step_graph).get("tflm_arena") for u in bundle.units}
+    return None if None in arenas.values() else arenas
+
+
 def plan(bundle: Bundle, batch: int | None = None, stream: bool = False, engine: str = "onnxruntime",
          data_bytes: int = 0) -> MemoryPlan:
     """Plan one training run of `bundle` at `batch` (default: the bundle's)."""
@@ -152,30 +188,48 @@ def plan(bundle: Bundle, batch: int | None = None, stream: bool = False, engine:
     if batch < 1:
         raise EdgepropError(f"batch size must be at least 1, got {batch}")
     eng = engine_memory(engine)
+    if stream and eng.holds_units:
+        raise EdgepropError(f"engine {engine} holds every unit's state itself: --stream does not apply")
+    exact = tflm_arenas(bundle) if engine == "tflm" else None
     units = []
     scratch = {u["name"]: int(u.get("scratch", 0)) for u in bundle.manifest["units"]}
     for u in bundle.units:
         facts = graph_facts(bundle, u.step_graph)
         state = sum(FLOAT * t.shape[0] for t in u.state)
         step = _peak(facts["peak"], batch)
-        units.append(UnitPlan(u.name, u.step_graph, FLOAT * u.n_params, state, step, eng.arena(step),
+        if eng.holds_units:  # the unit's own sessions: graphs, copies of its weights, kept activations
+            arena = eng.per_node * facts["nodes"] + eng.copies * FLOAT * u.n_params + _at(facts["saved"], batch)
+        else:
+            arena = _at(exact[u.step_graph], batch) if exact else eng.arena(step)
+        units.append(UnitPlan(u.name, u.step_graph, FLOAT * u.n_params, state, step, arena,
                               _at(facts["inputs"], batch) - state, scratch[u.name]))
-    graphs = {u.graph: u.engine for u in units}
-    held = sum(graphs.values()) if eng.retains_arenas else max(graphs.values())
+    graphs = {u.name if eng.holds_units else u.graph: u.engine for u in units}  # sessions per unit, or per graph
+    held = (sum(graphs.values()) if eng.retains_arenas else max(graphs.values())) + eng.first_session
     resident = sum(u.state for u in units)
     for u in units:
         u.held = u.state if stream else resident
         u.working_set = u.held + held + u.batch + u.scratch
+        if exact:
+            # TFLM's arena holds the graph's inputs and outputs too: on a microcontroller the
+            # stepping unit's state and batch live there, not beside it (the host engine's
+            # trainer keeps numpy copies; the plan is the device's).
+            u.working_set -= u.state + u.batch
     runtime = None
     if eng.runtime is not None:
         nodes = sum(graph_facts(bundle, k)["nodes"] for k in {u.step_graph for u in bundle.units})
-        runtime = eng.runtime + eng.per_node * nodes
+        runtime = eng.runtime + (0 if eng.holds_units else eng.per_node * nodes)
     files = sum(bundle.graph_path(k).stat().st_size for k in bundle.graphs)
     # In storage: every unit's weights and the graphs. Optimizer slots need no storage on a
     # microcontroller training block by block: they start at zero and end with their block.
     weights = sum(u.params for u in units)
     p = MemoryPlan(bundle.rule, batch, stream, engine, units, runtime, data_bytes, weights + files)
     p.backprop = backprop_plan(bundle, batch, eng)
+    p.engine_note = eng.note
+    if exact:
+        p.engine_note = ("TFLite Micro's exact arena per step graph, measured at export on a 64-bit host (a 32-bit "
+                   "MCU's bookkeeping is a little smaller); it holds the stepping unit's state and batch")
+        if batch != bundle.batch_size:
+            p.engine_note += f"; exact at batch {bundle.batch_size}, scaled to {batch} by its growth per sample"
     return p
 
 
@@ -257,9 +311,9 @@ def largest_batch(bundle: Bundle, fits, limit: int = 1 << 16) -> int | None:
 def fit(bundle: Bundle, budget: int | None = None, device=None, engine: str = "onnxruntime",
         data_bytes: int = 0) -> dict[str, int | None]:
     """The largest batch size that fits, for each way of holding the state."""
-    out = {}
-    for name, stream in (("all state in RAM (interleaved or block-sequential)", False),
-                         ("--stream (one unit's state in RAM)", True)):
+    out, ways = {}, [("all state in RAM (interleaved or block-sequential)", False),
+                     ("--stream (one unit's state in RAM)", True)]
+    for name, stream in ways[:1] if engine_memory(engine).holds_units else ways:  # it cannot --stream
         out[name] = largest_batch(bundle, lambda b, s=stream: check(
             plan(bundle, b, s, engine, data_bytes), budget, device).fits)
     return out
@@ -273,7 +327,7 @@ def refusal(bundle: Bundle, budget: int | None = None, device=None, stream: bool
         return None
     target = f"device {device.name} ({fmt(device.budget)} for training)" if device else f"a budget of {fmt(budget)}"
     hints = []
-    if not stream:
+    if not stream and not engine_memory(engine).holds_units:
         streamed = check(plan(bundle, stream=True, engine=engine, data_bytes=data_bytes), budget, device)
         if streamed.fits:
             hints.append(f"add --stream (then {fmt(streamed.need)} of {fmt(streamed.budget)})")

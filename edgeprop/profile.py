@@ -50,6 +50,8 @@ def report(p: MemoryPlan, verdict: Verdict | None, measured: dict | None, title:
     lines.append("")
     lines.append(f"working set   {fmt(p.working_set):>10s}   (weights and optimizer state held, the engines' "
                  f"arenas, one batch)")
+    if p.engine_note:
+        lines.append(f"  {p.engine}: {p.engine_note}")
     if measured:
         ratio = measured["working_set"] / p.working_set
         lines.append(f"  measured    {fmt(measured['working_set']):>10s}   ratio {ratio:.2f}")

@@ -22,11 +22,13 @@ from .optim import Optimizer
 from .trace import describe, flatten, layout, to_onnx, trace_infer, trace_step
 
 
-def export_graph(trace, batch: int, root: Path, rel: str, loss_output: str | None, tflite: bool = False) -> dict:
+def export_graph(trace, batch: int, root: Path, rel: str, loss_output: str | None, tflite: bool = False,
+                 planned: bool = False) -> dict:
     """Export `trace(batch)` to root/rel (ONNX; also .tflite when asked) and describe it for
     the manifest, with the memory facts the device-side planner needs. The graph is also
     traced at batch + 1 (and thrown away) so that the planner can scale every figure to
-    other batch sizes."""
+    other batch sizes. `planned`: units step with this graph, so the planner needs TFLite
+    Micro's arena for it too (measured only then: a .tflite conversion costs seconds)."""
     traced = trace(batch)
     model = to_onnx(*traced, root / rel)
     entry = describe(model, rel)
@@ -35,10 +37,15 @@ def export_graph(trace, batch: int, root: Path, rel: str, loss_output: str | Non
         tflite_format.to_tflite(traced[0], traced[1], root / entry["tflite"])
     scratch = root / ".planner" / Path(rel).name
     try:
-        bigger = to_onnx(*trace(batch + 1), scratch)
+        traced_bigger = trace(batch + 1)
+        facts = memory_facts(model, to_onnx(*traced_bigger, scratch), batch, loss_output, rel)
+        arena = tflite_format.tflm_arena(root / entry["tflite"], batch, traced_bigger,
+                                         scratch.with_suffix(".tflite")) if tflite and planned else None
+        if arena:
+            facts["tflm_arena"] = arena  # TFLite Micro's exact arena: the tflm engine's, for the planner
     finally:
         shutil.rmtree(scratch.parent, ignore_errors=True)
-    return {**entry, "memory": memory_facts(model, bigger, batch, loss_output, rel)}
+    return {**entry, "memory": facts}
 
 
 def export(model_or_out=None, /, *, out: str | Path | None = None, rule: str = "noprop-dt", model="mlp",
@@ -125,7 +132,7 @@ def export(model_or_out=None, /, *, out: str | Path | None = None, rule: str = "
                 trace = step_graph if kind == "step" else infer_graph
                 rel = f"graphs/{key}_{kind}.onnx"
                 graphs[f"{key}_{kind}"] = export_graph(trace, batch_size, tmp, rel, "loss" if kind == "step" else None,
-                                                       tflite)
+                                                       tflite, planned=kind == kinds[0])
                 bar.update(len(graphs))
         bar.close()
 

@@ -18,7 +18,7 @@ import numpy as np
 
 from edgeprop.errors import EdgepropError
 
-ENGINES = ("onnxruntime", "litert", "ort-training")
+ENGINES = ("onnxruntime", "litert", "tflm", "ort-training")
 
 
 class LoadedGraph(Protocol):

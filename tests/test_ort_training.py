@@ -178,6 +178,23 @@ def test_backprop_anchor_matches_torch_and_trains_digits(backprop, ort_python, t
     assert report["accuracy"] >= 0.93, report  # measured 0.958
 
 
+def test_memory_plan_matches_measured_and_refuses_a_budget_that_cannot_fit(noprop, ort_python, tmp_path):
+    """The planner's ort-training model (every unit's own sessions, loaded after the
+    trainer's baseline) against a few real steps: same bounds as onnxruntime's
+    (tests/test_memory.py); measured 1.05x here, 1.03x on the default 10-block bundle."""
+    report = json.loads(edgeprop("profile", noprop.root, "--engine", "ort-training", "--data", "digits", "--measure",
+                                 "--json", python=ort_python, blocked=BLOCKED).stdout)
+    plan, measured = report["plan"], report["measured"]
+    assert 0.8 <= measured["working_set"] / plan["working_set"] <= 1.2, (plan["working_set"], measured)
+    assert 0.8 <= measured["runtime_and_data"] / (plan["runtime"] + plan["data"]) <= 1.2, (plan["runtime"], measured)
+    copy = shutil.copytree(noprop.root, tmp_path / "noprop")
+    proc = edgeprop("train", copy, "--engine", "ort-training", "--budget", "8MB", python=ort_python, blocked=BLOCKED,
+                    check=False)
+    assert proc.returncode == 2 and "does not fit a budget of 7.6 MiB" in proc.stderr, proc.stderr
+    assert "short" in proc.stderr and "--stream" not in proc.stderr  # it holds every unit itself: no streaming
+    assert not (copy / "checkpoints").exists()
+
+
 def test_what_it_cannot_train_is_refused_before_any_work(tmp_path):
     with pytest.raises(EdgepropError, match="adamw"):
         export(tmp_path / "sgd", optimizer="sgd", ort_training=True, progress=False)

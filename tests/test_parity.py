@@ -153,13 +153,33 @@ def test_graphs_use_standard_onnx_ops_only(small_bundle):
 
 
 def test_trained_weights_match_the_reference_after_50_steps(small_bundle):
-    """Free-running, 50 optimizer steps of every unit: within 1e-4 of torch."""
-    if small_bundle.model["kind"] == "cnn" and small_bundle.optimizer["name"] == "adamw":
-        pytest.skip("AdamW from a zero state amplifies conv-gradient cancellation noise (see CASES)")
+    """Free-running, 50 optimizer steps of every unit. At batch 1 and with SGD: within 1e-4
+    of torch in every weight. AdamW at larger batches is chaotic (a near-zero gradient's
+    last bits decide a full ±lr step; torch against itself with rounding-sized noise drifts
+    3.9e-4 RMS on the MLP batch-32 case), so there validate's own judgement must hold: the
+    RMS gap within 10x torch's own drift."""
     report = validate(small_bundle.root, steps=50, engine=engine_of(small_bundle), progress=False)
     assert report["lockstep"]["max_abs_diff"] <= 1e-4
-    assert report["free_running"]["max_abs_diff"] <= 1e-4, report
-    assert report["ok"]
+    if small_bundle.batch_size == 1 or small_bundle.optimizer["name"] == "sgd":
+        assert report["free_running"]["max_abs_diff"] <= 1e-4, report
+    assert report["ok"], report
+
+
+def test_validate_catches_a_state_bug(engines_bundle, monkeypatch):
+    """A trainer that starts counting AdamW's steps at 1 instead of 0 (a resume-style state
+    bug) passes each lock-step, which is handed the reference's count, but its bias
+    correction is off in every weight: the free-running RMS gap must fail it."""
+    from edgeprop.trainer import Trainer
+    init = Trainer.__init__
+
+    def off_by_one(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        self.steps = {name: 1 for name in self.steps}
+
+    monkeypatch.setattr(Trainer, "__init__", off_by_one)
+    report = validate(engines_bundle, steps=20, progress=False)
+    assert report["lockstep"]["max_abs_diff"] <= 1e-4
+    assert report["free_running"]["rms"] > report["free_running"]["allowed_rms"] and not report["ok"], report
 
 
 def test_validate_catches_a_wrong_graph(engines_bundle, tmp_path):

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from edgeprop import bundle as bundles
-from edgeprop import datasets
+from edgeprop import datasets, prng
 from edgeprop.runtimes import get_engine
 from edgeprop.trainer import TrainConfig, Trainer, evaluate
 
@@ -36,9 +36,8 @@ def test_head_is_trained_on_noised_clean_labels_not_block_outputs(digits_bundle)
     state, emb = b.initial_state()
     trainer = Trainer(b, get_engine(), datasets.load("digits", "train"), TrainConfig(epochs=1))
     feeds = trainer.rule.feeds(len(b.units) - 1, 0, 0)
-    idx = np.random.default_rng([0, 0]).permutation(len(trainer.rule.y))[:b.batch_size]
-    rng = np.random.default_rng([0, 0, 0, len(b.units) - 1])
-    eps = rng.standard_normal((b.batch_size, emb.shape[1]), dtype=np.float32)
+    idx = prng.permutation(prng.key(0, prng.ORDER, 0), len(trainer.rule.y))[:b.batch_size]
+    eps = prng.normal(prng.key(0, prng.NOISE, 0, 0, len(b.units) - 1), (b.batch_size, emb.shape[1]))
     ab = b.schedule.alpha_bar[-1]
     np.testing.assert_allclose(feeds["z"], np.sqrt(ab) * emb[trainer.rule.y[idx]] + np.sqrt(1 - ab) * eps, rtol=1e-6)
 

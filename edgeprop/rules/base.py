@@ -1,8 +1,9 @@
 """What every rule shares on the device: the work plan, batches, input normalisation.
 
-Every random draw comes from a generator seeded by (seed, epoch, batch, ...): no generator
+Every random draw comes from a generator keyed by (seed, epoch, batch, ...): no generator
 state to checkpoint, and a resumed run replays exactly what an uninterrupted one would have
-drawn. The device runtime and the torch reference both take their batches from a Rule, so
+drawn. The batch order (and NoProp-DT's noise) come from edgeprop.prng, which firmware in C
+reproduces bit for bit. The device runtime and the torch reference both take their batches from a Rule, so
 the two see identical inputs step for step.
 """
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import Callable
 
 import numpy as np
 
+from .. import prng
 from ..bundle import Bundle, Unit
 from ..datasets import Dataset
 
@@ -74,7 +76,7 @@ class Rule:
         """Sample indices of one batch, padded to the graph's fixed batch size, and the mask
         that keeps the padding (copies of a real sample) out of the loss."""
         if self._perm_epoch != epoch:
-            perm = np.random.default_rng([self.seed, epoch]).permutation(len(self.y))
+            perm = prng.permutation(prng.key(self.seed, prng.ORDER, epoch), len(self.y))
             B = self.bundle.batch_size
             self._perm = np.concatenate([perm, np.zeros(self.n_batches * B - len(perm), perm.dtype)])
             self._mask = (np.arange(len(self._perm)) < len(perm)).astype(np.float32)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .. import prng
 from .base import Rule, RunUnit, normalise, padded
 
 
@@ -20,25 +21,28 @@ class NopropDT(Rule):
         idx, mask = self.batch(epoch, batch)
         y = self.y[idx]
         u = self.embedding[y]
-        rng = np.random.default_rng([self.seed, epoch, batch, index])
-        eps = rng.standard_normal(u.shape, dtype=np.float32)
+        eps = prng.normal(prng.key(self.seed, prng.NOISE, epoch, batch, index), u.shape)
         sched = self.bundle.schedule
         if unit.role == "block":
             # Block t denoises z_{t-1} ~ q(z_{t-1} | y) towards u_y.
             ab = sched.alpha_bar[unit.t - 1]
             z = (np.sqrt(ab) * u + np.sqrt(1 - ab) * eps).astype(np.float32)
             return {"x": normalise(self.bundle, self.x[idx]), "z": z, "target": u, "mask": mask,
-                    "loss_scale": np.array(sched.weights[unit.t - 1], np.float32), **self._dropout(rng, len(idx))}
+                    "loss_scale": np.array(sched.weights[unit.t - 1], np.float32),
+                    **self._dropout(epoch, batch, index, len(idx))}
         # The head learns p(y | z_T) on z_T ~ q(z_T | y): never on a block's output.
         ab = sched.alpha_bar[-1]
         z = (np.sqrt(ab) * u + np.sqrt(1 - ab) * eps).astype(np.float32)
         return {"z": z, "target": self.onehot[y], "mask": mask}
 
-    def _dropout(self, rng, batch: int) -> dict[str, np.ndarray]:
+    def _dropout(self, epoch: int, batch: int, index: int, size: int) -> dict[str, np.ndarray]:
         """The block's dropout masks for this step (CNN blocks): 0, or 1/(1-p) for kept units."""
         p = float(self.bundle.model.get("dropout", 0.0))
-        return {f"drop{k + 1}": ((rng.random((batch, *shape), dtype=np.float32) >= p) / np.float32(1 - p))
-                .astype(np.float32) for k, shape in enumerate(self.bundle.model.get("dropout_shapes", []))}
+        masks = {}
+        for k, shape in enumerate(self.bundle.model.get("dropout_shapes", [])):
+            draw = prng.uniform(prng.key(self.seed, prng.DROPOUT, epoch, batch, index, k), (size, *shape))
+            masks[f"drop{k + 1}"] = ((draw >= p) / np.float32(1 - p)).astype(np.float32)
+        return masks
 
     def evaluate(self, x, y, run_unit: RunUnit, seed: int = 0, runs: int = 1) -> dict:
         """Accuracy of the full stochastic chain, averaged over `runs`, and of each block's û."""
@@ -59,17 +63,17 @@ def predict(bundle, embedding: np.ndarray, x: np.ndarray, run_unit: RunUnit, see
     Returns (predicted classes (N,), per-block classes (T, N) read off each û_t).
     """
     B, N, d = bundle.batch_size, len(x), embedding.shape[1]
-    rng = np.random.default_rng([seed, 0x1FE2])
     preds, block_preds = [], []
     for start in range(0, N, B):
         xb, n = padded(bundle, x[start:start + B])
-        z = rng.standard_normal((B, d), dtype=np.float32)
+        z = prng.normal(prng.key(seed, prng.INFERENCE, start // B, 0), (B, d))
         per_block = []
         for unit in bundle.blocks:
             u_hat = run_unit(unit, {"x": xb, "z": z})["u_hat"]
             per_block.append(nearest_class(u_hat, embedding)[:n])
             a, b, c = bundle.schedule.coefficients(unit.t)
-            z = (a * u_hat + b * z + np.sqrt(c) * rng.standard_normal((B, d), dtype=np.float32)).astype(np.float32)
+            eps = prng.normal(prng.key(seed, prng.INFERENCE, start // B, unit.t), (B, d))
+            z = (a * u_hat + b * z + np.sqrt(c) * eps).astype(np.float32)
         logits = run_unit(bundle.head, {"z": z})["logits"]
         preds.append(np.argmax(logits, axis=1)[:n])
         block_preds.append(np.stack(per_block))
