@@ -23,13 +23,14 @@ def test_export_train_eval_on_digits_reaches_95_percent(bundle_copy):
 
 def test_cnn_blocks_train_on_digits_end_to_end(tmp_path):
     """--model cnn: the paper's conv block (8x8 digits as 1x8x8 images, padded convs) with its
-    dropout 0.2 (seeded masks fed by the device), 10 blocks of width 32, 5 epochs. Measured
-    83.1% (88.7% without dropout; per block 67-83%); the floor leaves room."""
+    dropout 0.2 (seeded masks fed by the device), 4 blocks of width 32, 5 epochs. Measured
+    81.2% (per block 69-83%; 10 blocks: 83.1%); the floor leaves room."""
     out = tmp_path / "cnn"
-    edgeprop("export", "--model", "cnn", "--width", "32", "--out", out, "--quiet", torch_allowed=True)
+    edgeprop("export", "--model", "cnn", "--width", "32", "--blocks", "4", "--out", out, "--quiet",
+             torch_allowed=True)
     edgeprop("train", out, "--data", "digits", "--epochs", "5", "--quiet")
     report = json.loads(edgeprop("eval", out, "--data", "digits", "--json", "--runs", "3").stdout)
-    assert report["accuracy"] >= 0.78, report
+    assert report["accuracy"] >= 0.75, report
     info = edgeprop("info", out).stdout
     assert "cnn width 32" in info and "input [1, 8, 8]" in info
 

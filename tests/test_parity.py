@@ -177,7 +177,7 @@ def test_validate_catches_a_state_bug(engines_bundle, monkeypatch):
         self.steps = {name: 1 for name in self.steps}
 
     monkeypatch.setattr(Trainer, "__init__", off_by_one)
-    report = validate(engines_bundle, steps=20, progress=False)
+    report = validate(engines_bundle, steps=10, progress=False)
     assert report["lockstep"]["max_abs_diff"] <= 1e-4
     assert report["free_running"]["rms"] > report["free_running"]["allowed_rms"] and not report["ok"], report
 
