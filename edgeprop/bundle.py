@@ -89,6 +89,9 @@ class View:
         return math.prod(self.shape)
 
 
+STATS = "stats"  # the state buffer of BatchNorm's running statistics
+
+
 @dataclass(frozen=True)
 class Unit:
     name: str
@@ -97,7 +100,8 @@ class Unit:
     step_graph: str      # key into Bundle.graphs
     infer_graph: str
     lr: float            # default learning rate (a step-graph input: the trainer may override it)
-    state: tuple[Tensor, ...]  # flat buffers: "param", and one per optimizer slot ("opt.m", ...)
+    state: tuple[Tensor, ...]  # flat buffers: "param", one per optimizer slot ("opt.m", ...), and
+                               # "stats" where the unit has BatchNorm (its running statistics)
     layout: tuple[View, ...]   # the named parameter tensors inside "param"
 
     @property
@@ -122,7 +126,10 @@ class Unit:
                 raise BundleError(f"{where}: unit '{self.name}': parameter '{v.name}' is not packed at offset {offset}")
             offset += v.size
         for t in self.state:
-            if t.shape != (offset,):
+            if t.name == STATS:  # BatchNorm's running statistics: a buffer of their own length
+                if len(t.shape) != 1:
+                    raise BundleError(f"{where}: unit '{self.name}': '{t.name}' must be a flat buffer")
+            elif t.shape != (offset,):
                 raise BundleError(f"{where}: unit '{self.name}': '{t.name}' has shape {list(t.shape)}, "
                                   f"the layout needs [{offset}]")
 

@@ -41,7 +41,8 @@ def _blocks(text: str | None):
 
 
 # Rule-specific `export` flags (dest names): passed to the exporter only when given.
-RULE_OPTIONS: list[str] = ["threshold", "zo_eps", "zo_directions", "zo_layers", "init", "inference_steps", "dropout"]
+RULE_OPTIONS: list[str] = ["threshold", "zo_eps", "zo_directions", "zo_layers", "init", "inference_steps", "dropout",
+                           "batchnorm"]
 
 
 def cmd_export(args) -> int:
@@ -396,6 +397,8 @@ def parser() -> argparse.ArgumentParser:
                    help="forward-forward: goodness threshold θ on mean(h²) (default: 2.0)")
     e.add_argument("--dropout", type=float, default=None,
                    help="noprop-dt --model cnn: dropout rate after each conv stage (default: 0.2, the paper's)")
+    e.add_argument("--batchnorm", action="store_true", default=None,
+                   help="noprop-dt --model cnn: the paper's BatchNorm layers (running statistics are unit state)")
     e.add_argument("--inference-steps", type=int, default=None,
                    help="noprop-ct, noprop-fm: ODE/diffusion steps at inference (default: 40; the paper: 1000)")
     e.add_argument("--tflite", action="store_true",

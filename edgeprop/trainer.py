@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import rss
-from .bundle import INIT_STATE, Bundle, flat_items, split_state
+from .bundle import INIT_STATE, STATS, Bundle, flat_items, split_state
 from .datasets import Dataset
 from .errors import EdgepropError
 from .progress import Progress
@@ -142,7 +142,7 @@ class Trainer:
         order recompute earlier units' outputs with it)."""
         if unit.infer_graph not in self._infer:
             self._infer[unit.infer_graph] = load_graph(self.engine, self.bundle, unit.infer_graph)
-        return self._infer[unit.infer_graph].run({"param": self.state[unit.name]["param"], **feeds})
+        return self._infer[unit.infer_graph].run({**infer_state(self.state[unit.name]), **feeds})
 
     def working_set(self) -> int:
         """Measured: peak resident bytes above the baseline since the graphs were loaded."""
@@ -280,6 +280,12 @@ class Trainer:
                             f"(budget {format_size(self.config.budget)}) at step {self.done}; {kept}")
 
 
+def infer_state(unit_state: dict) -> dict:
+    """What of a unit's state its inference graph takes: the weights, and BatchNorm's running
+    statistics where it has them (not the optimizer slots)."""
+    return {key: value for key, value in unit_state.items() if key in ("param", STATS)}
+
+
 def epoch_losses(history: dict[str, list[list[float]]]) -> dict[str, list[float]]:
     """Mean loss of every unit in every epoch it has trained (from a checkpoint's history)."""
     return {unit: [total / count for total, count in log if count] for unit, log in history.items()}
@@ -313,6 +319,6 @@ def evaluate(bundle: Bundle, engine, data: Dataset, state: dict, seed: int = 0, 
     graphs = load_graphs(bundle, engine, {u.infer_graph for u in bundle.units})
 
     def run_unit(unit, feeds):
-        return graphs[unit.infer_graph].run({"param": state[unit.name]["param"], **feeds})
+        return graphs[unit.infer_graph].run({**infer_state(state[unit.name]), **feeds})
 
     return {**rule.evaluate(data.x, data.y, run_unit, seed, runs, **options), "n": int(len(data)), "runs": runs}

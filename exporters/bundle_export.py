@@ -18,6 +18,7 @@ from . import ort_training as ort_format
 from . import rules
 from . import tflite as tflite_format
 from .liveness import memory_facts
+from .models import initial_stats
 from .optim import Optimizer
 from .trace import describe, flatten, layout, to_onnx, trace_infer, trace_step
 
@@ -143,6 +144,10 @@ def export(model_or_out=None, /, *, out: str | Path | None = None, rule: str = "
             arrays.update({f"{u.name}/opt.{s}": np.zeros_like(flat) for s in slots})
             state = [{"name": key, "shape": [len(flat)], "dtype": "float32"}
                      for key in ["param"] + [f"opt.{s}" for s in slots]]
+            stats = initial_stats(u.module)
+            if len(stats):  # BatchNorm's running statistics: state that steps update, not the optimizer
+                arrays[f"{u.name}/stats"] = stats
+                state.append({"name": "stats", "shape": [len(stats)], "dtype": "float32"})
             units_json.append({"name": u.name, "role": u.role, "t": u.t, "step_graph": f"{u.graph}_{kinds[0]}",
                                "infer_graph": f"{u.graph}_infer", "lr": u.lr, "state": state,
                                "layout": layout(u.module), "scratch": u.scratch})

@@ -255,6 +255,8 @@ def check_trainable(spec, opt: Optimizer) -> None:
                             "onnxruntime-training has nothing to train")
     if spec.model.get("dropout"):  # its forward model is the inference pass: no mask inputs
         raise EdgepropError("--ort-training does not feed dropout masks: export the CNN with --dropout 0")
+    if spec.model.get("batchnorm"):  # its training API updates parameters only, not running statistics
+        raise EdgepropError("--ort-training cannot carry BatchNorm's running statistics: export without --batchnorm")
     if opt.name != "adamw":
         raise EdgepropError(f"--ort-training needs --optimizer adamw: onnxruntime-training's SGD has no momentum "
                             f"and no weight decay, so it cannot match --optimizer {opt.name}")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from edgeprop.bundle import Bundle
+from edgeprop.bundle import STATS, Bundle
 from edgeprop.datasets import Dataset
 from edgeprop.errors import EdgepropError
 from edgeprop.rules import Plan, for_bundle
@@ -42,6 +42,8 @@ class TorchReference:
         self.config = config
         self.lr = base_learning_rates(bundle, config)
         self.modules, self.optimizers = [], []
+        # BatchNorm's running statistics (None: the unit has none): state the steps update.
+        self.stats = [state[u.name].get(STATS) for u in bundle.units]
         for unit in bundle.units:
             self.modules.append(self.desktop.module(unit).to(self.device, dtype))
             self._load(len(self.modules) - 1, state[unit.name]["param"])
@@ -60,8 +62,9 @@ class TorchReference:
 
     def _run_unit(self, unit, feeds: dict) -> dict:
         index = self.bundle.units.index(unit)
+        stats = [] if self.stats[index] is None else list(self._tensors({STATS: self.stats[index]}).values())
         with torch.no_grad():
-            out = self.modules[index](*self._tensors(feeds).values())
+            out = self.modules[index](*self._tensors(feeds).values(), *stats)
         out = out if isinstance(out, tuple) else (out,)
         return {k: v.cpu().float().numpy() for k, v in zip(self.desktop.infer_outputs(unit), out)}
 
@@ -76,7 +79,8 @@ class TorchReference:
             self._load(index, state["param"])
             self.steps[index] += 1
             return loss
-        feeds = self._tensors(self.rule.feeds(index, epoch, batch))
+        feeds = self.rule.feeds(index, epoch, batch)
+        feeds = self._tensors({**feeds, STATS: self.stats[index]} if self.stats[index] is not None else feeds)
         module, opt = self.modules[index], self.optimizers[index]
         opt.zero_grad(set_to_none=True)
         for group in opt.param_groups:
@@ -84,6 +88,8 @@ class TorchReference:
         loss, extras = self.desktop.loss(unit, module, feeds)
         loss.backward()
         opt.step()
+        if "next.stats" in extras:
+            self.stats[index] = extras["next.stats"].detach().cpu().numpy().astype(np.float32)
         self.rule.observe(index, epoch, batch, {k: v.cpu().float().numpy() for k, v in extras.items()})
         self.steps[index] += 1
         return float(loss.detach())
@@ -101,6 +107,8 @@ class TorchReference:
         state = {"param": np.concatenate([p.detach().cpu().numpy().reshape(-1) for p in params])}
         for slot in self.spec.slots if self.spec else ():
             state[f"opt.{slot}"] = np.concatenate([self.spec.slots_of(opt, p)[slot].reshape(-1) for p in params])
+        if self.stats[index] is not None:
+            state[STATS] = self.stats[index].copy()
         return state, self.steps[index]
 
     def params(self) -> dict[str, dict[str, np.ndarray]]:

@@ -84,7 +84,7 @@ def trace_step(module: nn.Module, loss, unit, opt: Optimizer, data: dict[str, to
         lr, n = args[-2], args[-1]
 
         def loss_of(params):
-            return loss(unit, lambda *a: torch.func.functional_call(module, params, a), feeds)
+            return loss(unit, lambda *a, **k: torch.func.functional_call(module, params, a, k), feeds)
 
         grads, (value, extras) = torch.func.grad_and_value(loss_of, has_aux=True)(_views(flat, module))
         grad = torch.cat([grads[v["name"]].reshape(-1) for v in layout(module)])

@@ -25,6 +25,7 @@ import torch
 
 from edgeprop import bundle as bundles
 from edgeprop import datasets
+from edgeprop.bundle import STATS
 from edgeprop.runtimes import get_engine
 from edgeprop.trainer import TrainConfig, Trainer
 
@@ -34,17 +35,20 @@ SENSITIVITY_FACTOR = 10.0
 
 
 def _largest(bundle, a: dict, b: dict) -> tuple[float, str]:
-    """The largest |a - b| over the buffers of b's units, and where it is, e.g.
-    "block3/param image.0.weight[3, 17]". NaN or inf counts as an infinite gap."""
+    """The largest |a - b| over the buffers of b's units (BatchNorm's running statistics:
+    relative where above 1), and where it is, e.g. "block3/param image.0.weight[3, 17]".
+    NaN or inf counts as an infinite gap."""
     units = {u.name: u for u in bundle.units}
     best, where = -1.0, ""
     for unit, buffers in b.items():
         for key, value in buffers.items():
             gap = np.abs(a[unit][key] - value)
+            if key == STATS:  # running variances grow large: relative above 1, as float32 rounds
+                gap = gap / np.maximum(1.0, np.abs(value))
             gap = np.where(np.isfinite(gap), gap, np.inf)
             i = int(np.argmax(gap))
             if gap[i] > best:
-                best, where = float(gap[i]), f"{unit}/{key} {units[unit].locate(i)}"
+                best, where = float(gap[i]), f"{unit}/{key} {units[unit].locate(i) if key != STATS else [i]}"
     return best, where
 
 

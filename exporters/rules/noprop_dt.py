@@ -7,12 +7,12 @@ import torch
 from edgeprop.errors import EdgepropError
 from edgeprop.schedule import NoiseSchedule
 
-from ..models import build_unit, cross_entropy, denoise_loss, label_embedding
+from ..models import build_unit, cross_entropy, denoise_loss, initial_stats, label_embedding
 from . import Spec, UnitSpec
 
 DEFAULT_WIDTH = {"mlp": 128, "cnn": 256}
 DEFAULT_DROPOUT = {"mlp": 0.0, "cnn": 0.2}  # the paper's image path: dropout 0.2 after each conv stage
-OPTIONS = {"dropout"}
+OPTIONS = {"dropout", "batchnorm"}
 
 
 def model_input_shape(model: str, sample_shape: tuple[int, ...]) -> list[int]:
@@ -48,15 +48,16 @@ class NopropDT:
         keep = 1.0 - self.model.get("dropout", 0.0)
         drops = {f"drop{k + 1}": torch.full((batch, *shape), 1.0 / keep)
                  for k, shape in enumerate(self.model.get("dropout_shapes", []))}
+        stats = {"stats": torch.from_numpy(initial_stats(self.module(unit)))} if self.model.get("batchnorm") else {}
         return {"x": torch.randn(batch, *self.model["input_shape"], generator=g),
-                "z": torch.randn(batch, dim, generator=g), "target": torch.randn(batch, dim, generator=g),
+                "z": torch.randn(batch, dim, generator=g), **stats, "target": torch.randn(batch, dim, generator=g),
                 "mask": mask, "loss_scale": torch.tensor(1.0), **drops}
 
     def step_inputs(self, unit, batch):
         return self._examples(unit, batch)
 
     def infer_inputs(self, unit, batch):
-        names = ("z",) if unit.role == "head" else ("x", "z")
+        names = ("z",) if unit.role == "head" else ("x", "z", "stats")
         return {k: v for k, v in self._examples(unit, batch).items() if k in names}
 
     def infer_outputs(self, unit):
@@ -66,8 +67,12 @@ class NopropDT:
         if unit.role == "head":
             return cross_entropy(module(feeds["z"]), feeds["target"], feeds["mask"]), {}
         drops = [feeds[k] for k in sorted(feeds) if k.startswith("drop")]
-        return denoise_loss(module(feeds["x"], feeds["z"], *drops), feeds["target"], feeds["mask"],
-                            feeds["loss_scale"]), {}
+        if "stats" not in feeds:
+            u_hat, extras = module(feeds["x"], feeds["z"], *drops), {}
+        else:  # BatchNorm: its running statistics go in and come out updated, as unit state
+            u_hat, stats = module(feeds["x"], feeds["z"], feeds["stats"], *drops, mask=feeds["mask"])
+            extras = {"next.stats": stats}
+        return denoise_loss(u_hat, feeds["target"], feeds["mask"], feeds["loss_scale"]), extras
 
 
 def create(o, train) -> Spec:
@@ -87,8 +92,11 @@ def create(o, train) -> Spec:
     dropout = o.extra.get("dropout", DEFAULT_DROPOUT[o.model])
     if not 0.0 <= dropout < 1.0 or (dropout and o.model != "cnn"):
         raise EdgepropError(f"--dropout {dropout}: the CNN block takes a dropout rate in [0, 1); the MLP has none")
+    batchnorm = bool(o.extra.get("batchnorm", False))
+    if batchnorm and o.model != "cnn":
+        raise EdgepropError("--batchnorm: the CNN block has the paper's BatchNorm layers; the MLP block has none")
     model = {"kind": o.model, "input_shape": input_shape, "num_classes": classes, "embed_dim": int(emb.shape[1]),
-             "embedding": o.embedding, "width": width, "blocks": blocks}
+             "embedding": o.embedding, "width": width, "blocks": blocks, **({"batchnorm": True} if batchnorm else {})}
     torch.manual_seed(o.seed)
     units = [UnitSpec(f"block{t}", "block", "block", build_unit(model, "block", emb), o.lr, t)
              for t in range(1, blocks + 1)]
