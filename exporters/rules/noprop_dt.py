@@ -48,7 +48,8 @@ class NopropDT:
         keep = 1.0 - self.model.get("dropout", 0.0)
         drops = {f"drop{k + 1}": torch.full((batch, *shape), 1.0 / keep)
                  for k, shape in enumerate(self.model.get("dropout_shapes", []))}
-        stats = {"stats": torch.from_numpy(initial_stats(self.module(unit)))} if self.model.get("batchnorm") else {}
+        # BatchNorm's running statistics as they start (the unit's own module: building one per trace is slow)
+        stats = {"stats": torch.from_numpy(initial_stats(unit.module))} if self.model.get("batchnorm") else {}
         return {"x": torch.randn(batch, *self.model["input_shape"], generator=g),
                 "z": torch.randn(batch, dim, generator=g), **stats, "target": torch.randn(batch, dim, generator=g),
                 "mask": mask, "loss_scale": torch.tensor(1.0), **drops}
