@@ -19,6 +19,9 @@ A profile file (see rpi4.toml for a commented example):
     engines = ["onnxruntime"]
     psram = "8 MiB"           # optional: external RAM (MCUs), where weights may live
     python = "3.11"           # optional: the device's Python (linux), for deploy
+    vector_width = 16         # optional, x86 only: floats per vector (16 with AVX-512, 8 with
+                              # AVX2), the block onnxruntime's NCHWc layout pads conv channels to;
+                              # ARM profiles leave it out (no NCHWc there)
 
 Sources for every shipped figure are comments in each file.
 """
@@ -53,6 +56,7 @@ class Profile:
     engines: tuple[str, ...]
     psram: int = 0
     python: str | None = None
+    vector_width: int | None = None
     source: str = ""
 
     @property
@@ -62,16 +66,17 @@ class Profile:
 
 
 REQUIRED = ("name", "title", "kind", "arch", "cores", "ram", "flash", "train_share", "float_formats", "engines")
+OPTIONAL = ("psram", "python", "vector_width")
 
 
 def _profile(data: dict, where: str) -> Profile:
     missing = [f for f in REQUIRED if f not in data]
     if missing:
         raise EdgepropError(f"{where}: device profile lacks field(s) {', '.join(missing)}")
-    unknown = sorted(set(data) - set(REQUIRED) - {"psram", "python"})
+    unknown = sorted(set(data) - set(REQUIRED) - set(OPTIONAL))
     if unknown:
         raise EdgepropError(f"{where}: unknown field(s) {', '.join(unknown)} (known: "
-                            f"{', '.join(REQUIRED)}, psram, python)")
+                            f"{', '.join(REQUIRED + OPTIONAL)})")
 
     def text(field):
         if not isinstance(data[field], str) or not data[field]:
@@ -95,12 +100,15 @@ def _profile(data: dict, where: str) -> Profile:
     python = data.get("python")
     if python is not None and not (isinstance(python, str) and re.fullmatch(r"3\.\d+", python)):
         raise EdgepropError(f"{where}: field 'python' must look like \"3.11\", got {python!r}")
+    width = data.get("vector_width")
+    if width is not None and (not isinstance(width, int) or isinstance(width, bool) or width not in (4, 8, 16)):
+        raise EdgepropError(f"{where}: field 'vector_width' must be 4, 8 or 16 (floats per vector), got {width!r}")
     return Profile(name=text("name"), title=text("title"), kind=data["kind"], arch=text("arch"), cores=cores,
                    ram=parse_size(data["ram"], f"{where}: field 'ram'"),
                    flash=parse_size(data["flash"], f"{where}: field 'flash'"),
                    train_share=float(share), float_formats=names("float_formats"), engines=names("engines"),
                    psram=parse_size(data["psram"], f"{where}: field 'psram'") if "psram" in data else 0,
-                   python=python, source=where)
+                   python=python, vector_width=width, source=where)
 
 
 def read_profile(path: str | Path) -> Profile:

@@ -19,7 +19,20 @@ from .state import STREAM_FOLDER
 def _engine(args):
     from .runtimes import get_engine
     options = {"provider": args.provider} if args.provider != "cpu" else {}
+    if args.ort_optimization:
+        if args.engine != "onnxruntime":
+            raise EdgepropError(f"--ort-optimization is onnxruntime's; engine {args.engine} has no such levels")
+        options["optimization"] = args.ort_optimization
     return get_engine(args.engine, threads=args.threads, **options)
+
+
+def _vector_width(args, device) -> int | None:
+    """The NCHWc block the planner pads conv activations to: only where onnxruntime will use
+    that layout (--ort-optimization layout or all) on an x86 CPU: the device's, else this host's."""
+    if args.ort_optimization not in ("layout", "all"):
+        return None
+    from .cpu import host_vector_width
+    return device.vector_width if device is not None else host_vector_width()
 
 
 def _data(bundle, source: str, split: str):
@@ -110,7 +123,7 @@ def cmd_train(args) -> int:
     if budget is not None or device is not None:  # before any state is loaded or written
         from .memory import refusal
         why = refusal(bundle, budget, device, stream=args.stream, engine=args.engine,
-                      data_bytes=data.nbytes)
+                      data_bytes=data.nbytes, vector_width=_vector_width(args, device))
         if why:
             raise EdgepropError(why)
     trainer = Trainer(bundle, _engine(args), data, config)
@@ -251,7 +264,8 @@ def cmd_profile(args) -> int:
     data_bytes = data.nbytes if data is not None else 0
     if device is not None and device.kind == "mcu" and not args.stream:
         args.stream = True  # bare metal: weights stay in flash, one unit's state in SRAM
-    p = memory.plan(bundle, args.batch_size, args.stream, engine, data_bytes)
+    width = _vector_width(args, device)
+    p = memory.plan(bundle, args.batch_size, args.stream, engine, data_bytes, width)
     verdict = memory.check(p, budget, device) if (budget or device) else None
     measured = None
     if args.measure:
@@ -262,9 +276,10 @@ def cmd_profile(args) -> int:
             raise EdgepropError("--measure trains a few real steps: give --data")
         from .runtimes import get_engine
         from .trainer import TrainConfig
-        measured = measure(bundle, get_engine(engine, threads=args.threads), data,
+        options = {"optimization": args.ort_optimization} if args.ort_optimization else {}
+        measured = measure(bundle, get_engine(engine, threads=args.threads, **options), data,
                            TrainConfig(epochs=1, stream=args.stream), args.steps)
-    fits = memory.fit(bundle, budget, device, engine, data_bytes) if args.fit and verdict else None
+    fits = memory.fit(bundle, budget, device, engine, data_bytes, width) if args.fit and verdict else None
     if args.fit and not verdict:
         raise EdgepropError("--fit needs a --budget or a --device to fit into")
     if args.plot:
@@ -313,10 +328,11 @@ def cmd_deploy(args) -> int:
 def _profile_onnx(args, budget, device, engine: str) -> int:
     _desktop_onnx()
     from .exporters.model_memory import onnx_report
-    report = onnx_report(args.bundle, args.batch_size, engine=engine)
+    report = onnx_report(args.bundle, args.batch_size, engine=engine, vector_width=_vector_width(args, device))
     if args.measure:
         from .exporters.model_memory import measure_onnx
-        report["measured_arena"] = measure_onnx(args.bundle, report["batch"])
+        report["measured_arena"] = measure_onnx(args.bundle, report["batch"],
+                                                optimization=args.ort_optimization or "extended")
     verdict = None
     if budget or device:
         from . import memory
@@ -358,6 +374,12 @@ def parser() -> argparse.ArgumentParser:
             sp.add_argument("--threads", type=int, default=1, help="engine threads (default: 1)")
             sp.add_argument("--provider", default="cpu", choices=["cpu", "cuda"],
                             help="onnxruntime execution provider: cuda runs the graphs on a GPU (onnxruntime-gpu)")
+            ort_optimization(sp)
+
+    def ort_optimization(sp):
+        sp.add_argument("--ort-optimization", default=None, choices=["disabled", "basic", "extended", "layout", "all"],
+                        help="onnxruntime's graph optimisation level (default: extended; layout and all add the "
+                             "NCHWc conv layout on x86, which the planner pads for: more memory, no faster steps)")
 
     e = sub.add_parser("export", help="export a model as a bundle of per-block training graphs (desktop)")
     e.add_argument("--rule", default="noprop-dt",
@@ -480,6 +502,7 @@ def parser() -> argparse.ArgumentParser:
     pr.add_argument("--json", action="store_true")
     pr.add_argument("--engine", default=None, help="default: onnxruntime, or the device's first engine")
     pr.add_argument("--threads", type=int, default=1)
+    ort_optimization(pr)
     pr.set_defaults(func=cmd_profile)
 
     dp = sub.add_parser("deploy", help="write a folder that sets up and trains offline on a Linux device")

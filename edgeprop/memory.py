@@ -182,8 +182,10 @@ def tflm_arenas(bundle: Bundle) -> dict[str, list] | None:
 
 
 def plan(bundle: Bundle, batch: int | None = None, stream: bool = False, engine: str = "onnxruntime",
-         data_bytes: int = 0) -> MemoryPlan:
-    """Plan one training run of `bundle` at `batch` (default: the bundle's)."""
+         data_bytes: int = 0, vector_width: int | None = None) -> MemoryPlan:
+    """Plan one training run of `bundle` at `batch` (default: the bundle's). `vector_width`:
+    onnxruntime runs convolutions in its NCHWc layout with blocks of that many floats (its
+    LAYOUT/ALL levels on x86; the export stored each conv graph's peak for widths 8 and 16)."""
     batch = bundle.batch_size if batch is None else int(batch)
     if batch < 1:
         raise EdgepropError(f"batch size must be at least 1, got {batch}")
@@ -196,7 +198,8 @@ def plan(bundle: Bundle, batch: int | None = None, stream: bool = False, engine:
     for u in bundle.units:
         facts = graph_facts(bundle, u.step_graph)
         state = sum(FLOAT * t.shape[0] for t in u.state)
-        step = _peak(facts["peak"], batch)
+        blocked = facts.get("nchwc_peak", {}).get(str(vector_width)) if engine == "onnxruntime" else None
+        step = _peak(blocked or facts["peak"], batch)
         if eng.holds_units:  # the unit's own sessions: graphs, copies of its weights, kept activations
             arena = eng.per_node * facts["nodes"] + eng.copies * FLOAT * u.n_params + _at(facts["saved"], batch)
         else:
@@ -309,29 +312,29 @@ def largest_batch(bundle: Bundle, fits, limit: int = 1 << 16) -> int | None:
 
 
 def fit(bundle: Bundle, budget: int | None = None, device=None, engine: str = "onnxruntime",
-        data_bytes: int = 0) -> dict[str, int | None]:
+        data_bytes: int = 0, vector_width: int | None = None) -> dict[str, int | None]:
     """The largest batch size that fits, for each way of holding the state."""
     out, ways = {}, [("all state in RAM (interleaved or block-sequential)", False),
                      ("--stream (one unit's state in RAM)", True)]
     for name, stream in ways[:1] if engine_memory(engine).holds_units else ways:  # it cannot --stream
         out[name] = largest_batch(bundle, lambda b, s=stream: check(
-            plan(bundle, b, s, engine, data_bytes), budget, device).fits)
+            plan(bundle, b, s, engine, data_bytes, vector_width), budget, device).fits)
     return out
 
 
 def refusal(bundle: Bundle, budget: int | None = None, device=None, stream: bool = False,
-            engine: str = "onnxruntime", data_bytes: int = 0) -> str | None:
+            engine: str = "onnxruntime", data_bytes: int = 0, vector_width: int | None = None) -> str | None:
     """None if the run fits; else what does not fit, by how much, and what would."""
-    verdict = check(plan(bundle, stream=stream, engine=engine, data_bytes=data_bytes), budget, device)
+    verdict = check(plan(bundle, None, stream, engine, data_bytes, vector_width), budget, device)
     if verdict.fits:
         return None
     target = f"device {device.name} ({fmt(device.budget)} for training)" if device else f"a budget of {fmt(budget)}"
     hints = []
     if not stream and not engine_memory(engine).holds_units:
-        streamed = check(plan(bundle, stream=True, engine=engine, data_bytes=data_bytes), budget, device)
+        streamed = check(plan(bundle, None, True, engine, data_bytes, vector_width), budget, device)
         if streamed.fits:
             hints.append(f"add --stream (then {fmt(streamed.need)} of {fmt(streamed.budget)})")
-    for how, batch in fit(bundle, budget, device, engine, data_bytes).items():
+    for how, batch in fit(bundle, budget, device, engine, data_bytes, vector_width).items():
         hints.append(f"{how}: export again with --batch-size {batch} or less" if batch else f"{how}: no batch size")
     return f"{bundle.root} does not fit {target}: " + "; ".join(verdict.problems) + ". What would fit: " + \
         "; ".join(hints)

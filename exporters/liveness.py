@@ -57,33 +57,139 @@ def tensor_bytes(model: onnx.ModelProto, where: str = "graph") -> dict[str, int]
     return sizes
 
 
+# onnxruntime fuses an activation into the Conv before it (ConvActivationFusion, EXTENDED
+# level and above): the activation writes no buffer of its own.
+FUSED_ACTIVATIONS = {"Relu", "Sigmoid", "Tanh", "LeakyRelu", "Clip", "HardSigmoid"}
+# Ops the NCHWc layout (onnxruntime's LAYOUT and ALL levels on x86) runs blocked: a blocked
+# input gives a blocked output, with channels padded to the block like the input's.
+BLOCKED_OPS = FUSED_ACTIVATIONS | {"Add", "Sum", "Mul", "Concat", "MaxPool", "AveragePool", "GlobalMaxPool",
+                                  "GlobalAveragePool", "BatchNormalization", "Resize", "Upsample"}
+
+
+NCHWC_WIDTHS = (8, 16)  # AVX2 and AVX-512
+
+
+class _Node:
+    """A node as the engine runs it: op, inputs, outputs (a rewrite may add reorder copies)."""
+    def __init__(self, op_type: str, inputs, outputs):
+        self.op_type, self.input, self.output = op_type, list(inputs), list(outputs)
+
+
+def _channels(model: onnx.ModelProto) -> dict[str, int]:
+    """Channel count (axis 1) of every 4-D value shape inference gave a shape."""
+    g = onnx.shape_inference.infer_shapes(model, data_prop=True).graph
+    out = {}
+    for v in [*g.input, *g.value_info, *g.output]:
+        dims = v.type.tensor_type.shape.dim
+        if len(dims) == 4 and dims[1].HasField("dim_value"):
+            out[v.name] = dims[1].dim_value
+    return out
+
+
+def engine_graph(model: onnx.ModelProto, sizes: dict[str, int], vector_width: int | None = None):
+    """The graph's nodes as onnxruntime runs them, and the bytes of every value.
+
+    Two of onnxruntime's rewrites change what is live: an activation fused into its Conv
+    (at the EXTENDED level, edgeprop's default, and above), and, at LAYOUT/ALL on x86 with a
+    `vector_width` (floats per block: 16 with AVX-512, 8 with AVX2), the NCHWc layout: a
+    Conv with constant 4-D weights (and every MaxPool) runs on channel blocks, its output
+    padded to a whole number of blocks; ops in BLOCKED_OPS carry the blocked layout on, and
+    before any other reader a reorder writes an NCHW copy. A Conv reading an NCHW input of
+    `vector_width` or more channels (and a MaxPool reading any) first makes a padded copy."""
+    g = model.graph
+    constants = {i.name for i in g.initializer} | {o for n in g.node if n.op_type == "Constant" for o in n.output}
+    readers: dict[str, int] = {}
+    for node in g.node:
+        for name in node.input:
+            readers[name] = readers.get(name, 0) + 1
+    outputs = {v.name for v in g.output}
+    made_by = {o: n for n in g.node for o in n.output}
+    nodes, sizes, made = [], dict(sizes), {}
+    fused: dict[str, str] = {}  # activation output -> the conv output it replaces
+    for node in g.node:
+        src = made_by.get(node.input[0]) if node.input else None
+        if (node.op_type in FUSED_ACTIVATIONS and src is not None and src.op_type == "Conv"
+                and readers.get(node.input[0]) == 1 and node.input[0] not in outputs):
+            fused[node.output[0]] = node.input[0]
+            made[node.input[0]].output = [node.output[0]]  # the conv writes the activation's output
+            sizes[node.output[0]] = sizes[node.input[0]]
+            continue
+        nodes.append(_Node(node.op_type, node.input, node.output))
+        made.update((o, nodes[-1]) for o in node.output)
+    if not vector_width or vector_width <= 1:
+        return nodes, sizes
+    channels = _channels(model)
+
+    def padded(name):
+        c = channels.get(fused.get(name, name))
+        return None if not c else sizes[name] * (-(-c // vector_width) * vector_width) // c
+
+    blocked: dict[str, str] = {}   # NCHW name -> name of its blocked twin
+    out_nodes: list[_Node] = []
+    for node in nodes:
+        ins = list(node.input)
+        if node.op_type in ("Conv", "MaxPool") and node.input and node.input[0] in channels \
+                and len(node.output) == 1 and node.output[0] not in outputs:
+            w = node.input[1] if node.op_type == "Conv" and len(node.input) > 1 else None
+            if node.op_type == "MaxPool" or (w in constants and sizes.get(w)):
+                x = ins[0]
+                if x not in blocked and (node.op_type == "MaxPool" or channels[x] >= vector_width):
+                    copy = x + "#nchwc"
+                    sizes[copy] = padded(x) or sizes[x]
+                    out_nodes.append(_Node("ReorderInput", [x], [copy]))
+                    ins[0] = copy
+                elif x in blocked:
+                    ins[0] = blocked[x]
+                twin = node.output[0] + "#nchwc"
+                sizes[twin] = padded(node.output[0]) or sizes[node.output[0]]
+                blocked[node.output[0]] = twin
+                out_nodes.append(_Node(node.op_type, ins, [twin]))
+                continue
+        if node.op_type in BLOCKED_OPS and ins and all(i in blocked for i in ins if i not in constants) \
+                and any(i in blocked for i in ins) and node.output[0] not in outputs:
+            twin = node.output[0] + "#nchwc"
+            sizes[twin] = padded(node.output[0]) or sizes[node.output[0]]
+            blocked[node.output[0]] = twin
+            out_nodes.append(_Node(node.op_type, [blocked.get(i, i) for i in ins], [twin]))
+            continue
+        for name in ins:  # an NCHW reader of a blocked value: reorder it back once
+            if name in blocked and not any(name in n.output for n in out_nodes):
+                out_nodes.append(_Node("ReorderOutput", [blocked[name]], [name]))
+        out_nodes.append(_Node(node.op_type, ins, node.output))
+    for name in outputs & set(blocked):
+        out_nodes.append(_Node("ReorderOutput", [blocked[name]], [name]))
+    return out_nodes, sizes
+
+
 def live_bytes(model: onnx.ModelProto, where: str = "graph",
-               sizes: dict[str, int] | None = None) -> tuple[list[int], int, int]:
+               sizes: dict[str, int] | None = None, vector_width: int | None = None) -> tuple[list[int], int, int]:
     """(live bytes while each node runs, bytes of the graph inputs, bytes of constants);
-    `sizes` from tensor_bytes when the caller already has them."""
+    `sizes` from tensor_bytes when the caller already has them. The nodes are those
+    onnxruntime runs (see engine_graph; `vector_width` for its NCHWc layout)."""
     g = model.graph
     flow = sorted({n.op_type for n in g.node} & CONTROL_FLOW)
     if flow:
         raise ValueError(f"{where}: control flow ({', '.join(flow)}) is not supported by the planner")
     sizes = sizes if sizes is not None else tensor_bytes(model, where)
+    nodes, sizes = engine_graph(model, sizes, vector_width)
     inputs = {v.name for v in g.input}
     constants = {i.name for i in g.initializer} | {o for n in g.node if n.op_type == "Constant" for o in n.output}
     outputs = {v.name for v in g.output}
     # Each value's buffer: its own, or (for a view) the buffer it views.
     buffer = {}
-    for node in g.node:
+    for node in nodes:
         for name in node.output:
             viewed = node.input[0] if node.op_type in ALIASES and node.input else None
             buffer[name] = buffer.get(viewed, viewed) if viewed is not None else name
     last_use, kept = {}, set()
-    for i, node in enumerate(g.node):
+    for i, node in enumerate(nodes):
         for name in node.input:
             last_use[buffer.get(name, name)] = i
     for name in outputs:
         kept.add(buffer.get(name, name))
     timeline, live = [], 0
     freed_after: dict[int, list[str]] = {}
-    for i, node in enumerate(g.node):
+    for i, node in enumerate(nodes):
         for name in node.output:
             if not name or name in constants or buffer[name] != name:
                 continue
@@ -127,15 +233,24 @@ def memory_facts(at_batch: onnx.ModelProto, at_next_batch: onnx.ModelProto, batc
       constants  bytes of the graph's constant tensors (held by the engine)
       nodes      number of nodes
     """
-    t0, in0, const = live_bytes(at_batch, where)
-    t1, in1, _ = live_bytes(at_next_batch, where)
+    s0, s1 = tensor_bytes(at_batch, where), tensor_bytes(at_next_batch, where)
+    t0, in0, const = live_bytes(at_batch, where, s0)
+    t1, in1, _ = live_bytes(at_next_batch, where, s1)
     if len(t0) != len(t1):
         raise ValueError(f"{where}: the graph traced at batch {batch} and {batch + 1} differ in structure "
                          f"({len(t0)} vs {len(t1)} nodes); cannot plan other batch sizes")
     facts = {"batch": batch, "peak": _frontier([_affine(a, b, batch) for a, b in zip(t0, t1)]),
-             "inputs": _affine(in0, in1, batch), "constants": const, "nodes": len(t0)}
+             "inputs": _affine(in0, in1, batch), "constants": const, "nodes": len(at_batch.graph.node)}
+    # The peak under onnxruntime's NCHWc layout, per vector width, where it differs.
+    blockable = any(n.op_type in ("Conv", "MaxPool") for n in at_batch.graph.node)
+    for width in NCHWC_WIDTHS if blockable else ():
+        w0, w1 = live_bytes(at_batch, where, s0, width)[0], live_bytes(at_next_batch, where, s1, width)[0]
+        peak = _frontier([_affine(a, b, batch) for a, b in zip(w0, w1)])
+        if peak != facts["peak"]:
+            facts.setdefault("nchwc_peak", {})[str(width)] = peak
     if loss_output is not None:
-        i = next(i for i, n in enumerate(at_batch.graph.node) if loss_output in n.output)
+        nodes, _ = engine_graph(at_batch, s0)
+        i = next(i for i, n in enumerate(nodes) if loss_output in n.output)
         facts["saved"] = _affine(t0[i], t1[i], batch)
     else:
         facts["saved"] = _affine(_made(at_batch, where), _made(at_next_batch, where), batch)

@@ -54,7 +54,10 @@ def _static_batch(model: onnx.ModelProto) -> int | None:
     return None
 
 
-def onnx_report(path: str | Path, batch: int | None = None, engine: str = "onnxruntime") -> dict:
+def onnx_report(path: str | Path, batch: int | None = None, engine: str = "onnxruntime",
+                vector_width: int | None = None) -> dict:
+    """The model's memory at `batch`; `vector_width`: onnxruntime will run its convolutions in
+    the NCHWc layout with blocks of that many floats (see liveness.engine_graph)."""
     path = str(path)
     try:
         model = onnx.load(path)
@@ -71,7 +74,7 @@ def onnx_report(path: str | Path, batch: int | None = None, engine: str = "onnxr
     fixed = _at_batch(model, batch, path)
     try:
         sizes = tensor_bytes(fixed, path)  # shape inference, once
-        timeline, inputs, constants = live_bytes(fixed, path, sizes)
+        timeline, inputs, constants = live_bytes(fixed, path, sizes, vector_width)
     except (ValueError, onnx.shape_inference.InferenceError) as e:
         raise EdgepropError(str(e)) from None
     eng = engine_memory(engine)
@@ -81,7 +84,9 @@ def onnx_report(path: str | Path, batch: int | None = None, engine: str = "onnxr
     activations = sum(sizes[o] for o in kept)
     inference = weights + inputs + eng.arena(peak)
     backprop = 4 * weights + inputs + eng.arena(activations + weights)  # weights, grads, 2 slots; arena: acts + grads
+    layout = f"NCHWc, {vector_width}-float blocks" if vector_width else "NCHW"
     return {"model": path, "batch": batch, "opset": opset, "nodes": len(fixed.graph.node), "engine": engine,
+            "layout": layout,
             "weights": weights, "inputs": inputs, "peak": peak, "arena": eng.arena(peak),
             "inference": inference, "zeroth_order": inference,
             "backprop": {"weights": weights, "gradients": weights, "optimizer": 2 * weights,
@@ -93,7 +98,8 @@ def format_report(r: dict, verdict: dict | None) -> str:
     lines = [f"{r['model']}: {r['nodes']} nodes, opset {r['opset']}, batch {r['batch']}, engine {r['engine']}",
              f"weights          {fmt(r['weights']):>10s}",
              f"inputs           {fmt(r['inputs']):>10s}",
-             f"live peak        {fmt(r['peak']):>10s}   (intermediates and outputs; arena {fmt(r['arena'])})",
+             f"live peak        {fmt(r['peak']):>10s}   (intermediates and outputs; arena {fmt(r['arena'])}; "
+             f"conv layout {r['layout']})",
              *([f"  measured arena {fmt(r['measured_arena']):>10s}   ratio {r['measured_arena'] / r['arena']:.2f} "
                 f"(onnxruntime, {r['batch']} per run, fresh process)"] if r.get("measured_arena") else []),
              f"inference        {fmt(r['inference']):>10s}   = zeroth-order fine-tuning's working set",
@@ -115,8 +121,8 @@ import json, sys
 import numpy as np
 from edgeprop import rss
 from edgeprop.runtimes import get_engine
-path, batch, runs = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-graph = get_engine("onnxruntime").load(path)
+path, batch, runs, level = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+graph = get_engine("onnxruntime", optimization=level).load(path)
 rng = np.random.default_rng(0)
 types = {"tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(int64)": np.int64,
          "tensor(int32)": np.int32, "tensor(bool)": np.bool_, "tensor(uint8)": np.uint8}
@@ -134,10 +140,10 @@ print(json.dumps({"engine_bytes": rss.peak() - base}))
 """
 
 
-def measure_onnx(path: str | Path, batch: int, runs: int = 3) -> int:
+def measure_onnx(path: str | Path, batch: int, runs: int = 3, optimization: str = "extended") -> int:
     """Bytes onnxruntime took to run the model `runs` times at `batch`, above the loaded
     session and its inputs: what the planner calls the arena."""
-    proc = subprocess.run([sys.executable, "-c", _MEASURE, str(path), str(batch), str(runs)],
+    proc = subprocess.run([sys.executable, "-c", _MEASURE, str(path), str(batch), str(runs), optimization],
                           capture_output=True, text=True, timeout=600)
     if proc.returncode != 0:
         raise EdgepropError(f"{path}: onnxruntime could not run the model ({proc.stderr.strip()[-300:]})")

@@ -13,6 +13,16 @@ import onnxruntime as ort
 from edgeprop.errors import BundleError, EdgepropError
 
 PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
+# Graph optimisation levels. "layout" and "all" add the NCHWc transform on x86: conv activations
+# blocked and padded to the CPU's vector width (16 floats with AVX-512, 8 with AVX2), which
+# bench/ort_levels.py measured at 1.4-2.8x the memory of "extended" for no speed gain on the
+# step graphs; "extended" (still fusing Conv+activation) is the default. See docs/engines.md.
+LEVELS = {"disabled": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+          "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+          "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+          "layout": ort.GraphOptimizationLevel.ORT_ENABLE_LAYOUT,
+          "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
+DEFAULT_LEVEL = "extended"
 
 
 class Graph:
@@ -34,14 +44,17 @@ class Engine:
     name = "onnxruntime"
     suffix = ".onnx"
 
-    def __init__(self, threads: int = 1, provider: str = "cpu"):
+    def __init__(self, threads: int = 1, provider: str = "cpu", optimization: str | None = None):
+        optimization = optimization or DEFAULT_LEVEL
+        if optimization not in LEVELS:
+            raise EdgepropError(f"--ort-optimization {optimization}: choose one of {', '.join(LEVELS)}")
         if provider not in PROVIDERS:
             raise EdgepropError(f"--provider {provider}: choose one of {', '.join(PROVIDERS)}")
         wanted = PROVIDERS[provider][0]
         if wanted not in ort.get_available_providers():
             raise EdgepropError(f"--provider {provider}: this onnxruntime ({ort.__version__}) has no {wanted} "
                                 f"(it has {', '.join(ort.get_available_providers())}); install onnxruntime-gpu")
-        self.threads, self.provider = threads, provider
+        self.threads, self.provider, self.optimization = threads, provider, optimization
 
     def load(self, path: Path, spec=None) -> Graph:  # the graph file names its inputs itself
         opts = ort.SessionOptions()
@@ -49,6 +62,7 @@ class Engine:
         opts.inter_op_num_threads = 1
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         opts.log_severity_level = 3
+        opts.graph_optimization_level = LEVELS[self.optimization]
         try:
             session = ort.InferenceSession(str(path), opts, providers=PROVIDERS[self.provider])
         except Exception as e:  # onnxruntime raises its own exception types for a bad model
