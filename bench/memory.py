@@ -3,7 +3,7 @@
     python bench/memory.py [--batches 50] [--out bench/results/memory.json]
 
 For each configuration (digits at batch 1, 32, 64 and 128; Fashion-MNIST at 1, 32 and 128
-when its files are installed, see README):
+when its files are installed, see docs/results.md):
   (a) working set per step: planned (edgeprop.memory) and measured (peak resident bytes
       above the process once its graphs and data are loaded), for the edgeprop trainer
       with every unit's state in RAM and with --stream, and for end-to-end back-prop:

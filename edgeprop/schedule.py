@@ -4,8 +4,8 @@
     block t's loss weight   w_t = (T/2) · η · (SNR(t) − SNR(t−1))           (> 0, finite)
     inference  z_t = a_t · û_t(z_{t−1}, x) + b_t · z_{t−1} + √c_t · ε,  α_{t−1} = ᾱ_{t−1} / ᾱ_t
 
-Copying DDPM's cosine schedule without flipping it gives negative weights (research/noprop.md
-§4.1), and ᾱ_T = 1 gives SNR(T) = ∞ (§4.2): the schedule is flipped, ᾱ clamped and w_t capped,
+Copying DDPM's cosine schedule without flipping it gives negative weights (docs/noprop.md,
+pitfall 1), and ᾱ_T = 1 gives SNR(T) = ∞ (pitfall 2): the schedule is flipped, ᾱ clamped and w_t capped,
 and `check()` asserts what must hold.
 """
 from __future__ import annotations

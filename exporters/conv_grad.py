@@ -1,6 +1,6 @@
 """The gradient of a 2-D convolution written as forward convolutions, for tracing.
 
-`aten.convolution_backward` has no ONNX or LiteRT lowering (DESIGN.md), so a traced step
+`aten.convolution_backward` has no ONNX or LiteRT lowering (docs/architecture.md), so a traced step
 graph of a conv block cannot be exported as is. Traced with `DECOMPOSITIONS`, make_fx
 replaces it by ops every inference engine has:
 

@@ -2,7 +2,7 @@
 
 A block sees the input x and a noisy label embedding z_{t-1} and predicts the clean
 embedding as a convex combination of class embeddings, û = softmax(logits) · W_embed
-(research/noprop.md §4.4). Every block has its own input encoder: no shared trunk (§4.7).
+(docs/noprop.md, pitfall 4). Every block has its own input encoder: no shared trunk (pitfall 7).
 """
 from __future__ import annotations
 
@@ -101,7 +101,7 @@ def initial_stats(module: nn.Module) -> np.ndarray:
 
 
 class CNNBlock(nn.Module):
-    """One NoProp-DT block for images (C, H, W): the paper's block (research/noprop.md,
+    """One NoProp-DT block for images (C, H, W): the paper's block (docs/noprop.md,
     "Block architecture"), its BatchNorm layers (BN) with `batchnorm`:
 
     image  conv32 3x3, ReLU, maxpool 2, drop, conv64 3x3, ReLU, drop, conv128 3x3, ReLU,
@@ -222,13 +222,13 @@ def label_embedding(kind: str, num_classes: int, dim: int | None, seed: int) -> 
 
 
 def denoise_loss(u_hat, target, mask, scale):
-    """Block t's loss: w_t · mean over real samples of ||û − u_y||², summed over d (§4.3)."""
+    """Block t's loss: w_t · mean over real samples of ||û − u_y||², summed over d (docs/noprop.md, pitfall 3)."""
     per_sample = ((u_hat - target) ** 2).sum(dim=-1)
     return scale * (per_sample * mask).sum() / mask.sum().clamp(min=1.0)
 
 
 def cross_entropy(logits, onehot, mask):
-    """Cross-entropy from elementary ops: F.cross_entropy's exported backward loses the mean (DESIGN.md)."""
+    """Cross-entropy from elementary ops: F.cross_entropy's exported backward loses the mean (docs/architecture.md)."""
     shift = logits.amax(dim=-1, keepdim=True).detach()
     log_z = torch.log(torch.exp(logits - shift).sum(dim=-1)) + shift.squeeze(-1)
     per_sample = log_z - (onehot * logits).sum(dim=-1)

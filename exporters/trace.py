@@ -4,7 +4,7 @@
 
 torch.func.grad_and_value takes the in-block gradient, make_fx traces the step into an FX
 graph of plain aten ops, and torch.onnx's dynamo exporter lowers that to ONNX.
-(`torch.onnx.export` straight on a function that calls torch.func fails: DESIGN.md.)
+(`torch.onnx.export` straight on a function that calls torch.func fails: docs/architecture.md.)
 """
 from __future__ import annotations
 

@@ -77,7 +77,7 @@ def test_traced_step_has_no_convolution_backward():
 
 
 class SmallCNN(nn.Module):
-    """A conv classifier: the pieces of the paper's image block (research/noprop.md)."""
+    """A conv classifier: the pieces of the paper's image block (docs/noprop.md)."""
 
     def __init__(self):
         super().__init__()

@@ -1,4 +1,4 @@
-"""research/noprop.md §4 as assertions on an exported bundle and the trainer."""
+"""The pitfalls of docs/noprop.md as assertions on an exported bundle and the trainer."""
 import numpy as np
 import pytest
 

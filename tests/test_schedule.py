@@ -1,4 +1,4 @@
-"""The noise schedule in the paper's direction, and the pitfalls of research/noprop.md §4."""
+"""The noise schedule in the paper's direction, and the pitfalls of docs/noprop.md."""
 import numpy as np
 import pytest
 

@@ -1,7 +1,7 @@
 """NoProp-DT on the device: what each step is fed, and how a trained chain predicts.
 
 T blocks each learn to denoise z_{t-1} ~ q(z_{t-1}|y) towards the clean label embedding u_y;
-the head learns p(y | z_T) on z_T ~ q(z_T|y), never on a block's output (research/noprop.md).
+the head learns p(y | z_T) on z_T ~ q(z_T|y), never on a block's output (docs/noprop.md).
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""forward-forward, desktop side (Hinton 2022; research/forward_only.md §1).
+"""forward-forward, desktop side (Hinton 2022; docs/rules.md).
 
 Every layer of a sequential MLP is a unit. Its step graph takes the previous layer's
 outputs for positive data (the true label overlaid on the input) and negative data (a wrong
@@ -25,7 +25,7 @@ from .. import layers as L
 from ..models import cross_entropy
 from . import Spec, UnitSpec
 
-# Measured on digits (README): at 1e-3 both layers first push every goodness up to θ through
+# Measured on digits (docs/rules.md): at 1e-3 both layers first push every goodness up to θ through
 # their biases and stay near chance for 100 epochs; 0.03 reaches 90% in 60.
 DEFAULT_LR = 0.03
 

@@ -1,5 +1,5 @@
 """NoProp-CT and NoProp-FM, desktop side: one network for all times t ∈ [0, 1] (t=0 noise, t=1
-clean; research/noprop.md §1).
+clean; docs/noprop.md).
 
 noprop-ct  û_θ(z_t, x, t) = softmax(logits)·W_embed denoises z_t ~ q(z_t|y) = N(√ᾱ_t u_y, (1−ᾱ_t) I)
            under the learned schedule ᾱ_t = sigmoid(−γ(t)) (App. B); jointly with a linear head
@@ -32,8 +32,8 @@ from ..models import CNNBlock, cross_entropy, label_embedding
 from . import Spec, UnitSpec
 from .noprop_dt import DEFAULT_WIDTH, model_input_shape
 
-INFERENCE_STEPS = 40   # the paper integrates with 1000; a device can afford fewer (README)
-GAMMA_CLEAN = -3.0     # initial γ(1): ᾱ_1 = 0.953 (the paper gives none; see README)
+INFERENCE_STEPS = 40   # the paper integrates with 1000; a device can afford fewer (docs/rules.md)
+GAMMA_CLEAN = -3.0     # initial γ(1): ᾱ_1 = 0.953 (the paper gives none; see docs/rules.md)
 GAMMA_NOISE = 7.0      # initial γ(0): ᾱ_0 = 0.0009
 FM_SIGMA = 0.0         # the paper leaves σ open; 0 is the plain rectified flow
 
@@ -55,7 +55,7 @@ class LearnedSchedule(nn.Module):
 
     γ̃ is a two-layer network with positive weights (softplus of free parameters) and a
     monotone activation, so γ̃ and γ̄ increase; γ1 − γ0 = softplus(·) > 0, so γ decreases
-    with t for every parameter value: ᾱ increases and SNR' > 0 by construction (§4.1).
+    with t for every parameter value: ᾱ increases and SNR' > 0 by construction (docs/noprop.md, pitfall 1).
     γ(0) = γ1 is the noise end, γ(1) = γ0 the clean end. dγ/dt is written out, so the
     step graph needs no second derivative.
 
@@ -101,7 +101,7 @@ class TimeEmbedding(nn.Module):
 
 
 class Network(nn.Module):
-    """û_θ(z_t, x, t): image path, noisy-label path and time path, joined (§1, "CT/FM", no BN).
+    """û_θ(z_t, x, t): image path, noisy-label path and time path, joined (docs/noprop.md "Block architecture", no BN).
 
     forward(x, z, t, t_next[, noise]) is one inference step (the inference graph). A leading
     method name, module("denoise", x, z, t), reaches the other parts: torch.func's
@@ -193,7 +193,7 @@ class NopropContinuous:
         def mean(per_sample):  # over the real samples of the batch
             return (per_sample * mask).sum() / mask.sum().clamp(min=1.0)
 
-        if self.flow:  # ‖v_θ(z_t, x, t) − (u_y − z_0)‖², summed over d (§4.3)
+        if self.flow:  # ‖v_θ(z_t, x, t) − (u_y − z_0)‖², summed over d (docs/noprop.md, pitfall 3)
             v = module("denoise", feeds["x"], feeds["z"], feeds["time"])
             return mean(((v - feeds["target"]) ** 2).sum(-1)), {}
         y, t = feeds["y"], feeds["time"]
@@ -203,7 +203,7 @@ class NopropContinuous:
         u_hat = module("denoise", feeds["x"], z_t, t)
         l2 = 0.5 * self.model["eta"] * snr_prime[:, 0] * ((u_hat - u) ** 2).sum(-1)
         ab_0, one_minus_0, ab_1, one_minus_1 = module("ends")
-        # The head reads z_1 ~ q(z_1|y), never the network's output (§4.5).
+        # The head reads z_1 ~ q(z_1|y), never the network's output (docs/noprop.md, pitfall 5).
         z_1 = torch.sqrt(ab_1) * u + torch.sqrt(one_minus_1) * feeds["eps1"]
         ce = cross_entropy(module("head", z_1), y, mask)
         d = u.shape[-1]
