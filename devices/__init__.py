@@ -111,8 +111,13 @@ def _profile(data: dict, where: str) -> Profile:
                    python=python, vector_width=width, source=where)
 
 
+MAX_PROFILE = 1 << 20  # bytes: a profile is a few hundred; /dev/zero is endless
+
+
 def read_profile(path: str | Path) -> Profile:
     path = Path(path)
+    if path.exists() and (not path.is_file() or path.stat().st_size > MAX_PROFILE):
+        raise EdgepropError(f"{path}: not a device profile (a .toml file under {MAX_PROFILE} bytes)")
     try:
         data = tomllib.loads(path.read_text())
     except OSError as e:

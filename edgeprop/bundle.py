@@ -21,12 +21,14 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 import numpy as np
 
+from . import manifest as manifest_fields
 from .errors import BundleError
 from .schedule import NoiseSchedule
 from .storage import open_arrays, sha256_of, write_atomic
@@ -35,6 +37,8 @@ SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 INIT_STATE = "state/init.npz"
 CHECKPOINT = "checkpoints/last.npz"
+STREAM_FOLDER = "checkpoints/stream"  # --stream's memory-mapped working state
+MAX_MANIFEST = 64 << 20  # bytes: read whole, so bounded (a real one is tens of KB)
 
 
 @dataclass(frozen=True)
@@ -143,6 +147,7 @@ class Bundle:
         self.root = Path(root)
         self.manifest = manifest
         self.id = hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()[:16]
+        manifest_fields.check(manifest, str(self.root / MANIFEST))
         try:
             self.rule = manifest["rule"]
             self.model = manifest["model"]
@@ -197,6 +202,21 @@ class Bundle:
     def checkpoint_path(self) -> Path:
         return self.path(CHECKPOINT)
 
+    def check_writable(self) -> None:
+        """Before a run writes (checkpoints, streamed state): the folders it writes into must
+        stay inside the bundle (a symlinked checkpoints/ would have edgeprop write, and clean
+        up, somewhere it did not create) and the bundle must be writable, so that a run does
+        not fail only at its first checkpoint."""
+        root = self.root.resolve()
+        for rel in ("checkpoints", STREAM_FOLDER):
+            where = self.root / rel
+            if where.is_symlink() or (where.exists() and root not in where.resolve().parents):
+                raise BundleError(f"{where}: a link to outside the bundle; edgeprop writes and cleans up only "
+                                  f"inside the bundle folder (make it a plain folder)")
+        if not os.access(self.root, os.W_OK) or (self.root / "checkpoints").exists() and \
+                not os.access(self.root / "checkpoints", os.W_OK):
+            raise BundleError(f"{self.root}: not writable; training writes its checkpoints here")
+
 
 def unit_state(unit: Unit, arrays: Mapping[str, np.ndarray], where: str) -> dict[str, np.ndarray]:
     """One unit's tensors ("UNIT/KEY" in `arrays`), checked against the manifest."""
@@ -205,6 +225,11 @@ def unit_state(unit: Unit, arrays: Mapping[str, np.ndarray], where: str) -> dict
         key = f"{unit.name}/{t.name}"
         if key not in arrays:
             raise BundleError(f"{where}: tensor '{key}' is missing")
+        if hasattr(arrays, "header"):  # an archive: compare the header before reading any data
+            shape, dtype = arrays.header(key)
+            if shape != t.shape or str(dtype) != t.dtype:
+                raise BundleError(f"{where}: '{t.name}' is {dtype}{list(shape)}, "
+                                  f"the manifest says {t.dtype}{list(t.shape)}")
         tensors[t.name] = arrays[key]
         t.check(tensors[t.name], where)
     return tensors
@@ -246,10 +271,14 @@ def load(path: str | Path) -> Bundle:
     mpath = root / MANIFEST
     if not mpath.is_file():
         raise BundleError(f"{mpath}: file is missing")
+    if mpath.stat().st_size > MAX_MANIFEST:
+        raise BundleError(f"{mpath}: {mpath.stat().st_size} bytes; a manifest is never over {MAX_MANIFEST}")
     try:
         manifest = json.loads(mpath.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise BundleError(f"{mpath}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise BundleError(f"{mpath}: JSON nested too deeply; not an edgeprop manifest") from None
     if not isinstance(manifest, dict) or not isinstance(manifest.get("schema_version"), int):
         raise BundleError(f"{mpath}: no integer schema_version; not an edgeprop bundle")
     version = manifest["schema_version"]

@@ -9,9 +9,10 @@ import json
 import os
 import shutil
 import sys
+from pathlib import Path
 
 from . import bundle as bundles
-from . import datasets
+from . import datasets, lock
 from .errors import EdgepropError
 from .state import STREAM_FOLDER
 
@@ -35,9 +36,21 @@ def _vector_width(args, device) -> int | None:
     return device.vector_width if device is not None else host_vector_width()
 
 
-def _data(bundle, source: str, split: str):
-    data = datasets.load(source, split)
+def _data_source(bundle, source: str | None) -> str:
+    """--data, else the source the bundle was exported from, where it can be found."""
+    if source is not None:
+        return source
+    source = str(bundle.manifest.get("data", {}).get("source", ""))
+    if source != "digits" and not Path(source).exists():
+        raise EdgepropError(f"{bundle.root} was exported from data at '{source}', not found here; give --data")
+    return source
+
+
+def _data(bundle, source: str | None, split: str):
+    """The data to train or score on, checked against the bundle before any work."""
+    data = datasets.load(_data_source(bundle, source), split)
     datasets.check(data, bundle.input_shape, bundle.num_classes)
+    datasets.check_scale(data, *bundle.input_norm)
     return data
 
 
@@ -76,7 +89,8 @@ def cmd_export(args) -> int:
 def cmd_validate(args) -> int:
     _desktop()
     from .exporters.validate import validate
-    report = validate(args.bundle, args.data, steps=args.steps, device=args.reference_device, tol=args.tol,
+    data = _data_source(bundles.load(args.bundle), args.data)
+    report = validate(args.bundle, data, steps=args.steps, device=args.reference_device, tol=args.tol,
                       seed=args.seed, engine=args.engine, provider=args.provider, progress=not args.quiet)
     if args.json:
         print(json.dumps(report, indent=1))
@@ -126,16 +140,18 @@ def cmd_train(args) -> int:
                       data_bytes=data.nbytes, vector_width=_vector_width(args, device))
         if why:
             raise EdgepropError(why)
-    trainer = Trainer(bundle, _engine(args), data, config)
-    trainer.config.budget = budget if budget is not None else _device_working_budget(trainer, device)
-    if args.resume:
-        trainer.resume()
-    try:
-        trainer.run(progress=not args.quiet)
-    finally:
-        if args.stream:  # the checkpoint holds everything; the working files can go
-            trainer.state = None
-            shutil.rmtree(bundle.path(STREAM_FOLDER), ignore_errors=True)
+    bundle.check_writable()
+    with lock.held(bundle.root, "train it"):
+        trainer = Trainer(bundle, _engine(args), data, config)
+        trainer.config.budget = budget if budget is not None else _device_working_budget(trainer, device)
+        if args.resume:
+            trainer.resume()
+        try:
+            trainer.run(progress=not args.quiet)
+        finally:
+            if args.stream:  # the checkpoint holds everything; the working files can go
+                trainer.state = None
+                shutil.rmtree(bundle.path(STREAM_FOLDER), ignore_errors=True)
     last = {unit: means[-1] for unit, means in epoch_losses(trainer.history).items() if means}
     print(f"trained {trainer.done} steps; last epoch's mean loss: "
           + ", ".join(f"{unit} {loss:.3g}" for unit, loss in last.items()))
@@ -177,7 +193,6 @@ def cmd_eval(args) -> int:
 
 
 def cmd_info(args) -> int:
-    from .storage import load_arrays
     bundle = bundles.load(args.bundle)
     m = bundle.manifest
     n_params = sum(u.n_params for u in bundle.units)
@@ -191,8 +206,8 @@ def cmd_info(args) -> int:
         layers = " ".join(d["type"] for d in model["layers"])
         print(f"model      sequential ({model['source']}): {layers}; blocks {model['blocks']}")
     else:
-        print(f"model      {model['kind']} width {model['width']}, {model['embedding']} embedding "
-              f"(d={model['embed_dim']})")
+        print(f"model      {model['kind']} width {model.get('width')}, {model.get('embedding')} embedding "
+              f"(d={model.get('embed_dim')})")
     print(f"           input {bundle.input_shape}, {bundle.num_classes} classes, {n_params:,} parameters")
     lrs = ", ".join(sorted({f"{u.role} {u.lr:g}" for u in bundle.units}))
     print(f"training   batch {bundle.batch_size}, {bundle.optimizer['name']} lr {lrs}")
@@ -204,8 +219,8 @@ def cmd_info(args) -> int:
         print(f"graph      {key:12s} {g.file} ({size / 1024:.0f} KiB, {len(g.inputs)} inputs)")
     ckpt = bundle.checkpoint_path()
     if ckpt.exists():
-        from .trainer import epoch_losses
-        _, meta = load_arrays(ckpt)
+        from .trainer import checkpoint_meta, epoch_losses
+        meta = checkpoint_meta(bundle)
         print(f"checkpoint {ckpt}: {meta.get('done')}/{meta.get('total')} steps "
               f"({meta.get('order')}, seed {meta.get('seed')})")
         memory = meta.get("memory")
@@ -434,7 +449,7 @@ def parser() -> argparse.ArgumentParser:
 
     v = sub.add_parser("validate", help="train with the runtime and the torch reference; compare (desktop)")
     v.add_argument("bundle")
-    v.add_argument("--data", default="digits")
+    v.add_argument("--data", default=None, help="default: the data the bundle was exported from")
     v.add_argument("--steps", type=int, default=50, help="optimizer steps per unit")
     v.add_argument("--reference-device", default="cpu", help="cpu or cuda")
     v.add_argument("--engine", default="onnxruntime", help="the runtime's engine: onnxruntime, litert or tflm")
@@ -447,7 +462,7 @@ def parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train a bundle on the device (no torch)")
     t.add_argument("bundle")
-    t.add_argument("--data", default="digits")
+    t.add_argument("--data", default=None, help="default: the data the bundle was exported from")
     t.add_argument("--epochs", type=int, default=30)
     t.add_argument("--order", default="interleaved", choices=["interleaved", "block-sequential"])
     t.add_argument("--seed", type=int, default=0)
@@ -470,7 +485,7 @@ def parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="test accuracy of the trained bundle (no torch)")
     ev.add_argument("bundle")
-    ev.add_argument("--data", default="digits")
+    ev.add_argument("--data", default=None, help="default: the data the bundle was exported from")
     ev.add_argument("--runs", type=int, default=1, help="stochastic inference runs to average")
     ev.add_argument("--inference-steps", type=int, default=None,
                     help="noprop-ct, noprop-fm: inference steps (default: the bundle's)")

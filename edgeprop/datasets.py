@@ -10,12 +10,15 @@
 from __future__ import annotations
 
 import gzip
+import math
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from .errors import DataError
+from .storage import open_arrays
 
 SPLITS = ("train", "test")
 DIGITS_FILE = Path(__file__).parent / "data" / "digits.npz"
@@ -79,18 +82,16 @@ def _digits(split: str):
 
 
 def _npz(path: Path, split: str):
-    try:
-        with np.load(path, allow_pickle=False) as f:
-            arrays = {k: f[k] for k in f.files}
-    except Exception as e:  # a corrupt zip, or object arrays that would need pickle
-        raise DataError(f"{path}: cannot read arrays without pickle ({e})") from None
-    for xk, yk in ((f"x_{split}", f"y_{split}"), ("x", "y")):
-        if xk in arrays and yk in arrays:
-            x, y = arrays[xk], arrays[yk]
-            if len(x) != len(y):
-                raise DataError(f"{path}: {xk} has {len(x)} rows but {yk} has {len(y)}")
-            return x, y
-    raise DataError(f"{path}: expected arrays x and y, or x_{split} and y_{split}; found {sorted(arrays)}")
+    # Only the two members this split uses are read, each after its header was checked
+    # against what the archive stores (storage.open_arrays): no pickle, no decompression bomb.
+    with open_arrays(path) as (arrays, _):
+        for xk, yk in ((f"x_{split}", f"y_{split}"), ("x", "y")):
+            if xk in arrays and yk in arrays:
+                nx, ny = (arrays.header(k)[0][:1] or (0,) for k in (xk, yk))
+                if nx != ny:
+                    raise DataError(f"{path}: {xk} has {nx[0]} rows but {yk} has {ny[0]}")
+                return arrays[xk], arrays[yk]
+        raise DataError(f"{path}: expected arrays x and y, or x_{split} and y_{split}; found {sorted(arrays)}")
 
 
 _IDX_TYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
@@ -99,6 +100,28 @@ _IDX_TYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0
 def read_idx(path: Path) -> np.ndarray:
     """An IDX file (gzipped or not), read straight into its array: the data are in memory
     once, never also as a bytes object (47 MB for Fashion-MNIST's training images)."""
+    try:
+        return _read_idx(path)
+    except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
+        raise DataError(f"{path}: not a readable IDX file ({e})") from None
+
+
+MAX_IDX_BYTES = (1 << 32) - 1  # a gzip records its data's size mod 2^32; no IDX data set is near it
+
+
+def _stored_bytes(path: Path) -> int:
+    """What the file holds once decompressed: its size, or a gzip's ISIZE trailer: a header
+    claiming more than that is refused before anything is allocated."""
+    size = path.stat().st_size
+    if path.suffix != ".gz":
+        return size
+    with open(path, "rb") as f:
+        f.seek(max(size - 4, 0))
+        return int.from_bytes(f.read(4), "little") if size >= 18 else 0
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    stored = _stored_bytes(path)
     with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as f:
         head = f.read(4)
         if len(head) < 4 or head[0] != 0 or head[1] != 0 or head[2] not in _IDX_TYPES:
@@ -108,6 +131,11 @@ def read_idx(path: Path) -> np.ndarray:
             raise DataError(f"{path}: IDX header ends early")
         shape = tuple(int(d) for d in np.frombuffer(dims, ">u4"))
         dtype = np.dtype(_IDX_TYPES[head[2]])
+        if not shape:
+            raise DataError(f"{path}: IDX file with 0 dimensions; expected images or labels")
+        need = math.prod(shape) * dtype.itemsize
+        if need + 4 + 4 * len(shape) > min(stored, MAX_IDX_BYTES):
+            raise DataError(f"{path}: header says shape {shape} ({need} bytes), more than the file holds")
         out = np.empty(shape, dtype)
         view, got = memoryview(out.reshape(-1).view(np.uint8)), 0
         while got < len(view):  # in 1 MiB pieces: gzip's readinto would build the whole as bytes first
@@ -160,6 +188,9 @@ def check(data: Dataset, input_shape: list[int], num_classes: int) -> None:
         raise DataError(f"{data.name}: samples have {got} features (shape {list(data.x.shape[1:])}); "
                         f"the model expects {n_features} (input shape {list(input_shape)})")
     if data.x.dtype.kind == "f":  # integer samples cannot hold NaN or inf
+        if data.x.dtype.itemsize > 4 and np.abs(data.x).max(initial=0) > np.finfo(np.float32).max:
+            raise DataError(f"{data.name}: values up to {float(np.abs(data.x).max()):.3g} overflow float32, "
+                            f"which the model computes in")
         bad = ~np.isfinite(data.x.reshape(len(data), -1))
         if bad.any():
             row = int(np.flatnonzero(bad.any(axis=1))[0])
@@ -170,3 +201,19 @@ def check(data: Dataset, input_shape: list[int], num_classes: int) -> None:
         row = int(np.flatnonzero(out)[0])
         raise DataError(f"{data.name}: label {int(data.y[row])} in sample {row} is outside the model's "
                         f"{num_classes} classes (0..{num_classes - 1})")
+
+
+SCALE_FACTOR = 4.0  # how far the data's spread may stray from the export's before train/eval refuse
+
+
+def check_scale(data: Dataset, mean: float, std: float) -> None:
+    """The bundle normalises inputs with the export data's mean and std. Data on another scale
+    (pixels 0-16 at export, 0-1 here) would train and score silently wrong (measured: 53%
+    instead of 97% on digits), so refuse when the spread differs by more than SCALE_FACTOR
+    or the mean lies more than two export stds away."""
+    x = data.x.reshape(len(data), -1)[:4096].astype(np.float64)  # a sample is enough to see the scale
+    m, s = float(x.mean()), float(x.std())
+    if not (std / SCALE_FACTOR <= s <= std * SCALE_FACTOR) or abs(m - mean) > 2 * std:
+        raise DataError(f"{data.name}: values have mean {m:.3g} and std {s:.3g}, but the bundle was exported on "
+                        f"data with mean {mean:.3g} and std {std:.3g}; scale the data like the export's "
+                        f"(or export again from this data)")

@@ -25,7 +25,7 @@ from . import memory
 from .devices import Profile
 from .errors import EdgepropError
 from .sizes import format_size as fmt
-from .storage import new_folder, sha256_of
+from .storage import check_output, new_folder, sha256_of
 
 # pip platform tags for each device architecture (glibc-based Linux).
 PLATFORMS = {
@@ -127,8 +127,7 @@ def deploy(bundle_path: str | Path, device: Profile, out: str | Path, engine: st
            force: bool = False) -> Path:
     b = bundles.load(bundle_path)
     out = Path(out)
-    if out.exists() and any(out.iterdir()) and not force:
-        raise EdgepropError(f"{out} exists and is not empty; pass --force to replace it")
+    check_output(out, bundle_path, force)
     if device.kind != "linux":
         raise EdgepropError(f"{device.name} is a {device.kind} device: deploy to it with --target c99, "
                             f"not a Python folder")
@@ -143,8 +142,8 @@ def deploy(bundle_path: str | Path, device: Profile, out: str | Path, engine: st
     if why:
         raise EdgepropError(why)
 
-    with new_folder(out) as tmp:
-        shutil.copytree(b.root, tmp / "bundle", ignore=shutil.ignore_patterns("checkpoints"))
+    with new_folder(out, mark=True) as tmp:
+        shutil.copytree(b.root, tmp / "bundle", ignore=shutil.ignore_patterns("checkpoints", ".edgeprop.lock"))
         shutil.copy(device.source, tmp / "device.toml")
         wheels = tmp / "wheels"
         wheels.mkdir()

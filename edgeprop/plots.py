@@ -27,8 +27,15 @@ def _save(fig, out: Path) -> Path:
     return out
 
 
+def _check_png(out) -> None:
+    """A chart goes to a .png, never over one of the bundle's own files by a slip of --out."""
+    if Path(out).suffix.lower() != ".png":
+        raise EdgepropError(f"--out {out}: charts are written as .png files; give a path ending in .png")
+
+
 def loss_curves(bundle: Bundle, history: dict[str, list[float]], out: Path) -> Path:
     """One line per unit: its mean loss per epoch (log scale), blocks shaded noise → clean."""
+    _check_png(out)
     plt = _pyplot()
     from matplotlib.ticker import MaxNLocator
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
@@ -57,6 +64,7 @@ def loss_curves(bundle: Bundle, history: dict[str, list[float]], out: Path) -> P
 def memory_bars(plan, verdict, out: Path, title: str = "") -> Path:
     """Stacked bars of each unit's working set while it steps (state held, engine arenas,
     batch), end-to-end back-prop's beside them, and the budget as a line."""
+    _check_png(out)
     plt = _pyplot()
     mib = 1 / 2**20
     names = [u.name for u in plan.units] + ["back-prop"]

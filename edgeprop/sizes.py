@@ -6,6 +6,7 @@ import re
 from .errors import EdgepropError
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+MAX_SIZE = 1 << 50  # 1 PiB: larger is a typo, not a device
 
 
 def parse_size(text: str | int, what: str = "size") -> int:
@@ -18,9 +19,12 @@ def parse_size(text: str | int, what: str = "size") -> int:
         m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMG]i?B|B)?\s*", str(text), re.IGNORECASE)
         if not m:
             raise EdgepropError(f"{what}: expected a size such as '48MB' or '320 KiB', got {text!r}")
-        value = int(float(m.group(1)) * _UNITS[(m.group(2) or "").upper()])
+        number = float(m.group(1)) * _UNITS[(m.group(2) or "").upper()]
+        value = int(number) if number <= MAX_SIZE else MAX_SIZE + 1
     if value <= 0:
         raise EdgepropError(f"{what}: must be positive, got {text!r}")
+    if value > MAX_SIZE:
+        raise EdgepropError(f"{what}: {str(text)[:30]}{'...' if len(str(text)) > 30 else ''} is more than 1 PiB")
     return value
 
 

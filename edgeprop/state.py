@@ -13,10 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .bundle import Bundle
+from .bundle import STREAM_FOLDER, Bundle
 from .errors import BundleError
-
-STREAM_FOLDER = "checkpoints/stream"
 
 
 class StreamedState(Mapping):

@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -58,16 +59,43 @@ def write_atomic(path: Path, data: bytes | Callable[[BinaryIO], None]) -> None:
         os.close(dir_fd)
 
 
+OUTPUT_MARKER = ".edgeprop-output"  # in every folder deploy writes: what --force may replace
+
+
+def check_output(out: Path, source: Path, force: bool) -> None:
+    """May a deploy write `out` (from the bundle at `source`)? Never the bundle itself, a
+    folder inside it or one holding it; an existing, non-empty `out` only with `force`, and
+    only if edgeprop wrote it (it holds OUTPUT_MARKER): nothing edgeprop did not create is
+    ever deleted."""
+    out, source = Path(out), Path(source)
+    o, s = out.resolve(), source.resolve()
+    if o == s or s in o.parents or o in s.parents:
+        raise BundleError(f"--out {out}: that is the bundle {source}, a folder inside it or one holding it; "
+                          f"choose a folder elsewhere")
+    if out.exists() or out.is_symlink():
+        if not out.is_dir() or out.is_symlink():
+            raise BundleError(f"--out {out}: exists and is not a folder; choose another --out")
+        if any(out.iterdir()):
+            if not force:
+                raise BundleError(f"{out} exists and is not empty; pass --force to replace it")
+            if not (out / OUTPUT_MARKER).is_file():
+                raise BundleError(f"{out}: --force replaces only a folder edgeprop wrote (it holds {OUTPUT_MARKER}); "
+                                  f"this one does not: remove it yourself or choose another --out")
+
+
 @contextlib.contextmanager
-def new_folder(out: Path) -> Iterator[Path]:
+def new_folder(out: Path, mark: bool = False) -> Iterator[Path]:
     """Build a folder beside `out` and move it into place only when the block succeeds: a
-    failure never leaves half a folder, and the old `out` (if any) is replaced only then."""
+    failure never leaves half a folder, and the old `out` (if any) is replaced only then.
+    `mark`: leave OUTPUT_MARKER in it (see check_output)."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     tmp.chmod(0o755)  # mkdtemp's 0700 would hide it from other users
     try:
         yield tmp
+        if mark:
+            (tmp / OUTPUT_MARKER).write_text("written by edgeprop deploy; --force may replace this folder\n")
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)
@@ -104,6 +132,8 @@ def open_arrays(path: Path) -> Iterator[tuple[Mapping[str, np.ndarray], dict]]:
     path = Path(path)
     if not path.is_file():
         raise BundleError(f"{path}: file is missing")
+    if not zipfile.is_zipfile(path):  # else numpy would try it as a pickle and say so
+        raise BundleError(f"{path}: not a readable array archive (not an .npz file)")
     try:  # only the reading is guarded: errors of the caller's own code pass through
         npz = np.load(path, allow_pickle=False)
         meta = json.loads(str(npz["__meta__"])) if "__meta__" in npz.files else {}
@@ -113,16 +143,51 @@ def open_arrays(path: Path) -> Iterator[tuple[Mapping[str, np.ndarray], dict]]:
         yield _Checked(npz, path), meta
 
 
+# A member whose data would inflate more than this from its stored bytes is refused before it
+# is read: real arrays deflate a few times at most (MNIST's uint8 pixels about 5x), a
+# decompression bomb thousands of times.
+MAX_INFLATION = 200
+
+
+def read_npy_header(f: BinaryIO) -> tuple[tuple[int, ...], np.dtype, bool]:
+    """(shape, dtype, fortran_order) of the .npy stream `f`, positioned after the header."""
+    version = np.lib.format.read_magic(f)
+    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, fortran, dtype = read(f)
+    return tuple(shape), dtype, fortran
+
+
 class _Checked(Mapping):
-    """npz members by name, with read errors reported against the file."""
+    """npz members by name, with read errors reported against the file. Each member's header
+    is read (and its size checked against what the archive stores) before its data."""
 
     def __init__(self, npz, path: Path):
         self.npz, self.path = npz, path
         self.keys_ = [k for k in npz.files if k != "__meta__"]
 
-    def __getitem__(self, key: str) -> np.ndarray:
+    def header(self, key: str) -> tuple[tuple[int, ...], np.dtype]:
+        """(shape, dtype) of member `key`, from its header alone: nothing is decompressed."""
         if key not in self.keys_:
             raise KeyError(key)
+        try:
+            info = self.npz.zip.getinfo(f"{key}.npy")
+            with self.npz.zip.open(info) as f:
+                shape, dtype, _ = read_npy_header(f)
+        except (ValueError, OSError, zipfile.BadZipFile, EOFError, KeyError) as e:
+            raise BundleError(f"{self.path}: not a readable array archive ('{key}': {e})") from None
+        if dtype.hasobject:
+            raise BundleError(f"{self.path}: '{key}' holds Python objects (pickled data); refused")
+        nbytes = math.prod(shape) * dtype.itemsize
+        if nbytes > info.file_size:
+            raise BundleError(f"{self.path}: '{key}' declares {dtype}{list(shape)} ({nbytes} bytes) but holds "
+                              f"{info.file_size}: truncated or forged")
+        if info.file_size > MAX_INFLATION * max(info.compress_size, 1) + 4096:
+            raise BundleError(f"{self.path}: '{key}' would inflate {info.compress_size} stored bytes to "
+                              f"{info.file_size} (over {MAX_INFLATION}x): refused as a decompression bomb")
+        return shape, dtype
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        self.header(key)
         try:
             return self.npz[key]
         except (ValueError, OSError, zipfile.BadZipFile, EOFError) as e:
@@ -135,11 +200,9 @@ class _Checked(Mapping):
         """Read array `key` straight into `out` (e.g. a memory-mapped file) in small chunks:
         never a whole copy of it on the heap, where the allocator would keep it after use."""
         try:
+            self.header(key)
             with self.npz.zip.open(f"{key}.npy") as f:
-                version = np.lib.format.read_magic(f)
-                read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
-                    np.lib.format.read_array_header_2_0
-                shape, fortran, dtype = read_header(f)
+                shape, dtype, fortran = read_npy_header(f)
                 if tuple(shape) != out.shape or dtype != out.dtype or fortran or dtype.hasobject:
                     raise BundleError(f"{self.path}: '{key}' is {dtype}{list(shape)}, "
                                       f"expected {out.dtype}{list(out.shape)}")

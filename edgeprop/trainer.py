@@ -14,13 +14,13 @@ import numpy as np
 from . import rss
 from .bundle import INIT_STATE, STATS, Bundle, flat_items, split_state
 from .datasets import Dataset
-from .errors import EdgepropError
+from .errors import BundleError, EdgepropError
 from .progress import Progress
 from .rules import ORDERS, Plan, for_bundle
 from .runtimes import load_graph
 from .sizes import format_size
 from .state import StreamedState
-from .storage import load_arrays, open_arrays, save_arrays
+from .storage import open_arrays, save_arrays
 
 LR_SCHEDULES = ("constant", "cosine")
 
@@ -72,7 +72,14 @@ class TrainConfig:
             raise EdgepropError("--checkpoint-seconds must be positive")
         if self.budget is not None and self.budget <= 0:
             raise EdgepropError("--budget must be positive")
+        check_seed(self.seed)
         return self
+
+
+def check_seed(seed) -> None:
+    """Seeds feed edgeprop.prng's 64-bit counter generator (and its C twin)."""
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 1 << 63:
+        raise EdgepropError(f"--seed must be an integer in 0..2^63-1, got {seed!r}")
 
 
 WATCH_SECONDS = 0.1  # how often the memory watchdog reads the peak resident set
@@ -178,6 +185,12 @@ class Trainer:
     def save(self) -> None:
         for name in self.held:  # the optimizer state lives in the engine
             self.unit_state(name)
+        for unit, key, value in ((u, k, v) for u, t in self.state.items() for k, v in t.items()):
+            if not np.all(np.isfinite(value)):  # a finite loss can hide inf weights (float32 overflow)
+                kept = "no checkpoint was written" if self.saved is None else \
+                    f"the checkpoint at step {self.saved} is kept"
+                raise EdgepropError(f"training diverged: {unit}'s '{key}' holds NaN or inf after step {self.done}; "
+                                    f"{kept}")
         save_arrays(self.bundle.checkpoint_path(), flat_items(self.state), self._meta())
         self.saved = self.done
 
@@ -192,6 +205,7 @@ class Trainer:
                 if meta.get(key) != mine[key]:
                     raise EdgepropError(f"{path}: checkpoint was written with {key}={meta.get(key)!r}, "
                                         f"this run has {key}={mine[key]!r}; resume with the same settings")
+            check_meta(meta, self.bundle, path, self.plan.total)
             self.state = self._state_from(arrays, str(path))
         self.done, self.steps, self.losses = int(meta["done"]), meta["steps"], meta["losses"]
         self.history = meta["history"]
@@ -296,22 +310,60 @@ def load_graphs(bundle: Bundle, engine, keys: set[str]) -> dict:
     return {key: load_graph(engine, bundle, key) for key in sorted(keys)}
 
 
+def check_meta(meta: dict, bundle: Bundle, path, total: int | None = None) -> None:
+    """A checkpoint's record of the run: the types and ranges resume, info and eval rely on."""
+    units = [u.name for u in bundle.units]
+
+    def need(ok: bool, field: str, what: str) -> None:
+        if not ok:
+            raise BundleError(f"{path}: checkpoint field '{field}' {what}; the file is not one edgeprop wrote")
+
+    def count(v) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+    total = total if total is not None else meta.get("total")
+    need(count(total), "total", "must be the run's step count")
+    need(count(meta.get("done")) and meta["done"] <= total, "done", f"must be a step count in 0..{total}")
+    steps, history, losses = meta.get("steps"), meta.get("history"), meta.get("losses")
+    need(isinstance(steps, dict) and all(count(steps.get(u)) for u in units), "steps",
+         "must give every unit's update count")
+    need(isinstance(losses, dict), "losses", "must be an object")
+    need(isinstance(history, dict) and all(isinstance(history.get(u), list) for u in units), "history",
+         "must hold every unit's per-epoch losses")
+
+
+def checkpoint_meta(bundle: Bundle) -> dict:
+    """The checkpoint's record of its run (checked), reading no array: {} when untrained."""
+    path = bundle.checkpoint_path()
+    if not path.is_file():
+        return {}
+    with open_arrays(path) as (_, meta):
+        if meta.get("bundle") != bundle.id:
+            raise EdgepropError(f"{path}: checkpoint belongs to a different bundle")
+        check_meta(meta, bundle, path)
+        return meta
+
+
 def load_trained_state(bundle: Bundle) -> tuple[dict, dict]:
     """The checkpoint's state if there is one, else the initial state; plus the checkpoint meta."""
     path = bundle.checkpoint_path()
     if not path.is_file():
         state, _ = bundle.initial_state()
         return state, {}
-    arrays, meta = load_arrays(path)
-    if meta.get("bundle") != bundle.id:
-        raise EdgepropError(f"{path}: checkpoint belongs to a different bundle")
-    return split_state(bundle, arrays, str(path)), meta
+    with open_arrays(path) as (arrays, meta):  # only the members the bundle's units use are read
+        if meta.get("bundle") != bundle.id:
+            raise EdgepropError(f"{path}: checkpoint belongs to a different bundle")
+        check_meta(meta, bundle, path)
+        return split_state(bundle, arrays, str(path)), meta
 
 
 def evaluate(bundle: Bundle, engine, data: Dataset, state: dict, seed: int = 0, runs: int = 1, **options) -> dict:
     """Test accuracy with the rule's own prediction (averaged over `runs` where it is
     stochastic), and each unit's where the rule has one. `options`: the rule's own
     (its class lists them in `eval_options`), e.g. inference_steps."""
+    check_seed(seed)
+    if not isinstance(runs, int) or runs < 1:
+        raise EdgepropError(f"--runs must be at least 1, got {runs!r}")
     rule = for_bundle(bundle, data, seed)
     unknown = sorted(set(options) - set(getattr(rule, "eval_options", ())))
     if unknown:

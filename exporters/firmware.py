@@ -38,7 +38,7 @@ from ..bundle import load as load_bundle
 from ..datasets import load as load_data
 from ..devices import Profile
 from ..errors import EdgepropError
-from ..storage import new_folder
+from ..storage import check_output, new_folder
 
 FIRMWARE = Path(__file__).resolve().parent.parent / "firmware"  # the source tree's, or the installed package's
 SOURCES = ("edgeprop_fw.h", "prng.h", "driver.c", "startup.c", "semihost.c", "host.c")
@@ -456,10 +456,9 @@ def write_firmware(bundle_path: str | Path, device: Profile, out: str | Path, da
     if len(y_train) > 65535 or bundle.num_classes > 256:
         raise EdgepropError("--target c99 takes at most 65535 training samples and 256 classes")
     out = Path(out)
-    if out.exists() and any(out.iterdir()) and not force:
-        raise EdgepropError(f"{out} exists and is not empty; pass --force to replace it")
+    check_output(out, bundle_path, force)
     cpu, board = CPUS[device.arch]
-    with new_folder(out) as tmp:
+    with new_folder(out, mark=True) as tmp:
         graphs = compile_graphs(bundle, sorted(bundle.graphs), tmp)
         header, source, layout, plan = _model_sources(bundle, graphs, x_train, y_train, x_test, y_test, epochs,
                                                       seed, eval_seed)

@@ -40,6 +40,30 @@ class Graph:
         return dict(zip(self.output_names, outputs))
 
 
+ONNX_TYPES = {"tensor(float)": "float32", "tensor(double)": "float64", "tensor(int64)": "int64",
+              "tensor(int32)": "int32", "tensor(bool)": "bool", "tensor(uint8)": "uint8"}
+
+
+def check_against_manifest(session: ort.InferenceSession, spec, path: Path) -> None:
+    """The graph file must be the graph the manifest describes: a different (valid, re-hashed)
+    graph would otherwise fail only at its first run, with the engine's own error."""
+    def same(value, t) -> bool:
+        static = all(isinstance(d, int) for d in value.shape)
+        return ONNX_TYPES.get(value.type) == t.dtype and (not static or tuple(value.shape) == t.shape)
+
+    declared = {t.name: t for t in spec.inputs}
+    for value in session.get_inputs():  # the exporter may drop an input the graph never reads
+        t = declared.get(value.name)
+        if t is None or not same(value, t):
+            raise BundleError(f"{path}: graph input '{value.name}' ({value.type} {value.shape}) is not as "
+                              f"manifest.json describes it ({'absent' if t is None else f'{t.dtype} {list(t.shape)}'})")
+    made = {o.name: o for o in session.get_outputs()}
+    for t in spec.outputs:
+        if t.name not in made or not same(made[t.name], t):
+            raise BundleError(f"{path}: graph output '{t.name}' is not as manifest.json describes it "
+                              f"({t.dtype} {list(t.shape)})")
+
+
 class Engine:
     name = "onnxruntime"
     suffix = ".onnx"
@@ -67,6 +91,8 @@ class Engine:
             session = ort.InferenceSession(str(path), opts, providers=PROVIDERS[self.provider])
         except Exception as e:  # onnxruntime raises its own exception types for a bad model
             raise BundleError(f"{path}: onnxruntime cannot load this graph ({e})") from None
+        if spec is not None:
+            check_against_manifest(session, spec, path)
         if session.get_providers()[0] != PROVIDERS[self.provider][0]:
             raise EdgepropError(f"--provider {self.provider}: onnxruntime could not start "
                                 f"{PROVIDERS[self.provider][0]} (no GPU, or its CUDA libraries are missing)")

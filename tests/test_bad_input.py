@@ -89,7 +89,7 @@ def test_pickled_arrays_are_never_loaded(trained, tmp_path):
     """An object array needs pickle (code execution): refused, even with a valid checksum."""
     bundle, before = trained
     _rewrite_init(bundle, lambda a: a.update(embedding=np.array([{"evil": 1}] * 10, dtype=object)))
-    _fails(bundle, message="init.npz: not a readable array archive")
+    _fails(bundle, message="init.npz: 'embedding' holds Python objects (pickled data); refused")
     _unchanged(bundle, before)
 
 
