@@ -47,6 +47,9 @@ def write_atomic(path: Path, data: bytes | Callable[[BinaryIO], None]) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:  # disk full, read-only card: say which file could not be written
+        Path(tmp).unlink(missing_ok=True)
+        raise OSError(e.errno, f"{e.strerror} (writing {path}; the previous file, if any, is intact)") from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
