@@ -47,19 +47,19 @@ RULES = {
 }
 
 
-def worker_train(bundle: str, data: str, epochs: int) -> dict:
+def worker_train(bundle: str, data: str, epochs: int, seed: int = 0) -> dict:
     from edgeprop import bundle as bundles
     from edgeprop import datasets, rss
     from edgeprop.runtimes import get_engine
     from edgeprop.trainer import TrainConfig, Trainer, evaluate
     b, engine = bundles.load(bundle), get_engine("onnxruntime", threads=1)
     train = datasets.load(data, "train")
-    trainer = Trainer(b, engine, train, TrainConfig(epochs=epochs))
+    trainer = Trainer(b, engine, train, TrainConfig(epochs=epochs, seed=seed))
     t0 = time.perf_counter()
     trainer.run(progress=False)  # the checkpoint is what a zeroth-order row starts from
     seconds = time.perf_counter() - t0
     working_set = trainer.working_set()
-    report = evaluate(b, engine, datasets.load(data, "test"), trainer.state, runs=3)
+    report = evaluate(b, engine, datasets.load(data, "test"), trainer.state, seed=seed, runs=3)
     return {"accuracy": report["accuracy"], "accuracy_runs": report["accuracy_runs"],
             "per_unit_accuracy": report.get("per_unit_accuracy"),
             **{k: v for k, v in report.items() if k.startswith("accuracy_") and k != "accuracy_runs"},
@@ -75,7 +75,7 @@ def worker_export(rule: str, data: str, out: str, options: str) -> dict:
     return {"export_seconds": time.perf_counter() - t0}
 
 
-def measure(rule: str, data: str, options: dict, note: str, epochs: int) -> dict:
+def measure(rule: str, data: str, options: dict, note: str, epochs: int, seed: int = 0) -> dict:
     source = DATA.get(data, data)  # a named data set, or the user's own path
     with tempfile.TemporaryDirectory() as tmp:
         bundle, extra = str(Path(tmp) / rule), {}
@@ -86,7 +86,7 @@ def measure(rule: str, data: str, options: dict, note: str, epochs: int) -> dict
             options = {**options, "init": start}
         exported = common.spawn(__file__, "export", rule, source, bundle, json.dumps(options))
         return {"data": data, "rule": rule, "note": note, "options": options, **exported, **extra,
-                **common.spawn(__file__, "train", bundle, source, epochs)}
+                **common.spawn(__file__, "train", bundle, source, epochs, seed)}
 
 
 def main() -> int:
@@ -99,7 +99,7 @@ def main() -> int:
     args = p.parse_args()
     if args.worker:
         name, *rest = args.worker
-        result = worker_train(rest[0], rest[1], int(rest[2])) if name == "train" else worker_export(*rest)
+        result = worker_train(rest[0], rest[1], *map(int, rest[2:])) if name == "train" else worker_export(*rest)
         print(json.dumps(result))
         return 0
 
