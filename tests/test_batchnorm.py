@@ -17,7 +17,7 @@ from edgeprop.exporters.optim import Optimizer
 from edgeprop.exporters.tflite import to_tflite
 from edgeprop.exporters.trace import to_onnx, trace_step
 from edgeprop.exporters.validate import validate
-from edgeprop.runtimes import get_engine, load_graph
+from edgeprop.runtimes import get_engine
 from edgeprop.trainer import TrainConfig, Trainer
 
 
@@ -111,7 +111,7 @@ def test_running_statistics_are_unit_state(bn_bundle, tmp_path):
     moved = trainer.state[block.name]["stats"]
     assert not np.allclose(moved, init[block.name]["stats"])
     # Inference reads them: the same weights on other statistics predict otherwise.
-    infer = load_graph(get_engine(), b, block.infer_graph)
+    infer = b.load_graph(get_engine(), block.infer_graph)
     rng = np.random.default_rng(0)
     feeds = {"param": trainer.state[block.name]["param"], "x": rng.standard_normal((4, 1, 8, 8), np.float32),
              "z": rng.standard_normal((4, 10), np.float32)}

@@ -150,11 +150,10 @@ def test_every_device_side_module_imports_without_torch_and_runs_nothing():
     import subprocess
     import sys
     code = ("import sys, pkgutil, importlib; sys.modules.update(torch=None, onnx=None)\n"
-            "import edgeprop, edgeprop.runtimes, edgeprop.devices\n"
-            "for pkg in (edgeprop, edgeprop.runtimes):\n"
+            "import edgeprop, edgeprop.runtimes, edgeprop.devices, edgeprop.cli, edgeprop.targets\n"
+            "for pkg in (edgeprop, edgeprop.runtimes, edgeprop.cli, edgeprop.targets):\n"
             "    for m in pkgutil.iter_modules(pkg.__path__, pkg.__name__ + '.'):\n"
-            "        if m.name not in ('edgeprop.exporters', 'edgeprop.plots'):\n"
-            "            importlib.import_module(m.name)\n"
+            "        importlib.import_module(m.name)\n"
             "assert not {'torch', 'onnx'} & {m for m, v in sys.modules.items() if v is not None}")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0 and proc.stdout == "", proc.stdout + proc.stderr

@@ -19,7 +19,7 @@ from edgeprop.devices import load_profile
 from edgeprop.runtimes import get_engine
 from edgeprop.trainer import TrainConfig, Trainer, evaluate
 
-firmware = pytest.importorskip("edgeprop.exporters.firmware")
+firmware = pytest.importorskip("edgeprop.targets.c99")
 pytest.importorskip("emx_onnx_cgen")
 EPOCHS, SEED, TRAIN, TEST = 2, 3, 200, 100
 
