@@ -48,6 +48,12 @@ def _tflm():
     return runtime, schema
 
 
+def __getattr__(name):  # tflm.runtime, tflm.schema: tflite-micro's modules, imported on first use
+    if name in ("runtime", "schema"):
+        return _tflm()[("runtime", "schema").index(name)]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 RECORDED = re.compile(r"Arena allocation total (\d+) bytes")
 
 

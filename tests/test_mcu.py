@@ -21,6 +21,8 @@ from edgeprop.trainer import TrainConfig, Trainer, evaluate
 
 firmware = pytest.importorskip("edgeprop.targets.c99")
 pytest.importorskip("emx_onnx_cgen")
+
+pytestmark = pytest.mark.slow  # emx-onnx-cgen, the Arm toolchain and qemu
 EPOCHS, SEED, TRAIN, TEST = 2, 3, 200, 100
 
 

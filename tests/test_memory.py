@@ -84,7 +84,7 @@ def test_plan_adds_up(digits_bundle):
     assert streamed.working_set == block.state + arenas + block.batch
     assert p.backprop["working_set"] > p.working_set  # every block's activations and gradients at once
 
-
+@pytest.mark.slow  # the every-engine bundle and another export
 def test_exported_facts_predict_another_batch_size(engines_bundle, tmp_path):
     """Facts of a batch-16 bundle, evaluated at batch 5, equal liveness over a batch-5 export."""
     from edgeprop.exporters import export
@@ -232,7 +232,7 @@ def test_sizes_parse_as_people_write_them():
         with pytest.raises(EdgepropError):
             parse_size(bad)
 
-
+@pytest.mark.slow  # torch.onnx.export in a fresh process
 def test_profile_a_plain_onnx_model_from_torch_onnx_export(tmp_path):
     """A model edgeprop did not export: inference memory (= zeroth-order's budget) and back-prop's."""
     script = f"""

@@ -23,6 +23,8 @@ from edgeprop.exporters.optim import Optimizer  # noqa: E402
 from edgeprop.exporters.validate import validate  # noqa: E402
 from edgeprop.runtimes import get_engine  # noqa: E402
 
+pytestmark = pytest.mark.slow  # every case exports its own bundles
+
 # (model, batch, optimizer, engine). The litert cases export every graph to .tflite as well
 # and check those (ops LiteRT lacks, or lowers differently, show up here). Over 50
 # free-running steps, CNN blocks with SGD agree in every weight (5e-5); with AdamW from a zero

@@ -19,6 +19,8 @@ from tflite_micro import runtime  # noqa: E402
 
 from edgeprop.runtimes import tflm  # noqa: E402
 
+pytestmark = pytest.mark.slow  # the every-engine bundle (.tflite conversion, TFLM arenas)
+
 # The device side of the tflm engine needs numpy and tflite-micro: no torch, onnx, or other engine.
 ABSENT = ("torch", "onnx", "onnxruntime", "ai_edge_litert")
 

@@ -24,6 +24,8 @@ from edgeprop.exporters.validate import validate  # noqa: E402
 from edgeprop.runtimes import get_engine, memory_model  # noqa: E402
 from edgeprop.trainer import TrainConfig, Trainer  # noqa: E402
 
+pytestmark = pytest.mark.slow  # exports back-prop and zeroth-order bundles
+
 MLP = ("--model", "mlp", "--width", 64, "--depth", 1)
 
 
@@ -117,6 +119,7 @@ def test_no_gradient_graph_is_exported_or_loaded(zo_bundle):
 
     class Recording:
         suffix = ".onnx"
+        trains_itself = False
 
         def __init__(self, engine):
             self.engine = engine
