@@ -14,8 +14,8 @@ HELP = "plan a bundle's training memory against a device or budget (no torch)"
 
 def add_arguments(pr) -> None:
     pr.add_argument("bundle", help="a bundle folder, or any .onnx inference model (its inference memory)")
-    shared.add_limits(pr, device_help="a profile name (see `edgeprop devices`) or a .toml file",
-                      budget_help="bytes the working set may take, e.g. 48MB")
+    shared.add_device(pr, "a profile name (see `edgeprop devices`) or a .toml file")
+    shared.add_budget(pr, "bytes the working set may take, e.g. 48MB")
     pr.add_argument("--batch-size", type=int, default=None, help="plan this batch size (default: the bundle's)")
     pr.add_argument("--stream", action="store_true", help="plan with inactive units' state on disk")
     pr.add_argument("--data", default=None, help="count this data set in RAM; needed by --measure")

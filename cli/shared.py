@@ -17,10 +17,14 @@ def add_engine(p) -> None:
                    help="onnxruntime execution provider: cuda runs the graphs on a GPU (onnxruntime-gpu)")
 
 
-def add_limits(p, budget_help: str, device_help: str) -> None:
-    """--budget and --device: what a training run must fit."""
-    p.add_argument("--budget", default=None, help=budget_help)
-    p.add_argument("--device", default=None, help=device_help)
+def add_budget(p, text: str) -> None:
+    """--budget: bytes the working set may take (read by `limits`)."""
+    p.add_argument("--budget", default=None, help=text)
+
+
+def add_device(p, text: str) -> None:
+    """--device: a device profile the run must fit (read by `limits`)."""
+    p.add_argument("--device", default=None, help=text)
 
 
 def engine(args):

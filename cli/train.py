@@ -25,9 +25,8 @@ def add_arguments(t) -> None:
     t.add_argument("--checkpoint-every", type=int, default=None, help="updates between checkpoints")
     t.add_argument("--checkpoint-seconds", type=float, default=60.0,
                    help="at most this long between checkpoints (default: 60; resuming is exact either way)")
-    shared.add_limits(t, budget_help="refuse to start unless the plan's working set fits, e.g. 48MB; stop if it "
-                                     "is exceeded",
-                      device_help="refuse to start unless training fits this device's profile")
+    shared.add_budget(t, "refuse to start unless the plan's working set fits, e.g. 48MB; stop if it is exceeded")
+    shared.add_device(t, "refuse to start unless training fits this device's profile")
     t.add_argument("--stream", action="store_true",
                    help="keep units that are not stepping in memory-mapped files, not RAM")
     g = t.add_mutually_exclusive_group()
