@@ -10,7 +10,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
 	touch $@
 
-.PHONY: demo test aarch64 bench clean
+.PHONY: demo test test-fast aarch64 bench clean
 demo: $(VENV)/.installed  ## export NoProp-DT for digits, train it with onnxruntime, print test accuracy
 	$(EDGEPROP) export --rule noprop-dt --model mlp --data digits --out runs/digits --force
 	$(EDGEPROP) train runs/digits --data digits --epochs 40
@@ -24,6 +24,9 @@ test: $(VENV)/.installed
 	for name in $(ENGINE_VENVS); do scripts/engine-venv.sh $$name || exit 1; done
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
+
+test-fast: $(VENV)/.installed  ## about a minute: no engine venvs, emulators, end-to-end accuracy or long exports
+	$(PY) -m pytest -q -m "not slow"
 
 aarch64: $(VENV)/.installed  ## deploy to an emulated arm64 Debian (qemu-user) and train there; installs the tools
 	scripts/install-emulators.sh

@@ -38,7 +38,7 @@ def main() -> None:
     subprocess.run([str(ROOT / "scripts" / "install-mcu-tools.sh")], check=True)
     from edgeprop.devices import load_profile
     from edgeprop.exporters import export
-    from edgeprop.exporters.firmware import results, write_firmware
+    from edgeprop.targets.c99 import results, write_firmware
 
     work = Path(tempfile.mkdtemp(prefix="bench-mcu."))
     bundle = export(work / "bundle", blocks=args.blocks, width=args.width, batch_size=args.batch_size,

@@ -136,6 +136,7 @@ def main() -> None:
     from edgeprop import bundle as bundles
     from edgeprop import datasets, memory
     from edgeprop.exporters import export
+    from edgeprop.runtimes import memory_model
     configs = [("digits", "digits", b) for b in (1, 32, 64, 128)]
     if Path(FASHION).is_dir():
         configs += [("fashion-mnist", FASHION, b) for b in (1, 32, 128)]
@@ -149,7 +150,8 @@ def main() -> None:
             b = bundles.load(export(Path(tmp) / f"{name}-{batch}", data=data, batch_size=batch, progress=False))
             train = datasets.load(data, "train")
             data_bytes = train.nbytes
-            plans = {s: memory.plan(b, stream=s, data_bytes=data_bytes) for s in (False, True)}
+            ort = memory_model("onnxruntime")
+            plans = {s: memory.plan(b, stream=s, engine=ort, data_bytes=data_bytes) for s in (False, True)}
             ram, streamed = (spawn("edgeprop", b.root, data, args.batches, mode) for mode in ("ram", "stream"))
             torch_bp = spawn("torch", b.root, data, args.batches)
             bp_planned = plans[False].backprop["working_set"]

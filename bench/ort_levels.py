@@ -95,6 +95,7 @@ def main() -> None:
     from edgeprop import cpu, memory
     from edgeprop.exporters import export
     from edgeprop.exporters.model_memory import onnx_report
+    from edgeprop.runtimes import memory_model
     width = cpu.host_vector_width()
     folder = Path(tempfile.mkdtemp())
     graphs = conv_models(folder)
@@ -107,7 +108,7 @@ def main() -> None:
             r = common.spawn(__file__, path, level, args.runs)
             padded = width if level != "extended" else None
             r["planned"] = onnx_report(path, vector_width=padded)["arena"] if path.parent == folder else \
-                memory.plan(cnn, vector_width=padded).units[0].engine
+                memory.plan(cnn, engine=memory_model("onnxruntime"), vector_width=padded).units[0].engine
             rows.append({"graph": name, "level": level, **r})
             print(f"{name:26s} {level:9s} {r['ms']:8.2f} ms  arena {r['arena'] / 2**20:6.2f} MiB  planned "
                   f"{r['planned'] / 2**20:6.2f} MiB  session {r['session'] / 2**20:6.2f} MiB", flush=True)

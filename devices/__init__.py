@@ -23,15 +23,16 @@ A profile file (see rpi4.toml for a commented example):
                               # AVX2), the block onnxruntime's NCHWc layout pads conv channels to;
                               # ARM profiles leave it out (no NCHWc there)
 
-Sources for every shipped figure are comments in each file.
+Sources for every shipped figure are comments in each file. The Profile type itself is the
+core's (edgeprop.device_profile): the memory planner checks plans against it.
 """
 from __future__ import annotations
 
 import re
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
+from edgeprop.device_profile import KINDS, Profile
 from edgeprop.errors import EdgepropError
 from edgeprop.sizes import parse_size
 
@@ -41,29 +42,6 @@ else:  # pragma: no cover - older Pythons on devices
     import tomli as tomllib
 
 HERE = Path(__file__).resolve().parent
-KINDS = ("linux", "mcu")
-@dataclass(frozen=True)
-class Profile:
-    name: str
-    title: str
-    kind: str
-    arch: str
-    cores: int
-    ram: int
-    flash: int
-    train_share: float
-    float_formats: tuple[str, ...]
-    engines: tuple[str, ...]
-    psram: int = 0
-    python: str | None = None
-    vector_width: int | None = None
-    source: str = ""
-
-    @property
-    def budget(self) -> int:
-        """Bytes of RAM a training process may take on this device."""
-        return int(self.ram * self.train_share)
-
 
 REQUIRED = ("name", "title", "kind", "arch", "cores", "ram", "flash", "train_share", "float_formats", "engines")
 OPTIONAL = ("psram", "python", "vector_width")

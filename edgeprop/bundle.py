@@ -30,6 +30,7 @@ import numpy as np
 
 from . import manifest as manifest_fields
 from .errors import BundleError
+from .rules import RULES
 from .schedule import NoiseSchedule
 from .storage import open_arrays, sha256_of, write_atomic
 
@@ -166,7 +167,6 @@ class Bundle:
                           for u in manifest["units"]]
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise BundleError(f"{self.root / MANIFEST}: missing or malformed field ({e!r})") from None
-        from .rules import RULES  # the rules import this module
         if self.rule not in RULES:
             raise BundleError(f"{self.root / MANIFEST}: rule '{self.rule}' is not one this edgeprop runs "
                               f"({', '.join(RULES)})")
@@ -193,6 +193,10 @@ class Bundle:
             raise BundleError(f"{self.root}: this bundle has no {suffix} graphs (export it with "
                               f"--{suffix.lstrip('.')} to run it on that engine)")
         return self.root / files[suffix]
+
+    def load_graph(self, engine, key: str):
+        """Graph `key` loaded by `engine` (edgeprop.engine.Engine) from the file in its format."""
+        return engine.load(self.graph_path(key, engine.suffix), self.graphs[key])
 
     def initial_state(self) -> tuple[dict[str, dict[str, np.ndarray]], np.ndarray]:
         """({unit: {key: array}}, embedding), checked against the manifest."""

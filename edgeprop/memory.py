@@ -50,6 +50,10 @@ class EngineMemory:
     # per_node·nodes + copies·weights + the forward activations its training session keeps.
     copies: int = 0        # copies of each unit's weights held by its sessions (0: the engine holds none)
     first_session: int = 0  # bytes the engine's first session brings (its environment, thread pool)
+    # An engine whose exact arena the export measures (tflm): the step graphs' memory fact that
+    # holds it as [c, s], and what the plan then says about it.
+    exact_arena: str = ""
+    exact_note: str = ""
 
     @property
     def holds_units(self) -> bool:
@@ -68,48 +72,6 @@ class EngineMemory:
         while total < peak:
             total, largest, region = total + region, region, region * 2
         return total if largest >= peak else total + peak
-
-
-ENGINES = {
-    # Measured on x86-64 with onnxruntime 1.32, numpy 2.4, CPython 3.11 (bench/memory.py
-    # prints the parts): interpreter 11 MiB, numpy 15 MiB, edgeprop's modules 7 MiB,
-    # onnxruntime 19 MiB, its environment (made with the first session) 10 MiB; each loaded
-    # graph about 2.5 KB per node. The arena is onnxruntime's BFCArena with its defaults
-    # (initial chunk 1 MiB, kNextPowerOfTwo growth).
-    "onnxruntime": EngineMemory("onnxruntime", 66_000_000, 2_500, 1 << 20, True,
-                                "runtime measured on x86-64 (onnxruntime 1.32, CPython 3.11)"),
-    # TFLite plans one static arena per interpreter when it allocates tensors. Measured on
-    # x86-64 with ai-edge-litert 2.3, numpy 2.4, CPython 3.11: interpreter and numpy 26 MiB,
-    # edgeprop 7 MiB, ai_edge_litert 10 MiB. Its XNNPACK delegate packs weights that arrive
-    # as inputs on top of the arena: measured 1.9x the planned working set on the digits MLP.
-    "litert": EngineMemory("litert", 45_000_000, 2_500, 0, True,
-                           "runtime measured on x86-64 (ai-edge-litert 2.3, CPython 3.11); arena = liveness "
-                           "peak, without XNNPACK's packed weights (measured 1.9x on the digits MLP)"),
-    # Static arenas; code and graphs live in flash, no interpreter. A bundle exported with
-    # --tflite where tflite-micro is installed carries TFLM's exact arena per graph (see
-    # tflm_arenas); without it, the liveness peak is the estimate.
-    "tflm": EngineMemory("tflm", 0, 0, 0, False, "arena = liveness peak (an estimate: export with --tflite, "
-                                                 "tflite-micro installed, for TFLM's exact arenas)"),
-    "c99": EngineMemory("c99", 0, 0, 0, False, "arena = liveness peak of the generated C's static arena"),
-    # onnxruntime-training 1.19.2, numpy 2.0, CPython 3.11 on x86-64 (tests/test_ort_training.py):
-    # interpreter 11 MiB, numpy 14, edgeprop 8, onnxruntime.training 27, bundle and data 4. Its
-    # first session brings 11 MB; each unit then holds ~7.5 KB per node of its step graph (its
-    # training, eval and optimizer sessions, built twice: the trainer sets each unit's state
-    # by rebuilding it on a checkpoint) and 16 copies of its weights: params, gradients and
-    # AdamW's two moments, plus what that rebuild's checkpoint (a flatbuffer built in a
-    # buffer of 12x the weights) leaves resident. Fitted on five digits MLP bundles (2-10
-    # blocks, width 48-256, batch 16-64): each within 5% of the measured working set.
-    "ort-training": EngineMemory("ort-training", 67_300_000, 7_500, 0, True,
-                                 "each unit's own sessions, measured on x86-64 (onnxruntime-training 1.19.2): "
-                                 "7.5 KB per node + 16x its weights + its activations, after an 11 MB environment",
-                                 copies=16, first_session=11_000_000),
-}
-
-
-def engine_memory(name: str) -> EngineMemory:
-    if name not in ENGINES:
-        raise EdgepropError(f"no memory model for engine '{name}' (known: {', '.join(ENGINES)})")
-    return ENGINES[name]
 
 
 def _at(affine, batch: int) -> int:
@@ -169,36 +131,37 @@ def graph_facts(bundle: Bundle, key: str) -> dict:
     return facts
 
 
-def tflm_arenas(bundle: Bundle) -> dict[str, list] | None:
-    """TFLite Micro's arena for each unit's step graph as [c, s] (bytes = c + s·B), as the
-    export measured it with the tflm engine (memory fact "tflm_arena"): exact at the bundle's
-    batch size, the slope measured at one more. None if any step graph lacks it.
+def exact_arenas(bundle: Bundle, fact: str) -> dict[str, list] | None:
+    """An engine's exact arena for each unit's step graph as [c, s] (bytes = c + s·B), as the
+    export measured it (memory fact `fact`, e.g. TFLite Micro's "tflm_arena"): exact at the
+    bundle's batch size, the slope measured at one more. None if any step graph lacks it.
 
     Measured where the .tflite is written rather than when planning: the figure belongs to
     the file (whose sha256 the manifest holds), and the planner must work from the manifest
     alone on a machine without tflite-micro (its wheels are x86-64 Linux only)."""
-    arenas = {u.step_graph: graph_facts(bundle, u.step_graph).get("tflm_arena") for u in bundle.units}
+    arenas = {u.step_graph: graph_facts(bundle, u.step_graph).get(fact) for u in bundle.units}
     return None if None in arenas.values() else arenas
 
 
-def plan(bundle: Bundle, batch: int | None = None, stream: bool = False, engine: str = "onnxruntime",
+def plan(bundle: Bundle, batch: int | None = None, stream: bool = False, *, engine: EngineMemory,
          data_bytes: int = 0, vector_width: int | None = None) -> MemoryPlan:
-    """Plan one training run of `bundle` at `batch` (default: the bundle's). `vector_width`:
-    onnxruntime runs convolutions in its NCHWc layout with blocks of that many floats (its
-    LAYOUT/ALL levels on x86; the export stored each conv graph's peak for widths 8 and 16)."""
+    """Plan one training run of `bundle` at `batch` (default: the bundle's) on `engine` (its
+    memory model: edgeprop.runtimes.memory_model(name)). `vector_width`: onnxruntime runs
+    convolutions in its NCHWc layout with blocks of that many floats (its LAYOUT/ALL levels
+    on x86; the export stored each conv graph's peak for widths 8 and 16)."""
     batch = bundle.batch_size if batch is None else int(batch)
     if batch < 1:
         raise EdgepropError(f"batch size must be at least 1, got {batch}")
-    eng = engine_memory(engine)
+    eng = engine
     if stream and eng.holds_units:
-        raise EdgepropError(f"engine {engine} holds every unit's state itself: --stream does not apply")
-    exact = tflm_arenas(bundle) if engine == "tflm" else None
+        raise EdgepropError(f"engine {eng.name} holds every unit's state itself: --stream does not apply")
+    exact = exact_arenas(bundle, eng.exact_arena) if eng.exact_arena else None
     units = []
     scratch = {u["name"]: int(u.get("scratch", 0)) for u in bundle.manifest["units"]}
     for u in bundle.units:
         facts = graph_facts(bundle, u.step_graph)
         state = sum(FLOAT * t.shape[0] for t in u.state)
-        blocked = facts.get("nchwc_peak", {}).get(str(vector_width)) if engine == "onnxruntime" else None
+        blocked = facts.get("nchwc_peak", {}).get(str(vector_width)) if engine.name == "onnxruntime" else None
         step = _peak(blocked or facts["peak"], batch)
         if eng.holds_units:  # the unit's own sessions: graphs, copies of its weights, kept activations
             arena = eng.per_node * facts["nodes"] + eng.copies * FLOAT * u.n_params + _at(facts["saved"], batch)
@@ -225,12 +188,11 @@ def plan(bundle: Bundle, batch: int | None = None, stream: bool = False, engine:
     # In storage: every unit's weights and the graphs. Optimizer slots need no storage on a
     # microcontroller training block by block: they start at zero and end with their block.
     weights = sum(u.params for u in units)
-    p = MemoryPlan(bundle.rule, batch, stream, engine, units, runtime, data_bytes, weights + files)
+    p = MemoryPlan(bundle.rule, batch, stream, eng.name, units, runtime, data_bytes, weights + files)
     p.backprop = backprop_plan(bundle, batch, eng)
     p.engine_note = eng.note
     if exact:
-        p.engine_note = ("TFLite Micro's exact arena per step graph, measured at export on a 64-bit host (a 32-bit "
-                   "MCU's bookkeeping is a little smaller); it holds the stepping unit's state and batch")
+        p.engine_note = eng.exact_note
         if batch != bundle.batch_size:
             p.engine_note += f"; exact at batch {bundle.batch_size}, scaled to {batch} by its growth per sample"
     return p
@@ -311,30 +273,32 @@ def largest_batch(bundle: Bundle, fits, limit: int = 1 << 16) -> int | None:
     return lo
 
 
-def fit(bundle: Bundle, budget: int | None = None, device=None, engine: str = "onnxruntime",
+def fit(bundle: Bundle, budget: int | None = None, device=None, *, engine: EngineMemory,
         data_bytes: int = 0, vector_width: int | None = None) -> dict[str, int | None]:
     """The largest batch size that fits, for each way of holding the state."""
     out, ways = {}, [("all state in RAM (interleaved or block-sequential)", False),
                      ("--stream (one unit's state in RAM)", True)]
-    for name, stream in ways[:1] if engine_memory(engine).holds_units else ways:  # it cannot --stream
+    for name, stream in ways[:1] if engine.holds_units else ways:  # it cannot --stream
         out[name] = largest_batch(bundle, lambda b, s=stream: check(
-            plan(bundle, b, s, engine, data_bytes, vector_width), budget, device).fits)
+            plan(bundle, b, s, engine=engine, data_bytes=data_bytes, vector_width=vector_width), budget,
+            device).fits)
     return out
 
 
 def refusal(bundle: Bundle, budget: int | None = None, device=None, stream: bool = False,
-            engine: str = "onnxruntime", data_bytes: int = 0, vector_width: int | None = None) -> str | None:
+            *, engine: EngineMemory, data_bytes: int = 0, vector_width: int | None = None) -> str | None:
     """None if the run fits; else what does not fit, by how much, and what would."""
-    verdict = check(plan(bundle, None, stream, engine, data_bytes, vector_width), budget, device)
+    sized = {"engine": engine, "data_bytes": data_bytes, "vector_width": vector_width}
+    verdict = check(plan(bundle, None, stream, **sized), budget, device)
     if verdict.fits:
         return None
     target = f"device {device.name} ({fmt(device.budget)} for training)" if device else f"a budget of {fmt(budget)}"
     hints = []
-    if not stream and not engine_memory(engine).holds_units:
-        streamed = check(plan(bundle, None, True, engine, data_bytes, vector_width), budget, device)
+    if not stream and not engine.holds_units:
+        streamed = check(plan(bundle, None, True, **sized), budget, device)
         if streamed.fits:
             hints.append(f"add --stream (then {fmt(streamed.need)} of {fmt(streamed.budget)})")
-    for how, batch in fit(bundle, budget, device, engine, data_bytes, vector_width).items():
+    for how, batch in fit(bundle, budget, device, **sized).items():
         hints.append(f"{how}: export again with --batch-size {batch} or less" if batch else f"{how}: no batch size")
     return f"{bundle.root} does not fit {target}: " + "; ".join(verdict.problems) + ". What would fit: " + \
         "; ".join(hints)

@@ -2,7 +2,7 @@
 
 A microcontroller that trains must draw the very noise the host would draw from the same
 seed, so that weights trained on either agree. numpy's generators are not written down
-bit by bit; this one is, in a dozen lines (firmware/prng.h is the C twin):
+bit by bit; this one is, in a dozen lines (targets/c99/prng.h is the C twin):
 
     GOLDEN   = 0x9E3779B97F4A7C15
     mix(z)   = splitmix64's finaliser:  z ^= z >> 30; z *= 0xBF58476D1CE4E5B9;

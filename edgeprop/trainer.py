@@ -1,7 +1,8 @@
 """The device-side trainer: feeds each unit's step graph, keeps weights, checkpoints, resumes.
 
-Imports numpy and an engine only. The learning itself (forward, local loss, in-block
-gradient, optimizer update) happens inside the compiled step graphs.
+Imports numpy only: the engine that runs the graphs is handed in (edgeprop.engine says what
+it must do). The learning itself (forward, local loss, in-block gradient, optimizer update)
+happens inside the compiled step graphs.
 """
 from __future__ import annotations
 
@@ -17,7 +18,6 @@ from .datasets import Dataset
 from .errors import BundleError, EdgepropError
 from .progress import Progress
 from .rules import ORDERS, Plan, for_bundle
-from .runtimes import load_graph
 from .sizes import format_size
 from .state import StreamedState
 from .storage import open_arrays, save_arrays
@@ -55,6 +55,9 @@ class TrainConfig:
     checkpoint_seconds: float = 60.0     # ... or this much time, whichever comes first: flash wears
     stream: bool = False         # units not stepping stay in memory-mapped files, not in RAM
     budget: int | None = None    # bytes the working set may take; the watchdog stops training beyond it
+    # ... or bytes the whole process may take on a device: the working set gets what is left
+    # once the trainer has measured the runtime and data (its baseline)
+    device_budget: int | None = None
 
     def check(self) -> TrainConfig:
         if self.order not in ORDERS:
@@ -72,6 +75,8 @@ class TrainConfig:
             raise EdgepropError("--checkpoint-seconds must be positive")
         if self.budget is not None and self.budget <= 0:
             raise EdgepropError("--budget must be positive")
+        if self.device_budget is not None and self.device_budget <= 0:
+            raise EdgepropError("the device's budget must be positive")
         check_seed(self.seed)
         return self
 
@@ -102,9 +107,12 @@ class Trainer:
         # optimizer state; the trainer steps its units instead of running step graphs. The
         # weights are copied back after every step (rules and eval read them); the optimizer
         # slots in self.state are brought up to date by unit_state() and save().
-        trains_itself = getattr(engine, "trains", False)
+        trains_itself = engine.trains_itself
         self.graphs = {} if trains_itself else load_graphs(bundle, engine, {u.step_graph for u in bundle.units})
         self.baseline = rss.current()
+        self.budget = config.budget  # what the watchdog holds the working set to
+        if config.budget is None and config.device_budget is not None:
+            self.budget = max(config.device_budget - self.baseline, 1)
         rss.reset_peak()
         self.state = self._initial_state()
         self.rule = for_bundle(bundle, data, config.seed, self._run_unit)
@@ -134,7 +142,7 @@ class Trainer:
 
     def _engine_units(self) -> dict:
         """Each unit's training session in an engine that trains by itself, given its state."""
-        if hasattr(self.rule, "update"):
+        if self.rule.updates_itself:
             raise EdgepropError(f"engine {self.engine.name}: rule {self.bundle.rule} updates the weights itself; "
                                 "train it with onnxruntime or litert")
         if self.config.stream:
@@ -148,7 +156,7 @@ class Trainer:
         """A unit's inference graph on its current weights (chained rules in block-sequential
         order recompute earlier units' outputs with it)."""
         if unit.infer_graph not in self._infer:
-            self._infer[unit.infer_graph] = load_graph(self.engine, self.bundle, unit.infer_graph)
+            self._infer[unit.infer_graph] = self.bundle.load_graph(self.engine, unit.infer_graph)
         return self._infer[unit.infer_graph].run({**infer_state(self.state[unit.name]), **feeds})
 
     def working_set(self) -> int:
@@ -220,7 +228,7 @@ class Trainer:
         state = self.state[unit.name]
         n = self.steps[unit.name] + 1
         lr = self.lr_at(unit.name, n)
-        if hasattr(self.rule, "update"):  # a rule whose update is not one step-graph run
+        if self.rule.updates_itself:  # its update is not one step-graph run
             loss = self.rule.update(unit_index, epoch, batch, state, lr, n, self.graphs[unit.step_graph])
         else:
             loss = self._graph_step(unit_index, epoch, batch, state, lr, n)
@@ -266,7 +274,7 @@ class Trainer:
             while self.done < end:
                 self.step(self.done)
                 self.done += 1
-                if self.config.budget and time.monotonic() - last_watch >= WATCH_SECONDS:
+                if self.budget and time.monotonic() - last_watch >= WATCH_SECONDS:
                     self._watch(checkpoints)
                     last_watch = time.monotonic()
                 due = (every and self.done % every == 0) or \
@@ -284,14 +292,14 @@ class Trainer:
         """Stop cleanly, with a checkpoint of the last finished step, once the measured working
         set has crossed the budget."""
         used = self.working_set()
-        if used <= self.config.budget:
+        if used <= self.budget:
             return
         kept = "no checkpoint was written"
         if checkpoints:
             self.save()
             kept = f"a checkpoint at step {self.done} was written; continue with --resume"
         raise EdgepropError(f"memory budget exceeded: the working set reached {format_size(used)} "
-                            f"(budget {format_size(self.config.budget)}) at step {self.done}; {kept}")
+                            f"(budget {format_size(self.budget)}) at step {self.done}; {kept}")
 
 
 def infer_state(unit_state: dict) -> dict:
@@ -307,7 +315,7 @@ def epoch_losses(history: dict[str, list[list[float]]]) -> dict[str, list[float]
 
 def load_graphs(bundle: Bundle, engine, keys: set[str]) -> dict:
     """Load the named graphs up front, so a graph the engine rejects fails before any work."""
-    return {key: load_graph(engine, bundle, key) for key in sorted(keys)}
+    return {key: bundle.load_graph(engine, key) for key in sorted(keys)}
 
 
 def check_meta(meta: dict, bundle: Bundle, path, total: int | None = None) -> None:

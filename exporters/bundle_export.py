@@ -113,7 +113,7 @@ def export(model_or_out=None, /, *, out: str | Path | None = None, rule: str = "
 
     # A rule whose device half updates the weights itself (zeroth-order) exports no step
     # graph: its units' step names the inference graph, and they have no optimizer slots.
-    own_update = getattr(spec.rule, "step_graph", True) is False
+    own_update = rules.updates_itself(rule)
     kinds = ("infer",) if own_update else ("step", "infer")
     slots = () if own_update else opt.slots
     with new_folder(out) as tmp:

@@ -20,7 +20,7 @@ from pathlib import Path
 import onnx
 
 from edgeprop.errors import EdgepropError
-from edgeprop.memory import engine_memory
+from edgeprop.runtimes import memory_model
 from edgeprop.sizes import format_size as fmt
 
 from .liveness import ALIASES, live_bytes, tensor_bytes
@@ -77,7 +77,7 @@ def onnx_report(path: str | Path, batch: int | None = None, engine: str = "onnxr
         timeline, inputs, constants = live_bytes(fixed, path, sizes, vector_width)
     except (ValueError, onnx.shape_inference.InferenceError) as e:
         raise EdgepropError(str(e)) from None
-    eng = engine_memory(engine)
+    eng = memory_model(engine)
     weights = constants  # initializers and Constant nodes
     peak = max(timeline, default=0)
     kept = {o for n in fixed.graph.node if n.op_type not in ALIASES | {"Constant"} for o in n.output if o}

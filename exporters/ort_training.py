@@ -31,6 +31,7 @@ from torch import nn
 
 from edgeprop.errors import EdgepropError
 
+from . import rules
 from .optim import Optimizer
 from .trace import layout, onnx_model
 
@@ -250,7 +251,7 @@ def _close(a: float, b: float, rtol: float) -> bool:
 
 def check_trainable(spec, opt: Optimizer) -> None:
     """What onnxruntime-training cannot run, refused before any work."""
-    if getattr(spec.rule, "step_graph", True) is False:
+    if rules.updates_itself(spec.name):
         raise EdgepropError("--ort-training: this rule updates the weights itself (no gradient step); "
                             "onnxruntime-training has nothing to train")
     if spec.model.get("dropout"):  # its forward model is the inference pass: no mask inputs

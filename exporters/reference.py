@@ -35,7 +35,7 @@ class TorchReference:
         self.plan = Plan(len(bundle.units), self.rule.n_batches, config.epochs, config.order)
         # A rule that updates the weights itself (zeroth-order) runs its own update here too,
         # on torch forward passes (see _TorchForward): no torch optimizer, no slots.
-        self.own_update = hasattr(self.rule, "update")
+        self.own_update = self.rule.updates_itself
         opt = bundle.optimizer
         self.spec = None if self.own_update else \
             Optimizer(opt["name"], opt["weight_decay"], tuple(opt["betas"]), opt["eps"], opt["momentum"])

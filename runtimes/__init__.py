@@ -1,50 +1,57 @@
-"""Device-side engines behind one small interface. numpy and the engine itself; never torch.
+"""Device-side engines, one module each. numpy and the engine itself; never torch.
 
-An engine loads a graph file and runs it on named numpy arrays:
+An engine module `runtimes/<name>.py` (name with "_" for "-") declares
+
+    FORMATS   the graph formats it runs (".onnx", ".tflite")
+    MEMORY    its memory model (edgeprop.memory.EngineMemory) for the planner
+    Engine    the class that loads and runs graphs (edgeprop.engine.Engine); a module
+              without one (c99) runs elsewhere and is only planned for
+
+and is found by its file name (tinygrad's habit): adding an engine adds one file. Modules
+import their engine package when an Engine is made, so the planner reads MEMORY anywhere.
 
     engine = get_engine("onnxruntime", threads=1)
-    graph = load_graph(engine, bundle, "block_step")   # graphs/block_step<engine.suffix>
-    outputs = graph.run({"x": x, "z": z, ...})        # {output name: array}
-
-Engines are found by file name: `runtimes/<name>.py` defines `Engine` (tinygrad's habit).
+    graph = bundle.load_graph(engine, "block_step")   # graphs/block_step<engine.suffix>
 """
 from __future__ import annotations
 
 import importlib
-from pathlib import Path
-from typing import Protocol
+import pkgutil
 
-import numpy as np
-
+from edgeprop.engine import Engine
 from edgeprop.errors import EdgepropError
-
-ENGINES = ("onnxruntime", "litert", "tflm", "ort-training")
-
-
-class LoadedGraph(Protocol):
-    input_names: list[str]
-    output_names: list[str]
-
-    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+from edgeprop.memory import EngineMemory
 
 
-class Engine(Protocol):
-    name: str
-    suffix: str  # graph file suffix this engine loads
+def engine_names() -> list[str]:
+    """Every engine this edgeprop knows (sorted; found by file name, nothing imported)."""
+    return sorted(m.name.replace("_", "-") for m in pkgutil.iter_modules(__path__))
 
-    def load(self, path: Path, spec=None) -> LoadedGraph: ...  # spec: the manifest's bundle.Graph
+
+def engine_module(name: str):
+    if name not in engine_names():
+        raise EdgepropError(f"unknown engine '{name}'; available: {', '.join(runnable())}")
+    return importlib.import_module(f"{__name__}.{name.replace('-', '_')}")
+
+
+def runnable() -> list[str]:
+    """The engines that run graphs in this process (those with an Engine class)."""
+    return [n for n in engine_names() if hasattr(importlib.import_module(f"{__name__}.{n.replace('-', '_')}"),
+                                                    "Engine")]
+
+
+def memory_model(name: str) -> EngineMemory:
+    """What engine `name` holds while training, for the memory planner."""
+    if name not in engine_names():
+        raise EdgepropError(f"no memory model for engine '{name}' (known: {', '.join(engine_names())})")
+    return engine_module(name).MEMORY
 
 
 def get_engine(name: str = "onnxruntime", **options) -> Engine:
-    if name not in ENGINES:
-        raise EdgepropError(f"unknown engine '{name}'; available: {', '.join(ENGINES)}")
+    module = engine_module(name)
+    if not hasattr(module, "Engine"):
+        raise EdgepropError(f"unknown engine '{name}'; available: {', '.join(runnable())}")
     try:
-        module = importlib.import_module(f"edgeprop.runtimes.{name.replace('-', '_')}")
+        return module.Engine(**options)
     except ImportError as e:
         raise EdgepropError(f"engine '{name}' is not installed here ({e})") from None
-    return module.Engine(**options)
-
-
-def load_graph(engine: Engine, bundle, key: str) -> LoadedGraph:
-    """A bundle's graph `key` in the engine's format, described by the manifest."""
-    return engine.load(bundle.graph_path(key, engine.suffix), bundle.graphs[key])

@@ -8,25 +8,36 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 
 from edgeprop.errors import BundleError, EdgepropError
+from edgeprop.memory import EngineMemory
 
+FORMATS = (".onnx",)
+# Measured on x86-64 with onnxruntime 1.32, numpy 2.4, CPython 3.11 (bench/memory.py
+# prints the parts): interpreter 11 MiB, numpy 15 MiB, edgeprop's modules 7 MiB,
+# onnxruntime 19 MiB, its environment (made with the first session) 10 MiB; each loaded
+# graph about 2.5 KB per node. The arena is onnxruntime's BFCArena with its defaults
+# (initial chunk 1 MiB, kNextPowerOfTwo growth).
+MEMORY = EngineMemory("onnxruntime", 66_000_000, 2_500, 1 << 20, True,
+                      "runtime measured on x86-64 (onnxruntime 1.32, CPython 3.11)")
 PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
 # Graph optimisation levels. "layout" and "all" add the NCHWc transform on x86: conv activations
 # blocked and padded to the CPU's vector width (16 floats with AVX-512, 8 with AVX2), which
-# bench/ort_levels.py measured at 1.4-2.8x the memory of "extended" for no speed gain on the
+# bench/ort_levels.py measured at 1.1-2.8x the memory of "extended" for no speed gain on the
 # step graphs; "extended" (still fusing Conv+activation) is the default. See docs/engines.md.
-LEVELS = {"disabled": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-          "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-          "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-          "layout": ort.GraphOptimizationLevel.ORT_ENABLE_LAYOUT,
-          "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
+LEVELS = {"disabled": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED",
+          "layout": "ORT_ENABLE_LAYOUT", "all": "ORT_ENABLE_ALL"}  # names in ort.GraphOptimizationLevel
 DEFAULT_LEVEL = "extended"
 
 
+def _ort():
+    """onnxruntime, imported when an engine is made: the planner reads MEMORY without it."""
+    import onnxruntime
+    return onnxruntime
+
+
 class Graph:
-    def __init__(self, session: ort.InferenceSession):
+    def __init__(self, session):  # an onnxruntime.InferenceSession
         self.session = session
         self.input_names = [i.name for i in session.get_inputs()]
         self.output_names = [o.name for o in session.get_outputs()]
@@ -44,7 +55,7 @@ ONNX_TYPES = {"tensor(float)": "float32", "tensor(double)": "float64", "tensor(i
               "tensor(int32)": "int32", "tensor(bool)": "bool", "tensor(uint8)": "uint8"}
 
 
-def check_against_manifest(session: ort.InferenceSession, spec, path: Path) -> None:
+def check_against_manifest(session, spec, path: Path) -> None:  # session: onnxruntime.InferenceSession
     """The graph file must be the graph the manifest describes: a different (valid, re-hashed)
     graph would otherwise fail only at its first run, with the engine's own error."""
     def same(value, t) -> bool:
@@ -67,8 +78,10 @@ def check_against_manifest(session: ort.InferenceSession, spec, path: Path) -> N
 class Engine:
     name = "onnxruntime"
     suffix = ".onnx"
+    trains_itself = False
 
     def __init__(self, threads: int = 1, provider: str = "cpu", optimization: str | None = None):
+        ort = _ort()
         optimization = optimization or DEFAULT_LEVEL
         if optimization not in LEVELS:
             raise EdgepropError(f"--ort-optimization {optimization}: choose one of {', '.join(LEVELS)}")
@@ -81,12 +94,13 @@ class Engine:
         self.threads, self.provider, self.optimization = threads, provider, optimization
 
     def load(self, path: Path, spec=None) -> Graph:  # the graph file names its inputs itself
+        ort = _ort()
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = self.threads
         opts.inter_op_num_threads = 1
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         opts.log_severity_level = 3
-        opts.graph_optimization_level = LEVELS[self.optimization]
+        opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, LEVELS[self.optimization])
         try:
             session = ort.InferenceSession(str(path), opts, providers=PROVIDERS[self.provider])
         except Exception as e:  # onnxruntime raises its own exception types for a bad model

@@ -25,10 +25,34 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from tflite_micro import runtime
-from tflite_micro.tensorflow.lite.micro.python import schema_py_generated as schema
 
 from edgeprop.errors import BundleError, EdgepropError
+from edgeprop.memory import EngineMemory
+
+FORMATS = (".tflite",)
+# Static arenas; code and graphs live in flash, no interpreter. A bundle exported with
+# --tflite where tflite-micro is installed carries TFLM's exact arena per graph (memory fact
+# "tflm_arena"); without it, the liveness peak is the estimate.
+MEMORY = EngineMemory(
+    "tflm", 0, 0, 0, False, "arena = liveness peak (an estimate: export with --tflite, tflite-micro installed, "
+    "for TFLM's exact arenas)", exact_arena="tflm_arena",
+    exact_note="TFLite Micro's exact arena per step graph, measured at export on a 64-bit host (a 32-bit "
+               "MCU's bookkeeping is a little smaller); it holds the stepping unit's state and batch")
+
+
+def _tflm():
+    """(tflite_micro's runtime, its flatbuffer schema), imported when first needed: the
+    planner reads MEMORY on machines without tflite-micro (its wheels are x86-64 Linux only)."""
+    from tflite_micro import runtime
+    from tflite_micro.tensorflow.lite.micro.python import schema_py_generated as schema
+    return runtime, schema
+
+
+def __getattr__(name):  # tflm.runtime, tflm.schema: tflite-micro's modules, imported on first use
+    if name in ("runtime", "schema"):
+        return _tflm()[("runtime", "schema").index(name)]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 RECORDED = re.compile(r"Arena allocation total (\d+) bytes")
 
@@ -53,6 +77,7 @@ def _quietly(fn):
 
 def _interpreter(model: bytes, arena: int):
     """(a TFLM interpreter with `arena` bytes, or the exception, and what TFLM printed)."""
+    runtime, _ = _tflm()
     return _quietly(lambda: runtime.Interpreter.from_bytes(model, arena_size=arena))
 
 
@@ -65,6 +90,7 @@ def _no_reuse_bound(model: bytes) -> int:
     """More arena than the graph can need: every non-constant tensor in its own buffer at 8
     bytes an element, and ample bookkeeping per tensor and operator. (The graph's weights
     are inputs, not constants, so the file's size says nothing about its arena.)"""
+    _, schema = _tflm()
     m = schema.Model.GetRootAsModel(model, 0)
     total = 1 << 16
     for i in range(m.SubgraphsLength()):
@@ -172,10 +198,12 @@ class Graph:
 class Engine:
     name = "tflm"
     suffix = ".tflite"
+    trains_itself = False
 
     def __init__(self, threads: int = 1, provider: str = "cpu", arena_size: int | None = None):
         """arena_size: run every graph in an arena of this many bytes, as a microcontroller
         build would (an error when a graph needs more); default: each graph's exact arena."""
+        _tflm()  # not installed: an ImportError now, not at the first graph
         if provider != "cpu":
             raise EdgepropError(f"--provider {provider}: the tflm engine runs TFLM's reference kernels on the CPU")
         self.threads = threads  # TFLM is single-threaded; accepted so that --threads works for every engine

@@ -141,7 +141,7 @@ def test_file_used_without_a_checksum(trained):
     _fails(bundle, message="without a checksum")
     _unchanged(bundle, before)
 
-
+@pytest.mark.slow  # two exports in fresh processes
 def test_export_refuses_bad_data_and_keeps_an_existing_bundle(digits_bundle, tmp_path):
     x = np.random.default_rng(0).random((40, 8)).astype(np.float32)
     x[3, 2] = np.nan

@@ -17,7 +17,7 @@ from edgeprop.exporters.optim import Optimizer
 from edgeprop.exporters.tflite import to_tflite
 from edgeprop.exporters.trace import to_onnx, trace_step
 from edgeprop.exporters.validate import validate
-from edgeprop.runtimes import get_engine, load_graph
+from edgeprop.runtimes import get_engine
 from edgeprop.trainer import TrainConfig, Trainer
 
 
@@ -58,6 +58,7 @@ def _loss(unit, module, feeds):
     return cross_entropy(logits, feeds["target"], feeds["mask"]), {"next.stats": stats}
 
 
+@pytest.mark.slow  # ONNX and .tflite exports
 @pytest.mark.parametrize("fmt", ["onnx", "tflite"])
 def test_batchnorm_step_lowers_exactly(fmt, tmp_path):
     """A BatchNorm step (batch statistics over the real samples, their gradient, the running
@@ -94,12 +95,12 @@ def bn_bundle(tmp_path_factory):
     return export(tmp_path_factory.mktemp("bn") / "cnn", model="cnn", width=16, blocks=2, batch_size=4,
                   batchnorm=True, optimizer="sgd", lr=0.01, progress=False)
 
-
+@pytest.mark.slow  # exports a CNN bundle
 def test_step_graphs_carry_running_statistics_like_torch(bn_bundle):
     report = validate(bn_bundle, steps=10, progress=False)
     assert report["lockstep"]["max_abs_diff"] <= 1e-4 and report["ok"], report
 
-
+@pytest.mark.slow  # exports a CNN bundle
 def test_running_statistics_are_unit_state(bn_bundle, tmp_path):
     b = bundles.load(bn_bundle)
     block = b.blocks[0]
@@ -111,7 +112,7 @@ def test_running_statistics_are_unit_state(bn_bundle, tmp_path):
     moved = trainer.state[block.name]["stats"]
     assert not np.allclose(moved, init[block.name]["stats"])
     # Inference reads them: the same weights on other statistics predict otherwise.
-    infer = load_graph(get_engine(), b, block.infer_graph)
+    infer = b.load_graph(get_engine(), block.infer_graph)
     rng = np.random.default_rng(0)
     feeds = {"param": trainer.state[block.name]["param"], "x": rng.standard_normal((4, 1, 8, 8), np.float32),
              "z": rng.standard_normal((4, 10), np.float32)}
@@ -119,7 +120,7 @@ def test_running_statistics_are_unit_state(bn_bundle, tmp_path):
     two = infer.run({**feeds, "stats": init[block.name]["stats"]})["u_hat"]
     assert np.all(np.isfinite(one)) and not np.allclose(one, two)
 
-
+@pytest.mark.slow  # exports in fresh processes
 def test_batchnorm_is_for_the_cnn_block_and_not_for_ort_training(tmp_path):
     with pytest.raises(EdgepropError, match="--batchnorm"):
         export(tmp_path / "mlp", model="mlp", batchnorm=True, progress=False)

@@ -21,6 +21,8 @@ from edgeprop.rules import normalise  # noqa: E402
 from edgeprop.runtimes import get_engine  # noqa: E402
 from edgeprop.trainer import TrainConfig, Trainer  # noqa: E402
 
+pytestmark = pytest.mark.slow  # exports a bundle per rule
+
 RULES = ("local", "mono-forward", "backprop")
 
 

@@ -8,6 +8,7 @@ from conftest import edgeprop
 from edgeprop.storage import load_arrays
 
 
+@pytest.mark.slow  # end-to-end accuracy
 def test_export_train_eval_on_digits_reaches_95_percent(bundle_copy):
     train = edgeprop("train", bundle_copy, "--data", "digits", "--epochs", "40", "--quiet")
     assert "trained" in train.stdout
@@ -20,7 +21,7 @@ def test_export_train_eval_on_digits_reaches_95_percent(bundle_copy):
     info = edgeprop("info", bundle_copy).stdout
     assert "noprop-dt" in info and "10 blocks" in info and "checkpoint" in info
 
-
+@pytest.mark.slow  # exports and trains a CNN
 def test_cnn_blocks_train_on_digits_end_to_end(tmp_path):
     """--model cnn: the paper's conv block (8x8 digits as 1x8x8 images, padded convs) with its
     dropout 0.2 (seeded masks fed by the device), 4 blocks of width 32, 5 epochs. Measured
@@ -34,7 +35,7 @@ def test_cnn_blocks_train_on_digits_end_to_end(tmp_path):
     info = edgeprop("info", out).stdout
     assert "cnn width 32" in info and "input [1, 8, 8]" in info
 
-
+@pytest.mark.slow  # two exports
 def test_dropout_is_for_the_cnn_block_only(tmp_path):
     for model, rule in (("mlp", "noprop-dt"), ("mlp", "local")):
         proc = edgeprop("export", "--rule", rule, "--model", model, "--dropout", "0.3", "--out", tmp_path / rule,
@@ -136,7 +137,7 @@ def test_info_and_plot_show_the_loss_history(bundle_copy):
     edgeprop("plot", bundle_copy, "--out", bundle_copy / "curves.png")
     assert (bundle_copy / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
-
+@pytest.mark.slow  # the torch reference, 50 steps per unit
 def test_validate_the_default_bundle_through_the_cli(digits_bundle):
     proc = edgeprop("validate", digits_bundle, "--data", "digits", "--steps", "50", "--json", "--quiet",
                     torch_allowed=True)
@@ -150,11 +151,10 @@ def test_every_device_side_module_imports_without_torch_and_runs_nothing():
     import subprocess
     import sys
     code = ("import sys, pkgutil, importlib; sys.modules.update(torch=None, onnx=None)\n"
-            "import edgeprop, edgeprop.runtimes, edgeprop.devices\n"
-            "for pkg in (edgeprop, edgeprop.runtimes):\n"
+            "import edgeprop, edgeprop.runtimes, edgeprop.devices, edgeprop.cli, edgeprop.targets\n"
+            "for pkg in (edgeprop, edgeprop.runtimes, edgeprop.cli, edgeprop.targets):\n"
             "    for m in pkgutil.iter_modules(pkg.__path__, pkg.__name__ + '.'):\n"
-            "        if m.name not in ('edgeprop.exporters', 'edgeprop.plots'):\n"
-            "            importlib.import_module(m.name)\n"
+            "        importlib.import_module(m.name)\n"
             "assert not {'torch', 'onnx'} & {m for m, v in sys.modules.items() if v is not None}")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0 and proc.stdout == "", proc.stdout + proc.stderr

@@ -107,6 +107,7 @@ def run_exported(fmt, graph, args, inputs, outputs, folder):
     return {name: got[f"output_{i}"] for i, name in enumerate(outputs)}
 
 
+@pytest.mark.slow  # ONNX and .tflite exports
 @pytest.mark.parametrize("fmt", ["onnx", "tflite"])
 def test_conv_step_graph_exports_and_matches_torch(fmt, tmp_path):
     torch.manual_seed(0)

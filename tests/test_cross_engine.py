@@ -21,6 +21,8 @@ from edgeprop.exporters.reference import TorchReference  # noqa: E402
 from edgeprop.runtimes import get_engine  # noqa: E402
 from edgeprop.trainer import TrainConfig, Trainer  # noqa: E402
 
+pytestmark = pytest.mark.slow  # engine venvs, the every-engine bundle
+
 STEPS = 50
 TOL = 1e-4
 TRAIN = """

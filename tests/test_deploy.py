@@ -9,9 +9,11 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, edgeprop
-from edgeprop.deploy import check_checksums
 from edgeprop.errors import EdgepropError
 from edgeprop.storage import load_arrays
+from edgeprop.targets.python import check_checksums
+
+pytestmark = pytest.mark.slow  # wheelhouses and qemu
 
 ENGINE_UNDER_QEMU = "1.20.1"  # onnxruntime 1.32 for aarch64 segfaults on import under qemu-user 7.2
 

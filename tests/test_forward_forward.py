@@ -23,6 +23,8 @@ from edgeprop.exporters.validate import validate  # noqa: E402
 from edgeprop.runtimes import get_engine  # noqa: E402
 from edgeprop.trainer import TrainConfig, Trainer  # noqa: E402
 
+pytestmark = pytest.mark.slow  # exports its own bundle
+
 
 @pytest.fixture(scope="module")
 def ff_bundle(tmp_path_factory):

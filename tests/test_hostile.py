@@ -26,6 +26,8 @@ from edgeprop import lock
 from edgeprop.bundle import write_manifest
 from edgeprop.cli import main
 
+pytestmark = pytest.mark.slow  # ~70 s for the whole corpus: `make test` runs it, `-m "not slow"` does not
+
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> Path:

@@ -12,6 +12,8 @@ from edgeprop.storage import load_arrays
 
 pytest.importorskip("litert_torch")
 
+pytestmark = pytest.mark.slow  # engine venvs
+
 # Neither environment has these installed; importing one would fail anyway, but a module
 # that tried would show here by name.
 ABSENT = ("torch", "onnx", "onnxruntime")

@@ -19,8 +19,10 @@ from edgeprop.devices import load_profile
 from edgeprop.runtimes import get_engine
 from edgeprop.trainer import TrainConfig, Trainer, evaluate
 
-firmware = pytest.importorskip("edgeprop.exporters.firmware")
+firmware = pytest.importorskip("edgeprop.targets.c99")
 pytest.importorskip("emx_onnx_cgen")
+
+pytestmark = pytest.mark.slow  # emx-onnx-cgen, the Arm toolchain and qemu
 EPOCHS, SEED, TRAIN, TEST = 2, 3, 200, 100
 
 

@@ -14,8 +14,11 @@ from edgeprop.cpu import host_vector_width, vector_width
 from edgeprop.devices import load_profile, profiles, read_profile
 from edgeprop.errors import EdgepropError
 from edgeprop.exporters.liveness import live_bytes, memory_facts
+from edgeprop.runtimes import memory_model
 from edgeprop.sizes import parse_size
 from edgeprop.storage import load_arrays
+
+ORT = memory_model("onnxruntime")
 
 MiB = 1 << 20
 
@@ -107,18 +110,18 @@ def test_profile_vector_width_is_checked(tmp_path):
 
 
 def test_onnxruntime_arena_grows_in_doubling_regions():
-    ort = memory.engine_memory("onnxruntime")
+    ort = memory_model("onnxruntime")
     assert ort.arena(0) == 0
     assert ort.arena(100) == MiB
     assert ort.arena(MiB + 1) == 3 * MiB
     assert ort.arena(7 * MiB // 2) == 7 * MiB  # 1 + 2 + 4; the 4 MiB region holds the 3.5 MiB pattern block
     assert ort.arena(5 * MiB) == 12 * MiB     # 1 + 2 + 4 hold the first run; the pattern needs a region of its own
-    assert memory.engine_memory("tflm").arena(12345) == 12345
+    assert memory_model("tflm").arena(12345) == 12345
 
 
 def test_plan_adds_up(digits_bundle):
     b = bundles.load(digits_bundle)
-    p = memory.plan(b)
+    p = memory.plan(b, engine=ORT)
     block, head = p.units[0], p.units[-1]
     assert block.params == 4 * b.units[0].n_params == 4 * 60426
     assert block.state == 3 * block.params  # AdamW: weights, m, v
@@ -126,11 +129,11 @@ def test_plan_adds_up(digits_bundle):
     resident = sum(u.state for u in p.units)
     arenas = block.engine + head.engine     # one arena per loaded step graph (blocks share one)
     assert p.working_set == resident + arenas + max(u.batch for u in p.units)
-    streamed = memory.plan(b, stream=True)
+    streamed = memory.plan(b, stream=True, engine=ORT)
     assert streamed.working_set == block.state + arenas + block.batch
     assert p.backprop["working_set"] > p.working_set  # every block's activations and gradients at once
 
-
+@pytest.mark.slow  # the every-engine bundle and another export
 def test_exported_facts_predict_another_batch_size(engines_bundle, tmp_path):
     """Facts of a batch-16 bundle, evaluated at batch 5, equal liveness over a batch-5 export."""
     from edgeprop.exporters import export
@@ -221,8 +224,8 @@ def test_profile_against_devices_and_fit(digits_bundle, tmp_path):
     assert (tmp_path / "memory.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     b, device = bundles.load(digits_bundle), load_profile("rpi-zero-2w")
     for stream, largest in zip((False, True), report["largest_batch"].values()):
-        assert memory.check(memory.plan(b, largest, stream), device=device).fits
-        assert not memory.check(memory.plan(b, largest + 1, stream), device=device).fits
+        assert memory.check(memory.plan(b, largest, stream, engine=ORT), device=device).fits
+        assert not memory.check(memory.plan(b, largest + 1, stream, engine=ORT), device=device).fits
     proc = edgeprop("profile", digits_bundle, "--device", "stm32f746", check=False)
     assert proc.returncode == 1 and "DOES NOT FIT" in proc.stdout and "flash" in proc.stdout
 
@@ -278,7 +281,7 @@ def test_sizes_parse_as_people_write_them():
         with pytest.raises(EdgepropError):
             parse_size(bad)
 
-
+@pytest.mark.slow  # torch.onnx.export in a fresh process
 def test_profile_a_plain_onnx_model_from_torch_onnx_export(tmp_path):
     """A model edgeprop did not export: inference memory (= zeroth-order's budget) and back-prop's."""
     script = f"""

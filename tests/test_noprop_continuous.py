@@ -15,6 +15,8 @@ from edgeprop.exporters.validate import validate  # noqa: E402
 from edgeprop.runtimes import get_engine  # noqa: E402
 from edgeprop.trainer import load_trained_state  # noqa: E402
 
+pytestmark = pytest.mark.slow  # exports a bundle per rule, trains end to end
+
 RULES = ["noprop-ct", "noprop-fm"]
 WIDTH = 64
 

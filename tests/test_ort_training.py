@@ -28,8 +28,9 @@ from edgeprop.exporters.reference import TorchReference  # noqa: E402
 from edgeprop.storage import save_arrays  # noqa: E402
 from edgeprop.trainer import TrainConfig  # noqa: E402
 
-pytestmark = pytest.mark.skipif(platform.machine() != "x86_64",
-                                reason="onnxruntime-training 1.19.2 has wheels for x86_64 Linux only")
+pytestmark = [pytest.mark.skipif(platform.machine() != "x86_64",
+                                 reason="onnxruntime-training 1.19.2 has wheels for x86_64 Linux only"),
+              pytest.mark.slow]  # its own engine venv
 
 TOL = 1e-4
 BLOCKED = ("torch",)  # onnx comes with onnxruntime-training

@@ -21,7 +21,9 @@ from edgeprop.errors import EdgepropError  # noqa: E402
 from edgeprop.exporters import export, rules  # noqa: E402
 from edgeprop.exporters.optim import Optimizer  # noqa: E402
 from edgeprop.exporters.validate import validate  # noqa: E402
-from edgeprop.runtimes import get_engine, load_graph  # noqa: E402
+from edgeprop.runtimes import get_engine  # noqa: E402
+
+pytestmark = pytest.mark.slow  # every case exports its own bundles
 
 # (model, batch, optimizer, engine). The litert cases export every graph to .tflite as well
 # and check those (ops LiteRT lacks, or lowers differently, show up here). Over 50
@@ -58,7 +60,7 @@ def engine_of(bundle) -> str:
 
 
 def graph_of(bundle, key):
-    return load_graph(get_engine(engine_of(bundle)), bundle, key)
+    return bundle.load_graph(get_engine(engine_of(bundle)), key)
 
 
 def _random_feeds(bundle, unit, rng):

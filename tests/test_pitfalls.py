@@ -58,6 +58,7 @@ class RecordingEngine:
     """Wraps an engine and records every array fed to any graph."""
 
     suffix = ".onnx"
+    trains_itself = False
 
     def __init__(self, engine):
         self.engine, self.fed = engine, []

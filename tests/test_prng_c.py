@@ -1,4 +1,4 @@
-"""firmware/prng.h, compiled with the host's C compiler, draws what edgeprop.prng draws:
+"""targets/c99/prng.h, compiled with the host's C compiler, draws what edgeprop.prng draws:
 keys, bits, uniforms and permutations bit for bit, normals equal as float32."""
 import shutil
 import subprocess
@@ -42,8 +42,8 @@ def c_prng(tmp_path_factory):
     folder = tmp_path_factory.mktemp("prng")
     (folder / "harness.c").write_text(HARNESS)
     exe = folder / "harness"
-    subprocess.run(["gcc", "-std=c99", "-O2", "-ffp-contract=off", "-Wall", "-Werror", "-I", str(ROOT / "firmware"),
-                    str(folder / "harness.c"), "-o", str(exe), "-lm"], check=True)
+    subprocess.run(["gcc", "-std=c99", "-O2", "-ffp-contract=off", "-Wall", "-Werror", "-I",
+                    str(ROOT / "targets" / "c99"), str(folder / "harness.c"), "-o", str(exe), "-lm"], check=True)
 
     def draw(kind: str, n: int, *words: int) -> bytes:
         line = f"{kind} {n} {len(words)} {' '.join(map(str, words))}\n"

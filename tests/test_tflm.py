@@ -12,12 +12,14 @@ from conftest import edgeprop
 from edgeprop import bundle as bundles
 from edgeprop import memory
 from edgeprop.errors import BundleError
-from edgeprop.runtimes import get_engine, load_graph
+from edgeprop.runtimes import get_engine, memory_model
 
 pytest.importorskip("tflite_micro")  # tflite-micro has wheels for x86-64 Linux only
 from tflite_micro import runtime  # noqa: E402
 
 from edgeprop.runtimes import tflm  # noqa: E402
+
+pytestmark = pytest.mark.slow  # the every-engine bundle (.tflite conversion, TFLM arenas)
 
 # The device side of the tflm engine needs numpy and tflite-micro: no torch, onnx, or other engine.
 ABSENT = ("torch", "onnx", "onnxruntime", "ai_edge_litert")
@@ -63,10 +65,10 @@ def test_one_step_equals_onnxruntime_and_litert(engines_bundle, role):
     b = bundles.load(engines_bundle)
     unit = b.blocks[-1] if role == "block" else b.head
     feeds = _feeds(b, unit, np.random.default_rng(1))
-    want = load_graph(get_engine("tflm"), b, unit.step_graph).run(feeds)
+    want = b.load_graph(get_engine("tflm"), unit.step_graph).run(feeds)
     assert np.abs(want["next.param"] - feeds["param"]).max() > 1e-4, "the step barely moved the weights"
     for engine in ("onnxruntime", "litert"):
-        got = load_graph(get_engine(engine), b, unit.step_graph).run(feeds)
+        got = b.load_graph(get_engine(engine), unit.step_graph).run(feeds)
         for name in want:
             np.testing.assert_allclose(want[name], got[name], rtol=0, atol=1e-5, err_msg=f"{engine}: {name}")
 
@@ -74,7 +76,7 @@ def test_one_step_equals_onnxruntime_and_litert(engines_bundle, role):
 def test_planner_uses_the_arena_the_interpreter_needs(engines_bundle):
     b = bundles.load(engines_bundle)
     engine = get_engine("tflm")
-    arenas = {key: load_graph(engine, b, key).arena_bytes for key in {u.step_graph for u in b.units}}
+    arenas = {key: b.load_graph(engine, key).arena_bytes for key in {u.step_graph for u in b.units}}
     for key, n in arenas.items():  # the manifest's figure, c + s·B at the bundle's batch size
         c, slope = b.manifest["graphs"][key]["memory"]["tflm_arena"]
         assert c + slope * b.batch_size == n, (key, c, slope, n)
@@ -88,7 +90,7 @@ def test_planner_uses_the_arena_the_interpreter_needs(engines_bundle):
     assert plan["engine"] == "tflm" and "exact arena" in plan["engine_note"], plan["engine_note"]
     assert {u["name"]: u["engine"] for u in plan["units"]} == {u.name: arenas[u.step_graph] for u in b.units}
     # Other batch sizes scale it by its measured growth per sample.
-    assert memory.plan(b, b.batch_size * 2, engine="tflm").units[0].engine > arenas["block_step"]
+    assert memory.plan(b, b.batch_size * 2, engine=memory_model("tflm")).units[0].engine > arenas["block_step"]
 
 
 def test_too_small_an_arena_and_a_missing_op_are_clear_errors(engines_bundle, tmp_path):

@@ -21,8 +21,10 @@ from edgeprop.exporters import export, rules  # noqa: E402
 from edgeprop.exporters.model_memory import onnx_report  # noqa: E402
 from edgeprop.exporters.rules import zeroth_order  # noqa: E402
 from edgeprop.exporters.validate import validate  # noqa: E402
-from edgeprop.runtimes import get_engine  # noqa: E402
+from edgeprop.runtimes import get_engine, memory_model  # noqa: E402
 from edgeprop.trainer import TrainConfig, Trainer  # noqa: E402
+
+pytestmark = pytest.mark.slow  # exports back-prop and zeroth-order bundles
 
 MLP = ("--model", "mlp", "--width", 64, "--depth", 1)
 
@@ -117,6 +119,7 @@ def test_no_gradient_graph_is_exported_or_loaded(zo_bundle):
 
     class Recording:
         suffix = ".onnx"
+        trains_itself = False
 
         def __init__(self, engine):
             self.engine = engine
@@ -152,13 +155,13 @@ def test_step_memory_is_the_inference_graphs_plus_one_chunk(zo_bundle, sparse_bu
     for path in (zo_bundle, sparse_bundle):
         b = bundles.load(path)
         unit = b.units[0]
-        p = memory.plan(b).units[0]
+        p = memory.plan(b, engine=memory_model("onnxruntime")).units[0]
         inference = onnx_report(b.graph_path(unit.infer_graph))  # the plain-ONNX planner
         zo = b.manifest["zeroth_order"]
         chunk = 4 * min(zo["chunk"], max(end - a for a, end in zo["ranges"]))
         assert p.scratch == chunk <= 4 * zeroth_order.CHUNK
         assert p.working_set == inference["inputs"] + inference["arena"] + chunk
-    assert memory.plan(bundles.load(sparse_bundle)).units[0].scratch == 4 * 100
+    assert memory.plan(bundles.load(sparse_bundle), engine=memory_model("onnxruntime")).units[0].scratch == 4 * 100
 
 
 def test_planned_step_memory_matches_measured(zo_bundle):

@@ -9,18 +9,20 @@ the two see identical inputs step for step.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
 from .. import prng
-from ..bundle import Bundle, Unit
-from ..datasets import Dataset
+
+if TYPE_CHECKING:  # the bundle checks its rule's name against the rules: no import back at run time
+    from ..bundle import Bundle, Unit
+    from ..datasets import Dataset
 
 ORDERS = ("interleaved", "block-sequential")
 
 # run_unit(unit, feeds) -> outputs: one unit's inference graph on one fixed-size batch.
-RunUnit = Callable[[Unit, dict], dict]
+RunUnit = Callable[["Unit", dict], dict]
 
 
 @dataclass(frozen=True)
@@ -61,9 +63,10 @@ class Rule:
     """Base of the device-side rules. A rule says what a unit's step graph is fed
     (`feeds`), keeps what later units need from a step's outputs (`observe`), and predicts
     with the trained units' inference graphs (`evaluate`). A rule whose update is not one
-    step-graph run (zeroth-order) also defines `update`."""
+    step-graph run (zeroth-order) declares `updates_itself` and defines `update`."""
 
     orders = ORDERS
+    updates_itself = False  # True: `update` changes the weights; the bundle has no step graphs
 
     def __init__(self, bundle: Bundle, data: Dataset, seed: int, run_unit: RunUnit | None = None):
         self.bundle, self.seed, self.run_unit = bundle, seed, run_unit

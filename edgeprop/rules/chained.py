@@ -53,3 +53,6 @@ class Chained(Rule):
         return {"accuracy": float(per_unit[-1]), "accuracy_runs": [float(per_unit[-1])],
                 "per_unit_accuracy": [round(float(a), 4) for a in per_unit],
                 "per_unit_note": "each unit's own classifier"}
+
+
+RULES = {"local": Chained, "mono-forward": Chained, "backprop": Chained}

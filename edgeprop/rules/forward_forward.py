@@ -87,3 +87,6 @@ class ForwardForward(Rule):
         return {"accuracy": float(acc[-1]), "accuracy_runs": [float(acc[-1])], "accuracy_readout": float(acc[L]),
                 "per_unit_accuracy": [round(float(a), 4) for a in acc[:L + 1]],
                 "per_unit_note": "each layer's goodness alone; readout on a neutral label"}
+
+
+RULES = {"forward-forward": ForwardForward}

@@ -74,3 +74,6 @@ class NopropCT(NopropContinuous):
 
 class NopropFM(NopropContinuous):
     flow = True
+
+
+RULES = {"noprop-ct": NopropCT, "noprop-fm": NopropFM}

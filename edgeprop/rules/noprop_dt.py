@@ -83,3 +83,6 @@ def predict(bundle, embedding: np.ndarray, x: np.ndarray, run_unit: RunUnit, see
 def nearest_class(u_hat: np.ndarray, embedding: np.ndarray) -> np.ndarray:
     d2 = (u_hat ** 2).sum(1, keepdims=True) - 2 * u_hat @ embedding.T + (embedding ** 2).sum(1)
     return np.argmin(d2, axis=1)
+
+
+RULES = {"noprop-dt": NopropDT}

@@ -33,6 +33,8 @@ def cross_entropy(logits: np.ndarray, onehot: np.ndarray, mask: np.ndarray) -> f
 
 
 class ZerothOrder(Chained):
+    updates_itself = True  # MeZO's perturbed forward passes: no step graph, no optimizer slots
+
     def __init__(self, bundle, data, seed, run_unit=None):
         super().__init__(bundle, data, seed, run_unit)
         where = f"{bundle.root}/manifest.json: zeroth_order"
@@ -83,3 +85,6 @@ class ZerothOrder(Chained):
             for d, g in enumerate(grads):
                 self._perturb(theta, unit_index, n, d, -lr * g / self.directions)
         return float(np.mean(losses))
+
+
+RULES = {"zeroth-order": ZerothOrder}

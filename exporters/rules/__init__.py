@@ -9,7 +9,8 @@ rule object whose `from_bundle(bundle)` rebuilds (for the torch reference), whic
     loss(unit, module, feeds)    (local loss, extras): extras are step-graph outputs the
                                  device rule reads (a chained unit's output h)
 
-The device half of each rule is edgeprop.rules.<same module name>.
+The device half of each rule is edgeprop.rules.<same module name>, which declares the rule
+names (edgeprop.rules.RULES, the one registry) and whether the rule updates the weights itself.
 """
 from __future__ import annotations
 
@@ -19,13 +20,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from torch import nn
 
+from edgeprop import rules as device_rules
 from edgeprop.errors import EdgepropError
-
-RULE_MODULES = {"noprop-dt": "noprop_dt", "local": "chained", "mono-forward": "chained", "backprop": "chained",
-                "forward-forward": "forward_forward",
-                "zeroth-order": "zeroth_order",
-                "noprop-ct": "noprop_continuous",
-                "noprop-fm": "noprop_continuous"}
 
 
 @dataclass
@@ -63,12 +59,18 @@ class Spec:
     units: list[UnitSpec]
     manifest: dict = field(default_factory=dict)   # rule-specific manifest entries
     arrays: dict[str, np.ndarray] = field(default_factory=dict)  # extra arrays in state/init.npz
+    name: str = ""         # the rule's name (filled in by create)
 
 
 def rule_module(name: str):
-    if name not in RULE_MODULES:
-        raise EdgepropError(f"--rule {name}: choose one of {', '.join(RULE_MODULES)}")
-    return importlib.import_module(f"{__name__}.{RULE_MODULES[name]}")
+    if name not in device_rules.RULES:
+        raise EdgepropError(f"--rule {name}: choose one of {', '.join(device_rules.RULES)}")
+    return importlib.import_module(f"{__name__}.{device_rules.rule_module(name)}")
+
+
+def updates_itself(name: str) -> bool:
+    """Rule `name` changes the weights in its device half (no step graph, no optimizer slots)."""
+    return device_rules.rule_class(name).updates_itself
 
 
 def create(options: Options, train) -> Spec:
@@ -79,7 +81,9 @@ def create(options: Options, train) -> Spec:
         raise EdgepropError(f"--rule {options.rule} takes no {flags}")
     if options.lr is None:
         options.lr = getattr(module, "DEFAULT_LR", 1e-3)
-    return module.create(options, train)
+    spec = module.create(options, train)
+    spec.name = options.rule
+    return spec
 
 
 def from_bundle(bundle):

@@ -2,7 +2,7 @@
 
 The network is back-prop's single unit (a whole torch.nn.Sequential, named "model"), but
 nothing is differentiated: the bundle holds its inference graph (param, x) -> logits and
-no step graph (`step_graph = False`), and its state is "param" alone, no optimizer slots.
+no step graph (its device half declares `updates_itself`), and its state is "param" alone, no optimizer slots.
 The device estimates the gradient from two forward passes per direction (edgeprop.rules.
 zeroth_order). Options (export keywords, or `edgeprop export` flags):
 
@@ -38,7 +38,7 @@ CHUNK = 1 << 16  # perturbation elements generated at a time: the device's only 
 
 
 class ZerothOrder(Chained):
-    step_graph = False  # the device updates the weights itself, with the inference graph
+    """Back-prop's network and inference graph; the device half performs the update."""
 
 
 def _number(options: dict, key: str, default, kind):

@@ -1,4 +1,5 @@
-"""`edgeprop deploy`: one folder that trains on a Linux device with no internet and no torch.
+"""The python target (`edgeprop deploy`): one folder that trains on a Linux device with no
+internet and no torch.
 
     DEPLOY/
       bundle/          the bundle (no checkpoints)
@@ -20,12 +21,14 @@ import sys
 import tempfile
 from pathlib import Path
 
-from . import bundle as bundles
-from . import memory
-from .devices import Profile
-from .errors import EdgepropError
-from .sizes import format_size as fmt
-from .storage import check_output, new_folder, sha256_of
+from edgeprop import memory
+from edgeprop.bundle import Bundle
+from edgeprop.device_profile import Profile
+from edgeprop.errors import EdgepropError
+from edgeprop.lock import LOCK_FILE
+from edgeprop.runtimes import memory_model
+from edgeprop.sizes import format_size as fmt
+from edgeprop.storage import check_output, new_folder, sha256_of
 
 # pip platform tags for each device architecture (glibc-based Linux).
 PLATFORMS = {
@@ -122,47 +125,61 @@ def check_checksums(root: Path) -> None:
             raise EdgepropError(f"{root / rel}: checksum does not match SHA256SUMS")
 
 
-def deploy(bundle_path: str | Path, device: Profile, out: str | Path, engine: str = "onnxruntime",
-           engine_version: str | None = None, python: str | None = None, edgeprop_wheel_path: str | None = None,
-           force: bool = False) -> Path:
-    b = bundles.load(bundle_path)
-    out = Path(out)
-    check_output(out, bundle_path, force)
-    if device.kind != "linux":
-        raise EdgepropError(f"{device.name} is a {device.kind} device: deploy to it with --target c99, "
-                            f"not a Python folder")
-    python = python or device.python
-    if not python:
-        raise EdgepropError(f"{device.source}: the profile names no 'python' version; pass --python 3.X")
-    if _version(python) < PYTHON_FLOOR:
-        raise EdgepropError(f"{device.name} has Python {python}; edgeprop needs {'.'.join(map(str, PYTHON_FLOOR))} "
-                            f"or newer on the device (pass --python if the device has a newer one installed)")
-    # The same budget check the device repeats before training (without the data set, unknown here).
-    why = memory.refusal(b, device=device, engine=engine)
-    if why:
-        raise EdgepropError(why)
+class Target:
+    """A folder with the bundle, wheels for the device's CPU and Python, and set-up and train
+    scripts (see the module's docstring)."""
 
-    with new_folder(out, mark=True) as tmp:
-        shutil.copytree(b.root, tmp / "bundle", ignore=shutil.ignore_patterns("checkpoints", ".edgeprop.lock"))
-        shutil.copy(device.source, tmp / "device.toml")
-        wheels = tmp / "wheels"
-        wheels.mkdir()
-        requirements = [engine_requirement(engine, engine_version), "numpy"]  # the engine first: pip names it
+    name = "python"
+
+    def __init__(self, engine: str = "onnxruntime", engine_version: str | None = None, python: str | None = None,
+                 edgeprop_wheel: str | None = None):
+        self.engine, self.engine_version = engine, engine_version
+        self.python, self.edgeprop_wheel = python, edgeprop_wheel
+
+    def check(self, bundle: Bundle, device: Profile) -> dict:
+        """What the folder will hold for `device`: its Python and the wheels' requirements;
+        an error when the device cannot run the bundle."""
+        if device.kind != "linux":
+            raise EdgepropError(f"{device.name} is a {device.kind} device: deploy to it with --target c99, "
+                                f"not a Python folder")
+        python = self.python or device.python
+        if not python:
+            raise EdgepropError(f"{device.source}: the profile names no 'python' version; pass --python 3.X")
+        if _version(python) < PYTHON_FLOOR:
+            raise EdgepropError(f"{device.name} has Python {python}; edgeprop needs "
+                                f"{'.'.join(map(str, PYTHON_FLOOR))} or newer on the device (pass --python if the "
+                                f"device has a newer one installed)")
+        # The same budget check the device repeats before training (without the data set, unknown here).
+        why = memory.refusal(bundle, device=device, engine=memory_model(self.engine))
+        if why:
+            raise EdgepropError(why)
+        requirements = [engine_requirement(self.engine, self.engine_version), "numpy"]  # the engine first: pip names it
         if _version(python) < (3, 11):
             requirements.append("tomli")
-        fetch_wheels(wheels, requirements, device.arch, python)
-        edgeprop_wheel(wheels, edgeprop_wheel_path)
-        scripts = {"setup": SETUP, "eval": RUN.format(what="Evaluate", command="eval", options=""),
-                   "train": RUN.format(what="Train", command="train", options='--device "$here/device.toml" ')}
-        for name, text in scripts.items():
-            (tmp / name).write_text(text)
-            (tmp / name).chmod(0o755)
-        write_checksums(tmp)
-    return out
+        return {"python": python, "requirements": requirements}
 
+    def write(self, bundle: Bundle, device: Profile, out: str | Path, force: bool = False) -> Path:
+        out = Path(out)
+        check_output(out, bundle.root, force)
+        plan = self.check(bundle, device)
+        with new_folder(out, mark=True) as tmp:
+            shutil.copytree(bundle.root, tmp / "bundle", ignore=shutil.ignore_patterns("checkpoints", LOCK_FILE))
+            shutil.copy(device.source, tmp / "device.toml")
+            wheels = tmp / "wheels"
+            wheels.mkdir()
+            fetch_wheels(wheels, plan["requirements"], device.arch, plan["python"])
+            edgeprop_wheel(wheels, self.edgeprop_wheel)
+            scripts = {"setup": SETUP, "eval": RUN.format(what="Evaluate", command="eval", options=""),
+                       "train": RUN.format(what="Train", command="train", options='--device "$here/device.toml" ')}
+            for name, text in scripts.items():
+                (tmp / name).write_text(text)
+                (tmp / name).chmod(0o755)
+            write_checksums(tmp)
+        return out
 
-def summary(out: Path, device: Profile) -> str:
-    wheels = sorted(p.name for p in (out / "wheels").iterdir())
-    size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
-    return (f"wrote {out} for {device.title} ({fmt(size)}; {len(wheels)} wheels: {', '.join(wheels)})\n"
-            f"copy it to the device, then: ./setup && ./train --data DATA --epochs N")
+    def summary(self, report: Path, device: Profile, out: Path) -> str:
+        """What `write` made (its report is the folder), for the person who deploys."""
+        wheels = sorted(p.name for p in (report / "wheels").iterdir())
+        size = sum(p.stat().st_size for p in report.rglob("*") if p.is_file())
+        return (f"wrote {report} for {device.title} ({fmt(size)}; {len(wheels)} wheels: {', '.join(wheels)})\n"
+                f"copy it to the device, then: ./setup && ./train --data DATA --epochs N")

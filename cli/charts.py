@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .bundle import Bundle
-from .errors import EdgepropError
+from edgeprop.bundle import Bundle
+from edgeprop.errors import EdgepropError
 
 
 def _pyplot():

@@ -8,7 +8,8 @@ microcontroller, block by block, with no malloc.
       model.h/.c       the bundle: sizes, each unit's graphs, coefficients and learning rate,
                        the label embedding, the data subset (flash, const) and every unit's
                        weights and optimizer state (flash, written back after its block trains)
-      driver.c ...     firmware/: the block-sequential schedule, the generator, start-up code
+      driver.c ...     c99/ (beside this module): the block-sequential schedule, the generator,
+                       start-up code
       link.ld          FLASH and RAM lengths from the device profile
       Makefile         `make` (arm-none-eabi-gcc), `make run` (qemu-system-arm, mps2-an500),
                        `make host` / `make run-host` (the same driver built natively)
@@ -33,14 +34,14 @@ from pathlib import Path
 
 import numpy as np
 
-from ..bundle import Bundle
-from ..bundle import load as load_bundle
-from ..datasets import load as load_data
-from ..devices import Profile
-from ..errors import EdgepropError
-from ..storage import check_output, new_folder
+from edgeprop.bundle import Bundle
+from edgeprop.bundle import load as load_bundle
+from edgeprop.datasets import load as load_data
+from edgeprop.device_profile import Profile
+from edgeprop.errors import EdgepropError
+from edgeprop.storage import check_output, new_folder
 
-FIRMWARE = Path(__file__).resolve().parent.parent / "firmware"  # the source tree's, or the installed package's
+FIRMWARE = Path(__file__).resolve().parent / "c99"  # the C sources: the source tree's, or the installed package's
 SOURCES = ("edgeprop_fw.h", "prng.h", "driver.c", "startup.c", "semihost.c", "host.c")
 CTYPES = {"float": 4, "double": 8, "bool": 1, "_Bool": 1, "int64_t": 8, "int32_t": 4, "int16_t": 2, "int8_t": 1,
           "uint64_t": 8, "uint32_t": 4, "uint16_t": 2, "uint8_t": 1}
@@ -283,7 +284,7 @@ def plan_arena(text: str, fn: str, key: str, inputs: list[str], outputs: list[st
         const = "const " if i < len(inputs) else ""
         casts.append(f"({const}{a.ctype} (*){rows})io[{i}]" if rows else f"({const}{a.ctype} *)io[{i}]")
     wrapper = f"\n\nvoid {fn}_run(void *const *io) {{\n    {fn}({', '.join(casts)});\n}}\n"
-    prologue = (f"/* Rewritten by edgeprop (exporters/firmware.py): temporaries are views into edgeprop_scratch,\n"
+    prologue = (f"/* Rewritten by edgeprop (targets/c99.py): temporaries are views into edgeprop_scratch,\n"
                 f" * {len(temps)} of them in {scratch} bytes (one buffer each would take "
                 f"{sum(t.nbytes for t in temps.values())}). */\n"
                 f"extern unsigned char edgeprop_scratch[];\n")
@@ -442,12 +443,15 @@ typedef {sample} ep_sample;         /* how the data subset is stored in flash */
     return header, "\n".join(lines), {"units": layout, "state_floats": offset}, plan
 
 
-def write_firmware(bundle_path: str | Path, device: Profile, out: str | Path, data: str = "digits",
+def write_firmware(bundle_path: str | Path | Bundle, device: Profile, out: str | Path, data: str = "digits",
                    train_samples: int | None = None, test_samples: int | None = None, epochs: int = 1, seed: int = 0,
                    eval_seed: int = 0, force: bool = False) -> dict:
     """Write the firmware folder for `device` (see the module's docstring); return its plan."""
     require_cgen()
-    bundle = load_bundle(bundle_path)
+    if isinstance(bundle_path, Bundle):
+        bundle, bundle_path = bundle_path, bundle_path.root
+    else:
+        bundle = load_bundle(bundle_path)
     _check(bundle, device)
     if epochs < 1:
         raise EdgepropError("--epochs must be at least 1")
@@ -493,6 +497,31 @@ def summary(report: dict, out: Path) -> str:
             f"{s['batch']}, graph scratch {s['scratch']}) + stack {s['stack']} of {s['ram']} bytes"
             f"{'' if fits else ' -- does NOT fit: the link will fail'}\n"
             f"build and run: make -C {out} run (arm-none-eabi-gcc, qemu-system-arm), or make -C {out} run-host")
+
+
+class Target:
+    """`edgeprop deploy --target c99`: the firmware folder, trained on a data subset in flash."""
+
+    name = "c99"
+
+    def __init__(self, data: str = "digits", train_samples: int | None = None, test_samples: int | None = None,
+                 epochs: int = 1, seed: int = 0):
+        self.data, self.train_samples, self.test_samples = data, train_samples, test_samples
+        self.epochs, self.seed = epochs, seed
+
+    def check(self, bundle: Bundle, device: Profile) -> dict:
+        """The compiler and board flags for `device`; an error when it cannot run the bundle.
+        (The SRAM plan needs the compiled graphs: `write` reports it.)"""
+        _check(bundle, device)
+        cpu, board = CPUS[device.arch]
+        return {"cpu_flags": cpu, "board": board}
+
+    def write(self, bundle: Bundle, device: Profile, out: str | Path, force: bool = False) -> dict:
+        return write_firmware(bundle, device, out, data=self.data, train_samples=self.train_samples,
+                              test_samples=self.test_samples, epochs=self.epochs, seed=self.seed, force=force)
+
+    def summary(self, report: dict, device: Profile, out: Path) -> str:
+        return summary(report, out)
 
 
 def results(text: str) -> dict:

@@ -1,0 +1,103 @@
+"""`edgeprop profile`: a bundle's training memory planned (and measured) against a device or
+a budget; or a plain .onnx model's inference memory (no torch)."""
+from __future__ import annotations
+
+import json
+
+from edgeprop import bundle as bundles
+from edgeprop.errors import EdgepropError
+
+from . import shared
+
+HELP = "plan a bundle's training memory against a device or budget (no torch)"
+
+
+def add_arguments(pr) -> None:
+    pr.add_argument("bundle", help="a bundle folder, or any .onnx inference model (its inference memory)")
+    shared.add_device(pr, "a profile name (see `edgeprop devices`) or a .toml file")
+    shared.add_budget(pr, "bytes the working set may take, e.g. 48MB")
+    pr.add_argument("--batch-size", type=int, default=None, help="plan this batch size (default: the bundle's)")
+    pr.add_argument("--stream", action="store_true", help="plan with inactive units' state on disk")
+    pr.add_argument("--data", default=None, help="count this data set in RAM; needed by --measure")
+    pr.add_argument("--measure", action="store_true", help="also run a few real steps and measure them")
+    pr.add_argument("--steps", type=int, default=3, help="steps per unit for --measure (default: 3)")
+    pr.add_argument("--fit", action="store_true", help="report the largest batch size that fits")
+    pr.add_argument("--plot", default=None, help="write a PNG bar chart of memory per unit")
+    pr.add_argument("--json", action="store_true")
+    pr.add_argument("--engine", default=None, help="default: onnxruntime, or the device's first engine")
+    pr.add_argument("--threads", type=int, default=1)
+    shared.add_ort_optimization(pr)
+
+
+def run(args) -> int:
+    from edgeprop import memory
+    from edgeprop.profile import measure, report
+    from edgeprop.runtimes import memory_model
+    budget, device = shared.limits(args)
+    engine = args.engine or (device.engines[0] if device and "onnxruntime" not in device.engines else "onnxruntime")
+    if str(args.bundle).endswith(".onnx"):
+        return _profile_onnx(args, budget, device, engine)
+    bundle = bundles.load(args.bundle)
+    data = shared.data(bundle, args.data, "train") if args.data else None
+    data_bytes = data.nbytes if data is not None else 0
+    stream = args.stream or (device is not None and device.kind == "mcu")  # bare metal: weights stay in flash
+    model, width = memory_model(engine), shared.vector_width(args, device)
+    p = memory.plan(bundle, args.batch_size, stream, engine=model, data_bytes=data_bytes, vector_width=width)
+    verdict = memory.check(p, budget, device) if (budget or device) else None
+    measured = None
+    if args.measure:
+        if args.batch_size not in (None, bundle.batch_size):
+            raise EdgepropError(f"--measure runs the bundle's graphs, traced for batch {bundle.batch_size}; "
+                                f"drop --batch-size or export again with --batch-size {args.batch_size}")
+        if data is None:
+            raise EdgepropError("--measure trains a few real steps: give --data")
+        from edgeprop.trainer import TrainConfig
+        measured = measure(bundle, shared.engine(args, engine), data,
+                           TrainConfig(epochs=1, stream=stream), args.steps)
+    fits = memory.fit(bundle, budget, device, engine=model, data_bytes=data_bytes, vector_width=width) \
+        if args.fit and verdict else None
+    if args.fit and not verdict:
+        raise EdgepropError("--fit needs a --budget or a --device to fit into")
+    if args.plot:
+        from .charts import memory_bars
+        against = f"on {device.name}" if device else (f"within {args.budget}" if budget else "")
+        memory_bars(p, verdict, args.plot, title=f"{bundle.root.name}, batch {p.batch} {against}")
+    if args.json:
+        out = {"plan": p.to_json(), "measured": measured, "largest_batch": fits}
+        if verdict:
+            out["verdict"] = {"fits": verdict.fits, "budget": verdict.budget, "need": verdict.need,
+                              "headroom": verdict.headroom, "bounds": verdict.what, "problems": verdict.problems}
+        print(json.dumps(out, indent=1))
+    else:
+        where = f" on {device.title}" if device else (f" within --budget {args.budget}" if budget else "")
+        print(report(p, verdict, measured, f"{bundle.root}{where}"))
+        if fits:
+            print("largest batch size that fits:")
+            for how, batch in fits.items():
+                print(f"  {how}: {batch if batch else 'none'}")
+        if args.plot:
+            print(f"wrote {args.plot}")
+    return 0 if verdict is None or verdict.fits else 1
+
+
+def _profile_onnx(args, budget, device, engine: str) -> int:
+    """A plain inference model: its forward pass (zeroth-order fine-tuning) against end-to-end back-prop."""
+    try:
+        import onnx  # noqa: F401
+    except ImportError:
+        raise EdgepropError("profiling a plain .onnx model reads it with the onnx package: "
+                            "pip install onnx (or 'edgeprop[export]')") from None
+    from edgeprop.exporters.model_memory import format_report, measure_onnx, onnx_report
+    report = onnx_report(args.bundle, args.batch_size, engine=engine, vector_width=shared.vector_width(args, device))
+    if args.measure:
+        report["measured_arena"] = measure_onnx(args.bundle, report["batch"],
+                                                optimization=args.ort_optimization or "extended")
+    verdict = None
+    if budget or device:
+        from edgeprop import memory
+        verdict = memory.check_inference(report, budget, device)
+    if args.json:
+        print(json.dumps({**report, "verdict": verdict}, indent=1))
+    else:
+        print(format_report(report, verdict))
+    return 0 if verdict is None or verdict["fits"] else 1
