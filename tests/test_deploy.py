@@ -35,7 +35,7 @@ def rpi5_folder(small_bundle, tmp_path_factory):
 
 def test_deploy_folder_holds_bundle_wheels_scripts_and_checksums(rpi5_folder, small_bundle):
     names = {p.name for p in rpi5_folder.iterdir()}
-    assert names == {"bundle", "device.toml", "wheels", "setup", "train", "eval", "SHA256SUMS"}
+    assert names == {"bundle", "device.toml", "wheels", "setup", "train", "eval", "SHA256SUMS", ".edgeprop-output"}
     wheels = {p.name.split("-")[0] for p in (rpi5_folder / "wheels").iterdir()}
     assert {"edgeprop", "numpy", "onnxruntime"} <= wheels and "torch" not in wheels
     engine = next((rpi5_folder / "wheels").glob("onnxruntime-*.whl")).name
