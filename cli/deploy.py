@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from edgeprop import bundle as bundles
+from edgeprop import lock
 from edgeprop.errors import EdgepropError
 
 HELP = "write a folder that sets up and trains offline on a Linux device"
@@ -45,6 +46,7 @@ def run(args) -> int:
     device = load_profile(args.device)
     chosen = target(args)
     bundle = bundles.load(args.bundle)
-    report = chosen.write(bundle, device, args.out, force=args.force)
+    with lock.held(bundle.root, "deploy it"):  # not while a run rewrites its checkpoint
+        report = chosen.write(bundle, device, args.out, force=args.force)
     print(chosen.summary(report, device, args.out))
     return 0

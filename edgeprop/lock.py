@@ -9,6 +9,7 @@ exits, however it exits (kill -9 included), so a crashed run never leaves a stal
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,8 +34,10 @@ def held(bundle_root: str | Path, what: str) -> Iterator[None]:
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
     except OSError as e:
-        raise EdgepropError(f"{path}: cannot open the bundle's lock file ({e.strerror}); is the bundle "
-                            f"folder writable?") from None
+        if e.errno in (errno.EACCES, errno.EROFS) and not os.access(bundle_root, os.W_OK):
+            yield  # a read-only bundle: no run can write it, so there is nothing to guard
+            return
+        raise EdgepropError(f"{path}: cannot open the bundle's lock file ({e.strerror})") from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

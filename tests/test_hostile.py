@@ -351,6 +351,12 @@ def test_a_second_run_on_a_bundle_in_use_refuses(bundle, capsys):
     assert str(os.getpid()) in err
 
 
+def test_deploy_waits_for_no_run_but_refuses_during_one(bundle, tmp_path, capsys):
+    with lock.held(bundle, "test"):
+        refused(capsys, bundle, ["deploy", bundle, "--device", "rpi4", "--out", tmp_path / "out"], "in use by")
+    assert not (tmp_path / "out").exists()
+
+
 def test_the_lock_is_free_once_its_holder_is_killed(bundle):
     code = ("import sys, time; from edgeprop import lock\n"
             "with lock.held(sys.argv[1], 'test'):\n    print('held', flush=True); time.sleep(60)\n")
