@@ -42,11 +42,60 @@ def _blocks(text: str | None):
 
 # Rule-specific `export` flags (dest names): passed to the exporter only when given.
 RULE_OPTIONS: list[str] = ["threshold", "zo_eps", "zo_directions", "zo_layers", "init", "inference_steps", "dropout",
-                           "batchnorm"]
+                           "batchnorm", "temperature"]
+
+
+def add_inference_options(sp, default: str) -> None:
+    """--temperature τ / --inference mean|sample: NoProp-DT's (and -CT's) inference chain
+    z_t = a_t û_t + b_t z_{t-1} + τ √c_t ε. Read them back with inference_temperature(args)."""
+    g = sp.add_mutually_exclusive_group()
+    g.add_argument("--temperature", type=float, default=None, metavar="TAU",
+                   help=f"noprop-dt, noprop-ct: inference temperature τ >= 0, the scale of the noise the chain "
+                        f"adds ({default})")
+    g.add_argument("--inference", choices=["mean", "sample"], default=None,
+                   help="mean: τ 0, the mean chain (the default); sample: τ 1, the paper's stochastic chain")
+
+
+def inference_temperature(args) -> float | None:
+    """τ from --temperature or --inference (None: neither was given)."""
+    from .schedule import INFERENCE_MODES, check_temperature
+    if getattr(args, "inference", None) is not None:
+        return INFERENCE_MODES[args.inference]
+    return None if args.temperature is None else check_temperature(args.temperature)
+
+
+def format_eval(report: dict, runs: int) -> str:
+    """`edgeprop eval`'s text: the accuracy, a NoProp chain's other temperatures and block 1's
+    diagnostic beside it, and the per-unit accuracies."""
+    chain = f"τ {report['temperature']:g} chain, " if "temperature" in report else ""
+    lines = [f"test accuracy {report['accuracy']:.4f} on {report['n']} samples ({chain}{runs} inference run(s))"]
+    if "temperature" in report:
+        for name, tau in (("mean", 0.0), ("sampled", 1.0)):
+            if report["temperature"] != tau and f"accuracy_{name}" in report:
+                lines.append(f"  {name} chain (τ {tau:g}) accuracy {report[f'accuracy_{name}']:.4f}")
+        if "block1_true_class_probability" in report:
+            p1 = report["block1_true_class_probability"]
+            lines.append(f"  block 1's mean probability of the true class {p1:.4f} "
+                         "(what an ideal sampled chain scores)")
+        if "temperature_note" in report:
+            lines.append(f"  note: inference temperature {report['temperature_note']}")
+    else:
+        for key, value in report.items():  # a rule's other predictions, e.g. accuracy_readout
+            if key.startswith("accuracy_") and key != "accuracy_runs":
+                lines.append(f"  {key.removeprefix('accuracy_')} accuracy {value:.4f}")
+    if "per_unit_accuracy" in report:
+        lines.append(f"per-unit accuracy ({report['per_unit_note']}): "
+                     + " ".join(f"{a:.3f}" for a in report["per_unit_accuracy"]))
+        for name, tau in (("mean", 0.0), ("sampled", 1.0)):
+            if report.get("temperature") != tau and f"per_unit_accuracy_{name}" in report:
+                lines.append(f"per-unit accuracy, {name} chain (τ {tau:g}): "
+                             + " ".join(f"{a:.3f}" for a in report[f"per_unit_accuracy_{name}"]))
+    return "\n".join(lines)
 
 
 def cmd_export(args) -> int:
     exporters = _desktop()
+    args.temperature = inference_temperature(args)
     rule_options = {k: getattr(args, k) for k in RULE_OPTIONS if getattr(args, k) is not None}
     blocks = _blocks(args.blocks)
     if args.rule != "noprop-dt" and isinstance(blocks, int):
@@ -71,12 +120,23 @@ def cmd_validate(args) -> int:
         lock, free = report["lockstep"], report["free_running"]
         print(f"{report['steps']} steps per unit, {report['engine']} ({report['provider']}) "
               f"vs torch on {report['device']}")
-        print(f"  lock-step     largest difference {lock['max_abs_diff']:.3g} in {lock['worst']} "
-              f"(tolerance {args.tol:g})")
+        if lock["judged"].startswith("adamw"):
+            print(f"  lock-step     largest difference {lock['max_abs_diff']:.3g} in {lock['worst']} (AdamW moves a "
+                  f"weight with a ~0 gradient by ±lr: judged instead on)")
+            print(f"                gradient side (optimizer moments, loss, statistics) largest difference "
+                  f"{lock['max_abs_diff_gradient']:.3g} in {lock['worst_gradient']}, weights RMS {lock['rms']:.3g} "
+                  f"(tolerance {args.tol:g} each)")
+        else:
+            print(f"  lock-step     largest difference {lock['max_abs_diff']:.3g} in {lock['worst']} "
+                  f"(tolerance {args.tol:g})")
         print(f"  free-running  RMS difference {free['rms']:.3g} (allowed {free['allowed_rms']:.3g}); "
               f"largest {free['max_abs_diff']:.3g} in {free['worst']}")
         print(f"  torch vs torch with the lock-step's rounding ({report['lockstep_rms']:.2g} RMS) added every step: "
               f"RMS difference {report['torch_sensitivity_rms']:.3g}")
+        if "inference" in report:
+            chains = "; ".join(f"τ {tau}: logits differ by {c['max_abs_diff']:.3g} (allowed {c['allowed']:.3g}), "
+                               f"{c['agreement']:.1%} same class" for tau, c in report["inference"]["chains"].items())
+            print(f"  inference     runtime chain vs torch chain on {report['inference']['samples']} samples: {chains}")
     if not report["ok"]:
         print("validate: FAILED: the runtime and the torch reference disagree", file=sys.stderr)
         return 1
@@ -148,18 +208,18 @@ def cmd_eval(args) -> int:
     if not meta:
         print(f"note: {bundle.checkpoint_path()} not found; evaluating the untrained initial weights", file=sys.stderr)
     options = {"inference_steps": args.inference_steps} if args.inference_steps is not None else {}
+    tau = inference_temperature(args)
+    if tau is not None:
+        options["temperature"] = tau
     report = evaluate(bundle, _engine(args), data, state, seed=args.seed, runs=args.runs, **options)
     report["trained_steps"] = int(meta.get("done", 0))
+    if meta:  # info and plot show the last evaluation's per-block curves
+        from .trainer import save_eval
+        save_eval(bundle, {**report, "data": args.data, "seed": args.seed})
     if args.json:
         print(json.dumps(report))
     else:
-        print(f"test accuracy {report['accuracy']:.4f} on {report['n']} samples ({args.runs} inference run(s))")
-        for key, value in report.items():  # a rule's other predictions, e.g. accuracy_readout
-            if key.startswith("accuracy_") and key != "accuracy_runs":
-                print(f"  {key.removeprefix('accuracy_')} accuracy {value:.4f}")
-        if "per_unit_accuracy" in report:
-            units = " ".join(f"{a:.3f}" for a in report["per_unit_accuracy"])
-            print(f"per-unit accuracy ({report['per_unit_note']}): {units}")
+        print(format_eval(report, args.runs))
     return 0
 
 
@@ -186,6 +246,9 @@ def cmd_info(args) -> int:
     if bundle.schedule is not None:
         print(f"noise      eta {bundle.schedule.eta:g}, block weights "
               + " ".join(f"{w:.3g}" for w in bundle.schedule.weights))
+    if bundle.temperature is not None:
+        note = f" ({bundle.temperature_note})" if bundle.temperature_note else ""
+        print(f"inference  temperature {bundle.temperature:g}{note}: 0 the mean chain, 1 the paper's sampled chain")
     for key, g in bundle.graphs.items():
         size = bundle.graph_path(key).stat().st_size
         print(f"graph      {key:12s} {g.file} ({size / 1024:.0f} KiB, {len(g.inputs)} inputs)")
@@ -205,6 +268,11 @@ def cmd_info(args) -> int:
             means = history.get(unit.name)
             if means:
                 print(f"  {unit.name:8s} mean loss, epoch 1: {means[0]:.3g}  epoch {len(means)}: {means[-1]:.3g}")
+        from .trainer import load_eval
+        report = load_eval(bundle, meta.get("done"))
+        if report:
+            print(f"  eval     on {report.get('data')} ({report['n']} samples, {report['runs']} run(s)): "
+                  + format_eval(report, report["runs"]).replace("\n", "\n           "))
     else:
         print("checkpoint none (not trained yet)")
     return 0
@@ -217,8 +285,9 @@ def cmd_plot(args) -> int:
     _, meta = load_trained_state(bundle)
     if not meta.get("history"):
         raise EdgepropError(f"{bundle.checkpoint_path()}: no training history to plot (train first)")
+    from .trainer import load_eval
     out = args.out or bundle.root / "losses.png"
-    print(f"wrote {loss_curves(bundle, epoch_losses(meta['history']), out)}")
+    print(f"wrote {loss_curves(bundle, epoch_losses(meta['history']), out, load_eval(bundle, meta.get('done')))}")
     return 0
 
 
@@ -301,7 +370,8 @@ def cmd_deploy(args) -> int:
                                 f"(pip install 'edgeprop[mcu]'): {e}") from None
         report = firmware.write_firmware(args.bundle, device, args.out, data=args.data,
                                          train_samples=args.train_samples, test_samples=args.test_samples,
-                                         epochs=args.epochs, seed=args.seed, force=args.force)
+                                         epochs=args.epochs, seed=args.seed,
+                                         temperature=inference_temperature(args), force=args.force)
         print(firmware.summary(report, args.out))
         return 0
     out = deploy(args.bundle, device, args.out, engine=args.engine, engine_version=args.engine_version,
@@ -374,7 +444,8 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--depth", type=int, default=2, help="hidden layers of the mlp for sequential rules (default: 2)")
     e.add_argument("--embedding", default="one-hot", choices=["one-hot", "orthogonal"])
     e.add_argument("--embed-dim", type=int, default=None)
-    e.add_argument("--batch-size", type=int, default=64, help="fixed batch size of the step graphs")
+    e.add_argument("--batch-size", type=int, default=None,
+                   help="fixed batch size of the step graphs (default: 128 for noprop-dt, the paper's; 64 otherwise)")
     e.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd"])
     e.add_argument("--lr", type=float, default=None,
                    help="units' learning rate (default: the rule's: 1e-3, forward-forward 0.03)")
@@ -401,6 +472,7 @@ def parser() -> argparse.ArgumentParser:
                    help="noprop-dt --model cnn: the paper's BatchNorm layers (running statistics are unit state)")
     e.add_argument("--inference-steps", type=int, default=None,
                    help="noprop-ct, noprop-fm: ODE/diffusion steps at inference (default: 40; the paper: 1000)")
+    add_inference_options(e, "the bundle's default for eval; default 0, the mean chain")
     e.add_argument("--tflite", action="store_true",
                    help="also write every graph as .tflite for --engine litert (needs edgeprop[tflite])")
     e.add_argument("--ort-training", action="store_true",
@@ -452,6 +524,7 @@ def parser() -> argparse.ArgumentParser:
     ev.add_argument("--runs", type=int, default=1, help="stochastic inference runs to average")
     ev.add_argument("--inference-steps", type=int, default=None,
                     help="noprop-ct, noprop-fm: inference steps (default: the bundle's)")
+    add_inference_options(ev, "default: the bundle's, 0 unless exported otherwise")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--json", action="store_true")
     common(ev)
@@ -500,6 +573,7 @@ def parser() -> argparse.ArgumentParser:
     mcu.add_argument("--test-samples", type=int, default=None, help="the first N test samples (default all)")
     mcu.add_argument("--epochs", type=int, default=1)
     mcu.add_argument("--seed", type=int, default=0, help="as `edgeprop train --seed`: the same noise")
+    add_inference_options(mcu, "the firmware's test chain; default: the bundle's")
     dp.set_defaults(func=cmd_deploy)
 
     i = sub.add_parser("info", help="describe a bundle")

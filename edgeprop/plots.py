@@ -27,11 +27,25 @@ def _save(fig, out: Path) -> Path:
     return out
 
 
-def loss_curves(bundle: Bundle, history: dict[str, list[float]], out: Path) -> Path:
-    """One line per unit: its mean loss per epoch (log scale), blocks shaded noise → clean."""
+def loss_curves(bundle: Bundle, history: dict[str, list[float]], out: Path, evaluation: dict | None = None) -> Path:
+    """One line per unit: its mean loss per epoch (log scale), blocks shaded noise → clean.
+    With an evaluation (the checkpoint's last `edgeprop eval`), a second panel: each unit's
+    test accuracy along the chain, for each chain evaluated (NoProp: mean and sampled)."""
     plt = _pyplot()
     from matplotlib.ticker import MaxNLocator
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    curves = _per_unit_curves(evaluation) if evaluation else {}
+    if curves:
+        fig, (ax, acc) = plt.subplots(1, 2, figsize=(12, 4.5), dpi=120, gridspec_kw={"width_ratios": [3, 2]})
+        for label, values in curves.items():
+            acc.plot(range(1, len(values) + 1), values, marker="o", label=label)
+        acc.xaxis.set_major_locator(MaxNLocator(integer=True))
+        acc.set_xlabel("block t" if bundle.rule == "noprop-dt" else "unit")
+        acc.set_ylabel(f"test accuracy ({evaluation.get('n')} samples)")
+        acc.set_title("per-unit accuracy along the chain")
+        acc.legend(fontsize=7)
+        acc.grid(alpha=0.3)
+    else:
+        fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     cmap = plt.get_cmap("viridis")
     for k, unit in enumerate(bundle.units):
         means = history.get(unit.name, [])
@@ -52,6 +66,18 @@ def loss_curves(bundle: Bundle, history: dict[str, list[float]], out: Path) -> P
     out = _save(fig, out)
     plt.close(fig)
     return out
+
+
+def _per_unit_curves(report: dict) -> dict[str, list[float]]:
+    """{label: per-unit accuracies} from an eval report (NoProp-DT: each chain's)."""
+    if "per_unit_accuracy" not in report:
+        return {}
+    tau = report.get("temperature")
+    curves = {f"τ {tau:g} chain" if tau is not None else "per unit": report["per_unit_accuracy"]}
+    for name, value in (("mean", 0.0), ("sampled", 1.0)):
+        if tau is not None and tau != value and f"per_unit_accuracy_{name}" in report:
+            curves[f"{name} chain (τ {value:g})"] = report[f"per_unit_accuracy_{name}"]
+    return curves
 
 
 def memory_bars(plan, verdict, out: Path, title: str = "") -> Path:

@@ -5,6 +5,7 @@ gradient, optimizer update) happens inside the compiled step graphs.
 """
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ from .rules import ORDERS, Plan, for_bundle
 from .runtimes import load_graph
 from .sizes import format_size
 from .state import StreamedState
-from .storage import load_arrays, open_arrays, save_arrays
+from .storage import load_arrays, open_arrays, save_arrays, write_atomic
 
 LR_SCHEDULES = ("constant", "cosine")
 
@@ -322,3 +323,23 @@ def evaluate(bundle: Bundle, engine, data: Dataset, state: dict, seed: int = 0, 
         return graphs[unit.infer_graph].run({**infer_state(state[unit.name]), **feeds})
 
     return {**rule.evaluate(data.x, data.y, run_unit, seed, runs, **options), "n": int(len(data)), "runs": runs}
+
+
+EVAL_REPORT = "checkpoints/eval.json"  # the last `edgeprop eval` of the checkpoint, for info and plot
+
+
+def save_eval(bundle: Bundle, report: dict) -> None:
+    """Keep the last evaluation of the trained checkpoint beside it (info and plot show its
+    per-block curves); never written for an untrained bundle."""
+    if bundle.checkpoint_path().is_file():
+        write_atomic(bundle.path(EVAL_REPORT), (json.dumps(report, indent=1) + "\n").encode())
+
+
+def load_eval(bundle: Bundle, done: int | None) -> dict | None:
+    """The saved evaluation, if it is of the checkpoint that has `done` steps (else None)."""
+    path = bundle.path(EVAL_REPORT)
+    try:
+        report = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return report if isinstance(report, dict) and report.get("trained_steps") == done else None
