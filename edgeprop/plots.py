@@ -73,9 +73,12 @@ def _per_unit_curves(report: dict) -> dict[str, list[float]]:
     if "per_unit_accuracy" not in report:
         return {}
     tau = report.get("temperature")
-    curves = {f"τ {tau:g} chain" if tau is not None else "per unit": report["per_unit_accuracy"]}
-    for name, value in (("mean", 0.0), ("sampled", 1.0)):
-        if tau is not None and tau != value and f"per_unit_accuracy_{name}" in report:
+    if tau is None:
+        return {"per unit": report["per_unit_accuracy"]}
+    names = {0.0: "mean", 1.0: "sampled"}
+    curves = {f"{names.get(tau, 'the evaluated')} chain (τ {tau:g})": report["per_unit_accuracy"]}
+    for value, name in names.items():
+        if tau != value and f"per_unit_accuracy_{name}" in report:
             curves[f"{name} chain (τ {value:g})"] = report[f"per_unit_accuracy_{name}"]
     return curves
 
