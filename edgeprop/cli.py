@@ -269,7 +269,7 @@ def cmd_info(args) -> int:
             if means:
                 print(f"  {unit.name:8s} mean loss, epoch 1: {means[0]:.3g}  epoch {len(means)}: {means[-1]:.3g}")
         from .trainer import load_eval
-        report = load_eval(bundle, meta.get("done"))
+        report = load_eval(bundle)
         if report:
             print(f"  eval     on {report.get('data')} ({report['n']} samples, {report['runs']} run(s)): "
                   + format_eval(report, report["runs"]).replace("\n", "\n           "))
@@ -287,7 +287,7 @@ def cmd_plot(args) -> int:
         raise EdgepropError(f"{bundle.checkpoint_path()}: no training history to plot (train first)")
     from .trainer import load_eval
     out = args.out or bundle.root / "losses.png"
-    print(f"wrote {loss_curves(bundle, epoch_losses(meta['history']), out, load_eval(bundle, meta.get('done')))}")
+    print(f"wrote {loss_curves(bundle, epoch_losses(meta['history']), out, load_eval(bundle))}")
     return 0
 
 

@@ -21,7 +21,7 @@ from .rules import ORDERS, Plan, for_bundle
 from .runtimes import load_graph
 from .sizes import format_size
 from .state import StreamedState
-from .storage import load_arrays, open_arrays, save_arrays, write_atomic
+from .storage import load_arrays, open_arrays, save_arrays, sha256_of, write_atomic
 
 LR_SCHEDULES = ("constant", "cosine")
 
@@ -330,16 +330,21 @@ EVAL_REPORT = "checkpoints/eval.json"  # the last `edgeprop eval` of the checkpo
 
 def save_eval(bundle: Bundle, report: dict) -> None:
     """Keep the last evaluation of the trained checkpoint beside it (info and plot show its
-    per-block curves); never written for an untrained bundle."""
-    if bundle.checkpoint_path().is_file():
+    per-block curves), tied to that checkpoint by its sha256; never written for an untrained
+    bundle."""
+    path = bundle.checkpoint_path()
+    if path.is_file():
+        report = {**report, "checkpoint_sha256": sha256_of(path)}
         write_atomic(bundle.path(EVAL_REPORT), (json.dumps(report, indent=1) + "\n").encode())
 
 
-def load_eval(bundle: Bundle, done: int | None) -> dict | None:
-    """The saved evaluation, if it is of the checkpoint that has `done` steps (else None)."""
-    path = bundle.path(EVAL_REPORT)
+def load_eval(bundle: Bundle) -> dict | None:
+    """The saved evaluation, if it is of the checkpoint there now (else None: retrained since)."""
+    path, ckpt = bundle.path(EVAL_REPORT), bundle.checkpoint_path()
     try:
         report = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    return report if isinstance(report, dict) and report.get("trained_steps") == done else None
+    if not isinstance(report, dict) or not ckpt.is_file() or report.get("checkpoint_sha256") != sha256_of(ckpt):
+        return None
+    return report

@@ -150,6 +150,9 @@ def test_info_and_plot_show_the_loss_history(bundle_copy):
     edgeprop("plot", bundle_copy, "--out", bundle_copy / "both.png")
     from PIL import Image
     assert Image.open(bundle_copy / "both.png").size[0] > Image.open(bundle_copy / "curves.png").size[0]
+    # trained again: that evaluation is of another checkpoint, so it is no longer shown
+    edgeprop("train", bundle_copy, "--epochs", "1", "--restart", "--quiet")
+    assert "per-unit accuracy" not in edgeprop("info", bundle_copy).stdout
 
 
 def test_validate_passes_the_default_cnn_export(tmp_path):
