@@ -67,7 +67,10 @@ def inference_temperature(args) -> float | None:
 def format_eval(report: dict, runs: int) -> str:
     """`edgeprop eval`'s text: the accuracy, a NoProp chain's other temperatures and block 1's
     diagnostic beside it, and the per-unit accuracies."""
-    chain = f"τ {report['temperature']:g} chain, " if "temperature" in report else ""
+    chain = ""
+    if "temperature" in report:
+        tau = report["temperature"]
+        chain = f"{ {0.0: 'mean chain, ', 1.0: 'sampled chain, '}.get(tau, '') }τ {tau:g}, "
     lines = [f"test accuracy {report['accuracy']:.4f} on {report['n']} samples ({chain}{runs} inference run(s))"]
     if "temperature" in report:
         for name, tau in (("mean", 0.0), ("sampled", 1.0)):
