@@ -97,7 +97,8 @@ def worker_torch_backprop(bundle: str, data: str, batches: int) -> dict:
     rss.reset_peak()
     torch.manual_seed(0)
     blocks = [build_unit(b.model, "block", b.embedding) for _ in b.blocks]
-    chain = Chain(blocks, build_unit(b.model, "head", b.embedding), [b.schedule.coefficients(u.t) for u in b.blocks])
+    chain = Chain(blocks, build_unit(b.model, "head", b.embedding), [b.schedule.coefficients(u.t) for u in b.blocks],
+                  temperature=1.0)  # the paper's chain, noise and all
     opt = torch.optim.AdamW(chain.parameters(), lr=1e-3, weight_decay=1e-3)
     B, d, T = b.batch_size, b.embedding.shape[1], len(b.blocks)
     onehot = np.eye(b.num_classes, dtype=np.float32)

@@ -33,12 +33,26 @@ def _check_png(out) -> None:
         raise EdgepropError(f"--out {out}: charts are written as .png files; give a path ending in .png")
 
 
-def loss_curves(bundle: Bundle, history: dict[str, list[float]], out: Path) -> Path:
-    """One line per unit: its mean loss per epoch (log scale), blocks shaded noise → clean."""
+def loss_curves(bundle: Bundle, history: dict[str, list[float]], out: Path, evaluation: dict | None = None) -> Path:
+    """One line per unit: its mean loss per epoch (log scale), blocks shaded noise → clean.
+    With an evaluation (the checkpoint's last `edgeprop eval`), a second panel: each unit's
+    test accuracy along the chain, for each chain evaluated (NoProp: mean and sampled)."""
     _check_png(out)
     plt = _pyplot()
     from matplotlib.ticker import MaxNLocator
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    curves = _per_unit_curves(evaluation) if evaluation else {}
+    if curves:
+        fig, (ax, acc) = plt.subplots(1, 2, figsize=(12, 4.5), dpi=120, gridspec_kw={"width_ratios": [3, 2]})
+        for label, values in curves.items():
+            acc.plot(range(1, len(values) + 1), values, marker="o", label=label)
+        acc.xaxis.set_major_locator(MaxNLocator(integer=True))
+        acc.set_xlabel("block t" if bundle.rule == "noprop-dt" else "unit")
+        acc.set_ylabel(f"test accuracy ({evaluation.get('n')} samples)")
+        acc.set_title("per-unit accuracy along the chain")
+        acc.legend(fontsize=7)
+        acc.grid(alpha=0.3)
+    else:
+        fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     cmap = plt.get_cmap("viridis")
     for k, unit in enumerate(bundle.units):
         means = history.get(unit.name, [])
@@ -59,6 +73,21 @@ def loss_curves(bundle: Bundle, history: dict[str, list[float]], out: Path) -> P
     out = _save(fig, out)
     plt.close(fig)
     return out
+
+
+def _per_unit_curves(report: dict) -> dict[str, list[float]]:
+    """{label: per-unit accuracies} from an eval report (NoProp-DT: each chain's)."""
+    if "per_unit_accuracy" not in report:
+        return {}
+    tau = report.get("temperature")
+    if tau is None:
+        return {"per unit": report["per_unit_accuracy"]}
+    names = {0.0: "mean", 1.0: "sampled"}
+    curves = {f"{names.get(tau, 'the evaluated')} chain (τ {tau:g})": report["per_unit_accuracy"]}
+    for value, name in names.items():
+        if tau != value and f"per_unit_accuracy_{name}" in report:
+            curves[f"{name} chain (τ {value:g})"] = report[f"per_unit_accuracy_{name}"]
+    return curves
 
 
 def memory_bars(plan, verdict, out: Path, title: str = "") -> Path:

@@ -5,6 +5,8 @@ from edgeprop import bundle as bundles
 from edgeprop import lock
 from edgeprop.errors import EdgepropError
 
+from . import shared
+
 HELP = "write a folder that sets up and trains offline on a Linux device"
 
 
@@ -26,6 +28,7 @@ def add_arguments(dp) -> None:
     mcu.add_argument("--test-samples", type=int, default=None, help="the first N test samples (default all)")
     mcu.add_argument("--epochs", type=int, default=1)
     mcu.add_argument("--seed", type=int, default=0, help="as `edgeprop train --seed`: the same noise")
+    shared.add_inference_options(mcu, "the firmware's test chain; default: the bundle's")
 
 
 def target(args):
@@ -33,7 +36,8 @@ def target(args):
     if args.target == "c99":  # a microcontroller: C sources, a linker script and a Makefile
         try:
             return get_target("c99", data=args.data, train_samples=args.train_samples,
-                              test_samples=args.test_samples, epochs=args.epochs, seed=args.seed)
+                              test_samples=args.test_samples, epochs=args.epochs, seed=args.seed,
+                              temperature=shared.inference_temperature(args))
         except ImportError as e:
             raise EdgepropError(f"--target c99 runs on the desktop and needs the mcu extra "
                                 f"(pip install 'edgeprop[mcu]'): {e}") from None

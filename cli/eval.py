@@ -17,6 +17,7 @@ def add_arguments(ev) -> None:
     ev.add_argument("--runs", type=int, default=1, help="stochastic inference runs to average")
     ev.add_argument("--inference-steps", type=int, default=None,
                     help="noprop-ct, noprop-fm: inference steps (default: the bundle's)")
+    shared.add_inference_options(ev, "default: the bundle's, 0 unless exported otherwise")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--json", action="store_true")
     shared.add_quiet(ev)
@@ -31,16 +32,49 @@ def run(args) -> int:
     if not meta:
         print(f"note: {bundle.checkpoint_path()} not found; evaluating the untrained initial weights", file=sys.stderr)
     options = {"inference_steps": args.inference_steps} if args.inference_steps is not None else {}
+    tau = shared.inference_temperature(args)
+    if tau is not None:
+        options["temperature"] = tau
     report = evaluate(bundle, shared.engine(args), data, state, seed=args.seed, runs=args.runs, **options)
     report["trained_steps"] = int(meta.get("done", 0))
+    if meta:  # info and plot show the last evaluation's per-block curves
+        from edgeprop.trainer import save_eval
+        save_eval(bundle, {**report, "data": shared.data_source(bundle, args.data), "seed": args.seed})
     if args.json:
         print(json.dumps(report))
     else:
-        print(f"test accuracy {report['accuracy']:.4f} on {report['n']} samples ({args.runs} inference run(s))")
+        print(format_eval(report, args.runs))
+    return 0
+
+
+def format_eval(report: dict, runs: int) -> str:
+    """`edgeprop eval`'s text: the accuracy, a NoProp chain's other temperatures and block 1's
+    diagnostic beside it, and the per-unit accuracies."""
+    chain = ""
+    if "temperature" in report:
+        tau = report["temperature"]
+        chain = f"{ {0.0: 'mean chain, ', 1.0: 'sampled chain, '}.get(tau, '') }τ {tau:g}, "
+    lines = [f"test accuracy {report['accuracy']:.4f} on {report['n']} samples ({chain}{runs} inference run(s))"]
+    if "temperature" in report:
+        for name, tau in (("mean", 0.0), ("sampled", 1.0)):
+            if report["temperature"] != tau and f"accuracy_{name}" in report:
+                lines.append(f"  {name} chain (τ {tau:g}) accuracy {report[f'accuracy_{name}']:.4f}")
+        if "block1_true_class_probability" in report:
+            p1 = report["block1_true_class_probability"]
+            lines.append(f"  block 1's mean probability of the true class {p1:.4f} "
+                         "(what an ideal sampled chain scores)")
+        if "temperature_note" in report:
+            lines.append(f"  note: inference temperature {report['temperature_note']}")
+    else:
         for key, value in report.items():  # a rule's other predictions, e.g. accuracy_readout
             if key.startswith("accuracy_") and key != "accuracy_runs":
-                print(f"  {key.removeprefix('accuracy_')} accuracy {value:.4f}")
-        if "per_unit_accuracy" in report:
-            units = " ".join(f"{a:.3f}" for a in report["per_unit_accuracy"])
-            print(f"per-unit accuracy ({report['per_unit_note']}): {units}")
-    return 0
+                lines.append(f"  {key.removeprefix('accuracy_')} accuracy {value:.4f}")
+    if "per_unit_accuracy" in report:
+        lines.append(f"per-unit accuracy ({report['per_unit_note']}): "
+                     + " ".join(f"{a:.3f}" for a in report["per_unit_accuracy"]))
+        for name, tau in (("mean", 0.0), ("sampled", 1.0)):
+            if report.get("temperature") != tau and f"per_unit_accuracy_{name}" in report:
+                lines.append(f"per-unit accuracy, {name} chain (τ {tau:g}): "
+                             + " ".join(f"{a:.3f}" for a in report[f"per_unit_accuracy_{name}"]))
+    return "\n".join(lines)
+

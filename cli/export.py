@@ -9,7 +9,7 @@ HELP = "export a model as a bundle of per-block training graphs (desktop)"
 
 # Rule-specific flags (dest names): passed to the exporter only when given.
 RULE_OPTIONS: list[str] = ["threshold", "zo_eps", "zo_directions", "zo_layers", "init", "inference_steps", "dropout",
-                           "batchnorm"]
+                           "batchnorm", "temperature"]
 
 
 def add_arguments(e) -> None:
@@ -27,7 +27,8 @@ def add_arguments(e) -> None:
     e.add_argument("--depth", type=int, default=2, help="hidden layers of the mlp for sequential rules (default: 2)")
     e.add_argument("--embedding", default="one-hot", choices=["one-hot", "orthogonal"])
     e.add_argument("--embed-dim", type=int, default=None)
-    e.add_argument("--batch-size", type=int, default=64, help="fixed batch size of the step graphs")
+    e.add_argument("--batch-size", type=int, default=None,
+                   help="fixed batch size of the step graphs (default: 128 for noprop-dt, the paper's; 64 otherwise)")
     e.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd"])
     e.add_argument("--lr", type=float, default=None,
                    help="units' learning rate (default: the rule's: 1e-3, forward-forward 0.03)")
@@ -54,6 +55,7 @@ def add_arguments(e) -> None:
                    help="noprop-dt --model cnn: the paper's BatchNorm layers (running statistics are unit state)")
     e.add_argument("--inference-steps", type=int, default=None,
                    help="noprop-ct, noprop-fm: ODE/diffusion steps at inference (default: 40; the paper: 1000)")
+    shared.add_inference_options(e, "the bundle's default for eval; default 0, the mean chain")
     e.add_argument("--tflite", action="store_true",
                    help="also write every graph as .tflite for --engine litert (needs edgeprop[tflite])")
     e.add_argument("--ort-training", action="store_true",
@@ -77,6 +79,7 @@ def blocks(text: str | None):
 
 def run(args) -> int:
     exporters = shared.desktop()
+    args.temperature = shared.inference_temperature(args)
     rule_options = {k: getattr(args, k) for k in RULE_OPTIONS if getattr(args, k) is not None}
     units = blocks(args.blocks)
     if args.rule != "noprop-dt" and isinstance(units, int):

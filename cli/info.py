@@ -33,6 +33,9 @@ def run(args) -> int:
     if bundle.schedule is not None:
         print(f"noise      eta {bundle.schedule.eta:g}, block weights "
               + " ".join(f"{w:.3g}" for w in bundle.schedule.weights))
+    if bundle.temperature is not None:
+        note = f" ({bundle.temperature_note})" if bundle.temperature_note else ""
+        print(f"inference  temperature {bundle.temperature:g}{note}: 0 the mean chain, 1 the paper's sampled chain")
     for key, g in bundle.graphs.items():
         size = bundle.graph_path(key).stat().st_size
         print(f"graph      {key:12s} {g.file} ({size / 1024:.0f} KiB, {len(g.inputs)} inputs)")
@@ -52,6 +55,13 @@ def run(args) -> int:
             means = history.get(unit.name)
             if means:
                 print(f"  {unit.name:8s} mean loss, epoch 1: {means[0]:.3g}  epoch {len(means)}: {means[-1]:.3g}")
+        from edgeprop.trainer import load_eval
+
+        from .eval import format_eval
+        report = load_eval(bundle)
+        if report:
+            print(f"  eval     on {report.get('data')} ({report['n']} samples, {report['runs']} run(s)): "
+                  + format_eval(report, report["runs"]).replace("\n", "\n           "))
     else:
         print("checkpoint none (not trained yet)")
     return 0

@@ -21,5 +21,6 @@ def run(args) -> int:
     if not meta.get("history"):
         raise EdgepropError(f"{bundle.checkpoint_path()}: no training history to plot (train first)")
     out = args.out or bundle.root / "losses.png"
-    print(f"wrote {loss_curves(bundle, epoch_losses(meta['history']), out)}")
+    from edgeprop.trainer import load_eval
+    print(f"wrote {loss_curves(bundle, epoch_losses(meta['history']), out, load_eval(bundle))}")
     return 0

@@ -98,3 +98,22 @@ def desktop():
         raise EdgepropError(f"this command runs on the desktop and needs the export extra "
                             f"(pip install 'edgeprop[export]'): {e}") from None
     return exporters
+
+
+def add_inference_options(sp, default: str) -> None:
+    """--temperature τ / --inference mean|sample: NoProp-DT's (and -CT's) inference chain
+    z_t = a_t û_t + b_t z_{t-1} + τ √c_t ε. Read them back with inference_temperature(args)."""
+    g = sp.add_mutually_exclusive_group()
+    g.add_argument("--temperature", type=float, default=None, metavar="TAU",
+                   help=f"noprop-dt, noprop-ct: inference temperature τ >= 0, the scale of the noise the chain "
+                        f"adds ({default})")
+    g.add_argument("--inference", choices=["mean", "sample"], default=None,
+                   help="mean: τ 0, the mean chain (the default); sample: τ 1, the paper's stochastic chain")
+
+
+def inference_temperature(args) -> float | None:
+    """τ from --temperature or --inference (None: neither was given)."""
+    from edgeprop.schedule import INFERENCE_MODES, check_temperature
+    if getattr(args, "inference", None) is not None:
+        return INFERENCE_MODES[args.inference]
+    return None if args.temperature is None else check_temperature(args.temperature)

@@ -31,7 +31,7 @@ import numpy as np
 from . import manifest as manifest_fields
 from .errors import BundleError
 from .rules import RULES
-from .schedule import NoiseSchedule
+from .schedule import MEAN, NoiseSchedule, check_temperature
 from .storage import open_arrays, sha256_of, write_atomic
 
 SCHEMA_VERSION = 1
@@ -172,6 +172,7 @@ class Bundle:
                               f"({', '.join(RULES)})")
         noisy = self.rule == "noprop-dt" or "noise" in manifest
         self.schedule = NoiseSchedule.from_json(manifest.get("noise", {})) if noisy else None
+        self.temperature, self.temperature_note = _temperature(self.root / MANIFEST, self.rule, manifest)
         self.embedding = None
         for unit in self.units:
             unit.check_layout(str(self.root / MANIFEST))
@@ -220,6 +221,25 @@ class Bundle:
         if not os.access(self.root, os.W_OK) or (self.root / "checkpoints").exists() and \
                 not os.access(self.root / "checkpoints", os.W_OK):
             raise BundleError(f"{self.root}: not writable; training writes its checkpoints here")
+
+
+# Rules whose inference chain adds noise, and their inference temperature τ when the manifest
+# names none (edgeprop.schedule): bundles exported before τ existed run the mean chain.
+TEMPERATURE_DEFAULT = {"noprop-dt": MEAN, "noprop-ct": MEAN}
+
+
+def _temperature(where: Path, rule: str, manifest: dict) -> tuple[float | None, str | None]:
+    """(τ, a note when it is a default rather than the manifest's), or (None, None) for a rule
+    whose inference adds no noise."""
+    if rule not in TEMPERATURE_DEFAULT:
+        return None, None
+    inference = manifest.get("inference", {})
+    if not isinstance(inference, dict):
+        raise BundleError(f"{where}: 'inference' must be an object")
+    if "temperature" not in inference:
+        tau = TEMPERATURE_DEFAULT[rule]
+        return tau, f"not in the manifest (exported before inference temperature existed): default {tau:g}"
+    return check_temperature(inference["temperature"], f"{where}: inference.temperature"), None
 
 
 def unit_state(unit: Unit, arrays: Mapping[str, np.ndarray], where: str) -> dict[str, np.ndarray]:

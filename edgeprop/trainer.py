@@ -6,6 +6,7 @@ happens inside the compiled step graphs.
 """
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ from .progress import Progress
 from .rules import ORDERS, Plan, for_bundle
 from .sizes import format_size
 from .state import StreamedState
-from .storage import open_arrays, save_arrays
+from .storage import open_arrays, save_arrays, sha256_of, write_atomic
 
 LR_SCHEDULES = ("constant", "cosine")
 
@@ -382,3 +383,28 @@ def evaluate(bundle: Bundle, engine, data: Dataset, state: dict, seed: int = 0, 
         return graphs[unit.infer_graph].run({**infer_state(state[unit.name]), **feeds})
 
     return {**rule.evaluate(data.x, data.y, run_unit, seed, runs, **options), "n": int(len(data)), "runs": runs}
+
+
+EVAL_REPORT = "checkpoints/eval.json"  # the last `edgeprop eval` of the checkpoint, for info and plot
+
+
+def save_eval(bundle: Bundle, report: dict) -> None:
+    """Keep the last evaluation of the trained checkpoint beside it (info and plot show its
+    per-block curves), tied to that checkpoint by its sha256; never written for an untrained
+    bundle."""
+    path = bundle.checkpoint_path()
+    if path.is_file():
+        report = {**report, "checkpoint_sha256": sha256_of(path)}
+        write_atomic(bundle.path(EVAL_REPORT), (json.dumps(report, indent=1) + "\n").encode())
+
+
+def load_eval(bundle: Bundle) -> dict | None:
+    """The saved evaluation, if it is of the checkpoint there now (else None: retrained since)."""
+    path, ckpt = bundle.path(EVAL_REPORT), bundle.checkpoint_path()
+    try:
+        report = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(report, dict) or not ckpt.is_file() or report.get("checkpoint_sha256") != sha256_of(ckpt):
+        return None
+    return report

@@ -50,7 +50,7 @@ def export_graph(trace, batch: int, root: Path, rel: str, loss_output: str | Non
 
 
 def export(model_or_out=None, /, *, out: str | Path | None = None, rule: str = "noprop-dt", model="mlp",
-           data: str = "digits", batch_size: int = 64, optimizer: str = "adamw", weight_decay: float = 1e-3,
+           data: str = "digits", batch_size: int | None = None, optimizer: str = "adamw", weight_decay: float = 1e-3,
            momentum: float = 0.9, example_input=None, tflite: bool = False, ort_training: bool = False,
            force: bool = False, progress: bool = True, **options) -> Path:
     """Export `model` trained by `rule` on `data` as a bundle folder at `out`; return its path.
@@ -84,7 +84,9 @@ def export(model_or_out=None, /, *, out: str | Path | None = None, rule: str = "
     if example_input is not None:
         extra["input_shape"] = [int(s) for s in example_input.shape[1:]]
     opts = rules.Options(rule=rule, model=model, extra=extra, **options)
-    rules.rule_module(rule)  # an unknown rule fails before any work
+    module = rules.rule_module(rule)  # an unknown rule fails before any work
+    if batch_size is None:  # the rule's (NoProp-DT: 128, the paper's), else 64
+        batch_size = getattr(module, "DEFAULT_BATCH", 64)
     if tflite:
         tflite_format.require()
     if ort_training:

@@ -236,14 +236,23 @@ def cross_entropy(logits, onehot, mask):
 
 
 class Chain(nn.Module):
-    """The whole NoProp-DT network as one model, for end-to-end back-prop comparisons: the
-    inference chain z_t = a_t û_t(x, z_{t-1}) + b_t z_{t-1} + √c_t ε_t, then the head."""
+    """The whole NoProp-DT network as one model: the inference chain
+    z_t = a_t û_t(x, z_{t-1}) + b_t z_{t-1} + τ √c_t ε_t, then the head. τ is the inference
+    temperature (0: the mean chain, edgeprop's default; 1: the paper's sampled chain). The
+    torch twin of edgeprop.rules.noprop_dt.predict (parity-tested), and the model of
+    end-to-end back-prop comparisons. `stats`: each block's BatchNorm running statistics
+    (CNN blocks exported with --batchnorm), None for blocks without."""
 
-    def __init__(self, blocks: list[nn.Module], head: nn.Module, coefficients: list[tuple[float, float, float]]):
+    def __init__(self, blocks: list[nn.Module], head: nn.Module, coefficients: list[tuple[float, float, float]],
+                 temperature: float = 0.0, stats: list[torch.Tensor | None] | None = None):
         super().__init__()
         self.blocks, self.head, self.coefficients = nn.ModuleList(blocks), head, coefficients
+        self.temperature = temperature
+        self.stats = stats or [None] * len(blocks)
 
     def forward(self, x: torch.Tensor, z: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:  # noise (T, B, d)
-        for block, (a, b, c), eps in zip(self.blocks, self.coefficients, noise):
-            z = a * block(x, z) + b * z + c ** 0.5 * eps
+        tau = self.temperature
+        for block, (a, b, c), eps, stats in zip(self.blocks, self.coefficients, noise, self.stats):
+            u_hat = block(x, z) if stats is None else block(x, z, stats)
+            z = a * u_hat + b * z + (tau * c ** 0.5) * eps
         return self.head(z)

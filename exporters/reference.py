@@ -111,6 +111,30 @@ class TorchReference:
             state[STATS] = self.stats[index].copy()
         return state, self.steps[index]
 
+    def chain_logits(self, x: np.ndarray, seed: int, temperature: float) -> np.ndarray:
+        """NoProp-DT's inference chain in torch (models.Chain) on raw samples `x`, from the
+        same z_0 and noise as the device's predict() (edgeprop.prng, batch by batch, padded
+        to the graphs' batch): the head's logits (N, classes)."""
+        from edgeprop import prng
+        from edgeprop.rules.base import padded
+
+        from .models import Chain
+        b = self.bundle
+        index = {u.name: i for i, u in enumerate(b.units)}
+        blocks = [self.modules[index[u.name]] for u in b.blocks]
+        stats = [None if self.stats[index[u.name]] is None else self._tensors({STATS: self.stats[index[u.name]]})[STATS]
+                 for u in b.blocks]
+        chain = Chain(blocks, self.modules[index[b.head.name]], [b.schedule.coefficients(u.t) for u in b.blocks],
+                      temperature, stats)
+        B, d, out = b.batch_size, b.embedding.shape[1], []
+        for start in range(0, len(x), B):
+            xb, n = padded(b, x[start:start + B])
+            draw = [prng.normal(prng.key(seed, prng.INFERENCE, start // B, t), (B, d)) for t in range(len(blocks) + 1)]
+            feeds = self._tensors({"x": xb, "z": draw[0], "noise": np.stack(draw[1:])})
+            with torch.no_grad():
+                out.append(chain(feeds["x"], feeds["z"], feeds["noise"])[:n].cpu().float().numpy())
+        return np.concatenate(out)
+
     def params(self) -> dict[str, dict[str, np.ndarray]]:
         return {unit.name: {"param": self.unit_state(i)[0]["param"]} for i, unit in enumerate(self.bundle.units)}
 

@@ -39,6 +39,7 @@ from edgeprop.bundle import load as load_bundle
 from edgeprop.datasets import load as load_data
 from edgeprop.device_profile import Profile
 from edgeprop.errors import EdgepropError
+from edgeprop.schedule import check_temperature
 from edgeprop.storage import check_output, new_folder
 
 FIRMWARE = Path(__file__).resolve().parent / "c99"  # the C sources: the source tree's, or the installed package's
@@ -365,7 +366,7 @@ def _subset(data: str, split: str, n: int | None):
 
 
 def _model_sources(bundle: Bundle, graphs: dict[str, GraphC], x_train, y_train, x_test, y_test, epochs: int,
-                   seed: int, eval_seed: int) -> tuple[str, str, dict, Plan]:
+                   seed: int, eval_seed: int, temperature: float) -> tuple[str, str, dict, Plan]:
     """model.h and model.c: the bundle's numbers and data, the way driver.c reads them."""
     units, sched = bundle.units, bundle.schedule
     slots = len(units[0].state)
@@ -402,6 +403,7 @@ typedef {sample} ep_sample;         /* how the data subset is stored in flash */
 #define EP_EPOCHS {epochs}
 #define EP_SEED {seed}u
 #define EP_EVAL_SEED {eval_seed}u
+#define EP_TEMPERATURE {hexf(temperature)}  /* inference temperature tau: 0 the mean chain, 1 sampled */
 #define EP_MEAN ((float){hexf(np.float32(mean))})
 #define EP_STD ((float){hexf(np.float32(std))})
 #define EP_SCRATCH_BYTES {scratch}
@@ -445,14 +447,17 @@ typedef {sample} ep_sample;         /* how the data subset is stored in flash */
 
 def write_firmware(bundle_path: str | Path | Bundle, device: Profile, out: str | Path, data: str = "digits",
                    train_samples: int | None = None, test_samples: int | None = None, epochs: int = 1, seed: int = 0,
-                   eval_seed: int = 0, force: bool = False) -> dict:
-    """Write the firmware folder for `device` (see the module's docstring); return its plan."""
+                   eval_seed: int = 0, temperature: float | None = None, force: bool = False) -> dict:
+    """Write the firmware folder for `device` (see the module's docstring); return its plan.
+    `temperature`: the inference chain's τ (default: the bundle's); the firmware also reports
+    the sampled chain (τ 1) beside it."""
     require_cgen()
     if isinstance(bundle_path, Bundle):
         bundle, bundle_path = bundle_path, bundle_path.root
     else:
         bundle = load_bundle(bundle_path)
     _check(bundle, device)
+    temperature = bundle.temperature if temperature is None else check_temperature(temperature)
     if epochs < 1:
         raise EdgepropError("--epochs must be at least 1")
     x_train, y_train = _subset(data, "train", train_samples)
@@ -465,7 +470,7 @@ def write_firmware(bundle_path: str | Path | Bundle, device: Profile, out: str |
     with new_folder(out, mark=True) as tmp:
         graphs = compile_graphs(bundle, sorted(bundle.graphs), tmp)
         header, source, layout, plan = _model_sources(bundle, graphs, x_train, y_train, x_test, y_test, epochs,
-                                                      seed, eval_seed)
+                                                      seed, eval_seed, temperature)
         (tmp / "model.h").write_text(header)
         (tmp / "model.c").write_text(source)
         for name in SOURCES:
@@ -480,7 +485,8 @@ def write_firmware(bundle_path: str | Path | Bundle, device: Profile, out: str |
                                                        f"-M {board} -cpu {device.arch}"))
         np.savez(tmp / "data.npz", x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
         report = {"device": device.name, "bundle": str(bundle_path), "epochs": epochs, "seed": seed,
-                  "eval_seed": eval_seed, "train_samples": len(y_train), "test_samples": len(y_test),
+                  "eval_seed": eval_seed, "temperature": temperature, "train_samples": len(y_train),
+                  "test_samples": len(y_test),
                   "sram": {"arena": plan.arena, "state": plan.state, "batch": plan.batch, "eval": plan.eval,
                            "scratch": plan.scratch, "stack": plan.stack, "ram": device.ram},
                   "graphs": {k: {"scratch": g.scratch, "temporaries": g.temps, "one_buffer_each": g.unplanned}
@@ -505,9 +511,9 @@ class Target:
     name = "c99"
 
     def __init__(self, data: str = "digits", train_samples: int | None = None, test_samples: int | None = None,
-                 epochs: int = 1, seed: int = 0):
+                 epochs: int = 1, seed: int = 0, temperature: float | None = None):
         self.data, self.train_samples, self.test_samples = data, train_samples, test_samples
-        self.epochs, self.seed = epochs, seed
+        self.epochs, self.seed, self.temperature = epochs, seed, temperature
 
     def check(self, bundle: Bundle, device: Profile) -> dict:
         """The compiler and board flags for `device`; an error when it cannot run the bundle.
@@ -518,7 +524,8 @@ class Target:
 
     def write(self, bundle: Bundle, device: Profile, out: str | Path, force: bool = False) -> dict:
         return write_firmware(bundle, device, out, data=self.data, train_samples=self.train_samples,
-                              test_samples=self.test_samples, epochs=self.epochs, seed=self.seed, force=force)
+                              test_samples=self.test_samples, epochs=self.epochs, seed=self.seed,
+                              temperature=self.temperature, force=force)
 
     def summary(self, report: dict, device: Profile, out: Path) -> str:
         return summary(report, out)
@@ -535,6 +542,8 @@ def results(text: str) -> dict:
             out["ticks"][words[2]] = (int(words[3]), int(words[4]))
         elif words[:2] == ["ep", "accuracy"]:
             out["accuracy"] = int(words[2]) / int(words[3])
+        elif words[:2] == ["ep", "accuracy-sampled"]:
+            out["accuracy_sampled"] = int(words[2]) / int(words[3])
         elif words[:2] in (["ep", "stack"], ["ep", "calibrate"]):
             out[words[1]] = [int(w) for w in words[2:]]
         elif words[:2] == ["ep", "done"]:

@@ -5,9 +5,12 @@ the head learns p(y | z_T) on z_T ~ q(z_T|y), never on a block's output (docs/no
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from .. import prng
+from ..schedule import MEAN, SAMPLE, check_temperature
 from .base import Rule, RunUnit, normalise, padded
 
 
@@ -44,40 +47,84 @@ class NopropDT(Rule):
             masks[f"drop{k + 1}"] = ((draw >= p) / np.float32(1 - p)).astype(np.float32)
         return masks
 
-    def evaluate(self, x, y, run_unit: RunUnit, seed: int = 0, runs: int = 1) -> dict:
-        """Accuracy of the full stochastic chain, averaged over `runs`, and of each block's û."""
-        accs, block_accs = [], []
-        for r in range(runs):
-            pred, block_pred = predict(self.bundle, self.embedding, x, run_unit, seed + r)
-            accs.append(float(np.mean(pred == y)))
-            block_accs.append(np.mean(block_pred == y[None, :], axis=1))
-        return {"accuracy": float(np.mean(accs)), "accuracy_runs": accs,
-                "per_unit_accuracy": [round(float(a), 4) for a in np.mean(block_accs, axis=0)],
-                "per_unit_note": "each block's û_t alone"}
+    eval_options = ("temperature",)
+
+    def evaluate(self, x, y, run_unit: RunUnit, seed: int = 0, runs: int = 1, temperature: float | None = None) -> dict:
+        """Accuracy of the chain at inference temperature τ (the bundle's unless given; 0, the
+        mean chain, by default) averaged over `runs`, and beside it the paper's sampled chain
+        (τ = 1) and, when τ is not 0, the mean chain; each block's û_t accuracy in every chain;
+        block 1's mean probability of the true class (the sampled chain's expected accuracy
+        with ideal blocks, research/noprop.md §5)."""
+        tau = self.bundle.temperature if temperature is None else check_temperature(temperature)
+        chains = {tau_k: {} for tau_k in dict.fromkeys([tau, SAMPLE, MEAN])}  # each τ once
+        first_probs = []
+        for tau_k, result in chains.items():
+            accs, block_accs = [], []
+            for r in range(runs):
+                out = predict(self.bundle, self.embedding, x, run_unit, seed + r, tau_k)
+                accs.append(float(np.mean(out.classes == y)))
+                block_accs.append(np.mean(out.block_classes == y[None, :], axis=1))
+                if tau_k == tau:  # z_0 and so block 1's û do not depend on τ
+                    first_probs.append(float(np.mean(class_probabilities(out.first_u_hat, self.embedding)[
+                        np.arange(len(y)), y])))
+            result.update(accuracy=float(np.mean(accs)), runs=accs,
+                          per_unit=[round(float(a), 4) for a in np.mean(block_accs, axis=0)])
+        main = chains[tau]
+        report = {"accuracy": main["accuracy"], "accuracy_runs": main["runs"], "temperature": tau,
+                  "per_unit_accuracy": main["per_unit"], "per_unit_note": f"each block's û_t alone, τ {tau:g} chain"}
+        for name, tau_k in (("sampled", SAMPLE), ("mean", MEAN)):
+            report[f"accuracy_{name}"] = chains[tau_k]["accuracy"]
+            report[f"per_unit_accuracy_{name}"] = chains[tau_k]["per_unit"]
+        report["block1_true_class_probability"] = float(np.mean(first_probs))
+        if self.bundle.temperature_note and temperature is None:
+            report["temperature_note"] = self.bundle.temperature_note
+        return report
 
 
-def predict(bundle, embedding: np.ndarray, x: np.ndarray, run_unit: RunUnit, seed: int):
-    """Stochastic NoProp-DT inference on raw samples `x`; labels are never an input.
+@dataclass
+class ChainOutput:
+    classes: np.ndarray        # (N,) argmax of the head on z_T
+    block_classes: np.ndarray  # (T, N) the class nearest each block's û_t
+    logits: np.ndarray         # (N, classes) the head's logits
+    first_u_hat: np.ndarray    # (N, d) block 1's û (it sees z_0 only: E[u_y | x] when ideal)
 
-    z_0 ~ N(0, I);  z_t = a_t û_t(z_{t-1}, x) + b_t z_{t-1} + √c_t ε;  ŷ = argmax head(z_T).
-    Returns (predicted classes (N,), per-block classes (T, N) read off each û_t).
+
+def predict(bundle, embedding: np.ndarray, x: np.ndarray, run_unit: RunUnit, seed: int,
+            temperature: float = MEAN) -> ChainOutput:
+    """NoProp-DT inference on raw samples `x`; labels are never an input.
+
+    z_0 ~ N(0, I);  z_t = a_t û_t(z_{t-1}, x) + b_t z_{t-1} + τ √c_t ε;  ŷ = argmax head(z_T).
+    τ = 1 is the paper's stochastic chain, τ = 0 the mean chain. The noise comes from
+    edgeprop.prng (firmware/driver.c draws the same), in the same float rounding as the C.
     """
     B, N, d = bundle.batch_size, len(x), embedding.shape[1]
-    preds, block_preds = [], []
+    tau = check_temperature(temperature)
+    preds, block_preds, logits_all, first = [], [], [], []
     for start in range(0, N, B):
         xb, n = padded(bundle, x[start:start + B])
         z = prng.normal(prng.key(seed, prng.INFERENCE, start // B, 0), (B, d))
         per_block = []
         for unit in bundle.blocks:
             u_hat = run_unit(unit, {"x": xb, "z": z})["u_hat"]
+            if unit.t == 1:
+                first.append(u_hat[:n])
             per_block.append(nearest_class(u_hat, embedding)[:n])
             a, b, c = bundle.schedule.coefficients(unit.t)
             eps = prng.normal(prng.key(seed, prng.INFERENCE, start // B, unit.t), (B, d))
-            z = (a * u_hat + b * z + np.sqrt(c) * eps).astype(np.float32)
+            # a û + b z in float32, then + (τ √c) ε in double, rounded to float32 (as driver.c)
+            z = (a * u_hat + b * z + (tau * np.sqrt(c)) * eps.astype(np.float64)).astype(np.float32)
         logits = run_unit(bundle.head, {"z": z})["logits"]
         preds.append(np.argmax(logits, axis=1)[:n])
+        logits_all.append(logits[:n])
         block_preds.append(np.stack(per_block))
-    return np.concatenate(preds), np.concatenate(block_preds, axis=1)
+    return ChainOutput(np.concatenate(preds), np.concatenate(block_preds, axis=1), np.concatenate(logits_all),
+                       np.concatenate(first))
+
+
+def class_probabilities(u_hat: np.ndarray, embedding: np.ndarray) -> np.ndarray:
+    """p with û = p · W_embed, for a block's output û: exact for one-hot and orthonormal
+    embeddings (W W^T = I), least squares otherwise."""
+    return u_hat @ np.linalg.pinv(embedding)
 
 
 def nearest_class(u_hat: np.ndarray, embedding: np.ndarray) -> np.ndarray:

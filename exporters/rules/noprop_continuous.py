@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgeprop.errors import EdgepropError
+from edgeprop.schedule import MEAN, check_temperature
 
 from ..models import CNNBlock, cross_entropy, label_embedding
 from . import Spec, UnitSpec
@@ -37,7 +38,7 @@ GAMMA_CLEAN = -3.0     # initial γ(1): ᾱ_1 = 0.953 (the paper gives none; see
 GAMMA_NOISE = 7.0      # initial γ(0): ᾱ_0 = 0.0009
 FM_SIGMA = 0.0         # the paper leaves σ open; 0 is the plain rectified flow
 
-OPTIONS = {"inference_steps"}
+OPTIONS = {"inference_steps", "temperature"}  # temperature: noprop-ct only
 
 
 def _sigmoid(x):
@@ -230,7 +231,12 @@ def create(o, train) -> Spec:
     rule = NopropContinuous(model, emb, flow)
     torch.manual_seed(o.seed)
     unit = UnitSpec("network", "network", "network", rule.module(None), o.lr)
-    return Spec(rule, model, [unit], manifest={"inference": {"steps": steps}}, arrays={"embedding": emb})
+    inference = {"steps": steps}
+    if flow and "temperature" in o.extra:
+        raise EdgepropError("--rule noprop-fm takes no --temperature: its Euler steps add no noise to scale")
+    if not flow:  # the scale of the noise each diffusion step adds at inference; 0 by default, as NoProp-DT
+        inference["temperature"] = check_temperature(o.extra.get("temperature", MEAN))
+    return Spec(rule, model, [unit], manifest={"inference": inference}, arrays={"embedding": emb})
 
 
 def from_bundle(bundle) -> NopropContinuous:

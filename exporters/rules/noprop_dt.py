@@ -5,14 +5,15 @@ import numpy as np
 import torch
 
 from edgeprop.errors import EdgepropError
-from edgeprop.schedule import NoiseSchedule
+from edgeprop.schedule import MEAN, NoiseSchedule, check_temperature
 
 from ..models import build_unit, cross_entropy, denoise_loss, initial_stats, label_embedding
 from . import Spec, UnitSpec
 
 DEFAULT_WIDTH = {"mlp": 128, "cnn": 256}
 DEFAULT_DROPOUT = {"mlp": 0.0, "cnn": 0.2}  # the paper's image path: dropout 0.2 after each conv stage
-OPTIONS = {"dropout", "batchnorm"}
+OPTIONS = {"dropout", "batchnorm", "temperature"}
+DEFAULT_BATCH = 128  # the paper's (all its runs); other rules export at 64
 
 
 def model_input_shape(model: str, sample_shape: tuple[int, ...]) -> list[int]:
@@ -105,7 +106,10 @@ def create(o, train) -> Spec:
         model.update(dropout=dropout, dropout_shapes=units[0].module.dropout_shapes(input_shape))
     rule = NopropDT(model, emb)
     units.append(UnitSpec("head", "head", "head", build_unit(model, "head", emb), o.head_lr))
-    return Spec(rule, model, units, manifest={"noise": sched.to_json()}, arrays={"embedding": emb})
+    # The inference temperature eval uses unless told otherwise: 0, the mean chain (research/noprop.md §5).
+    tau = check_temperature(o.extra.get("temperature", MEAN))
+    return Spec(rule, model, units, manifest={"noise": sched.to_json(), "inference": {"temperature": tau}},
+                arrays={"embedding": emb})
 
 
 def from_bundle(bundle) -> NopropDT:

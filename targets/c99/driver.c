@@ -1,5 +1,6 @@
 /* edgeprop's firmware driver: trains a NoProp-DT bundle block by block on a microcontroller,
- * then measures test accuracy with the stochastic inference chain.
+ * then measures test accuracy with the inference chain at the bundle's temperature (0: the mean
+ * chain) and with the paper's sampled chain (temperature 1).
  *
  * Memory: the data subset, the label embedding, the graphs' code and constants and every
  * unit's weights and optimizer state are in flash. SRAM holds one static arena: the state of
@@ -157,9 +158,10 @@ static void train(uint32_t index) {
     end_line();
 }
 
-/* Test accuracy of the stochastic chain z_0 ~ N(0, I), z_t = a u_hat + b z + sqrt(c) eps,
- * argmax head(z_T), as edgeprop's numpy predict() computes it (the weights read from flash). */
-static uint32_t evaluate(void) {
+/* Test accuracy of the chain z_0 ~ N(0, I), z_t = a u_hat + b z + tau sqrt(c) eps, argmax
+ * head(z_T), as edgeprop's numpy predict() computes it (the weights read from flash). tau is the
+ * inference temperature: 0 the mean chain, 1 the paper's sampled chain. */
+static uint32_t evaluate(double tau) {
     struct ep_eval *a = &edgeprop_arena.u.eval;
     uint32_t correct = 0;
     for (uint32_t start = 0, batch = 0; start < EP_NTEST; start += EP_BATCH, ++batch) {
@@ -178,7 +180,7 @@ static uint32_t evaluate(void) {
             ep_normal(ep_key(words, 4), a->eps, EP_BATCH * EP_DIM);
             for (uint32_t i = 0; i < EP_BATCH * EP_DIM; ++i) {
                 float mixed = unit->infer_a * a->out[i] + unit->infer_b * a->z[i];  /* float, like numpy */
-                a->z[i] = (float)((double)mixed + unit->infer_sqrt_c * (double)a->eps[i]);
+                a->z[i] = (float)((double)mixed + tau * unit->infer_sqrt_c * (double)a->eps[i]);
             }
         }
         for (uint32_t i = 0; i < n; ++i) {
@@ -202,9 +204,14 @@ int main(void) {
     }
     for (uint32_t index = 0; index < EP_UNITS; ++index) train(index);
     ep_save("weights.bin", ep_flash_state, sizeof ep_flash_state);
-    uint32_t correct = evaluate();
+    uint32_t correct = evaluate(EP_TEMPERATURE);  /* the bundle's tau (or deploy --temperature) */
     put("ep accuracy "), put_int(correct), put(" "), put_int(EP_NTEST);
     end_line();
+    if (EP_TEMPERATURE != 1.0) {  /* the paper's sampled chain beside it */
+        correct = evaluate(1.0);
+        put("ep accuracy-sampled "), put_int(correct), put(" "), put_int(EP_NTEST);
+        end_line();
+    }
     long stack = ep_stack_used();
     if (stack >= 0) {
         put("ep stack "), put_int(stack);

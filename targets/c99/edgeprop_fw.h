@@ -27,7 +27,7 @@ typedef struct {
     float lr;                /* the step graph's lr input */
     float loss_scale;        /* a block's loss weight w_t (the head has none) */
     double z_signal, z_noise;  /* z = z_signal * u_y + z_noise * eps: sqrt(ab), sqrt(1 - ab) */
-    float infer_a, infer_b;  /* inference: z_t = a * u_hat + b * z + sqrt_c * eps */
+    float infer_a, infer_b;  /* inference: z_t = a * u_hat + b * z + tau * sqrt_c * eps (tau: EP_TEMPERATURE) */
     double infer_sqrt_c;
     uint32_t target_dim;     /* u_y (a block) or the one-hot label (the head) */
     uint32_t out_dim;        /* u_hat or logits */
