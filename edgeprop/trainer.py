@@ -66,8 +66,8 @@ class TrainConfig:
         if self.epochs < 1:
             raise EdgepropError("--epochs must be at least 1")
         for flag, lr in (("--lr", self.lr), ("--head-lr", self.head_lr)):
-            if lr is not None and not (np.isfinite(lr) and lr > 0):
-                raise EdgepropError(f"{flag} must be a positive number")
+            if lr is not None and not (0 < lr <= float(np.finfo(np.float32).max)):  # the graphs take float32
+                raise EdgepropError(f"{flag} must be a positive number below {float(np.finfo(np.float32).max):.3g}")
         if self.lr_schedule not in LR_SCHEDULES:
             raise EdgepropError(f"--lr-schedule must be one of {', '.join(LR_SCHEDULES)}")
         if self.checkpoint_every is not None and self.checkpoint_every < 1:

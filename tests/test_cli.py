@@ -156,6 +156,7 @@ def test_info_and_plot_show_the_loss_history(bundle_copy):
     assert "per-unit accuracy" not in edgeprop("info", bundle_copy).stdout
 
 
+@pytest.mark.slow  # exports of their own
 def test_validate_passes_the_default_cnn_export(tmp_path):
     """A user's first validation of a correct CNN bundle (issue 15): AdamW turns a conv weight's
     near-zero gradient (cancellation noise) into a full ±lr step in either direction, so the

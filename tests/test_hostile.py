@@ -308,7 +308,7 @@ OPTIONS = {
     "plot-onto-checkpoint": (["plot", "{b}", "--out", "{b}/checkpoints/last.npz"], "--out"),
     "plot-onto-manifest": (["plot", "{b}", "--out", "{b}/manifest.json"], "--out"),
     "epochs-zero": (["train", "{b}", "--epochs", "0", "--restart"], "--epochs"),
-    "lr-overflows-float32": (["train", "{b}", "--lr", "1e39", "--restart", "--epochs", "1"], "diverged"),
+    "lr-overflows-float32": (["train", "{b}", "--lr", "1e39", "--restart", "--epochs", "1"], "--lr"),
     "resume-other-seed": (["train", "{b}", "--resume", "--seed", "5"], "seed"),
     "no-restart": (["train", "{b}", "--epochs", "1"], "--resume"),
 }

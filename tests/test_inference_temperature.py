@@ -110,6 +110,7 @@ def test_bad_temperature_is_refused(small, value):
         predict(bundles.load(small), np.eye(10, dtype=np.float32), np.zeros((1, 64)), None, 0, float(value))
 
 
+@pytest.mark.slow  # exports of their own
 def test_export_takes_a_temperature_and_refuses_a_bad_one(tmp_path):
     out = tmp_path / "b"
     proc = edgeprop("export", "--blocks", "2", "--width", "16", "--temperature", "-1", "--out", out, "--quiet",
@@ -152,6 +153,7 @@ def test_bundle_from_before_temperature_loads_with_the_mean_chain(small, tmp_pat
     assert "sampled chain (τ 1) accuracy" in text and "note: inference temperature" in text
 
 
+@pytest.mark.slow  # exports of their own
 def test_temperature_is_refused_where_nothing_is_sampled(tmp_path):
     out = tmp_path / "local"
     edgeprop("export", "--rule", "local", "--width", "16", "--depth", "1", "--out", out, "--quiet", torch_allowed=True)
