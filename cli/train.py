@@ -63,6 +63,8 @@ def run(args) -> int:
             raise EdgepropError(why)
     bundle.check_writable()
     with lock.held(bundle.root, "train it"):  # one run per bundle: a second refuses at once
+        # A killed --stream run leaves its working copy of the state; the checkpoint holds it all.
+        shutil.rmtree(bundle.path(STREAM_FOLDER), ignore_errors=True)
         trainer = Trainer(bundle, shared.engine(args), data, config)
         if args.resume:
             trainer.resume()

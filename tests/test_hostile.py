@@ -345,6 +345,14 @@ def test_deploy_force_replaces_only_its_own_output(bundle, tmp_path, capsys):
     refused(capsys, tmp_path, ["deploy", bundle, "--device", "rpi4", "--out", out, "--force"], "edgeprop wrote")
 
 
+def test_a_killed_stream_runs_leftovers_are_cleared(bundle):
+    stale = bundle / "checkpoints" / "stream"
+    stale.mkdir()
+    (stale / "block1.npy").write_bytes(bytes(1 << 16))  # what a killed --stream run leaves
+    assert main(["train", str(bundle), "--epochs", "1", "--resume", "--quiet"]) == 0
+    assert not stale.exists()
+
+
 def test_a_second_run_on_a_bundle_in_use_refuses(bundle, capsys):
     with lock.held(bundle, "test"):
         err = refused(capsys, bundle, ["train", bundle, "--epochs", "1", "--resume", "--quiet"], "in use by")
