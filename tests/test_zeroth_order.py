@@ -168,10 +168,10 @@ def test_planned_step_memory_matches_measured(zo_bundle):
     report = json.loads(edgeprop("profile", zo_bundle, "--data", "digits", "--measure", "--steps", 20,
                                  "--json").stdout)
     planned, measured = report["plan"]["working_set"], report["measured"]["working_set"]
-    # ±20%, but not finer than half of onnxruntime's first 1 MiB arena region: for a working
-    # set this small (1.1 MB planned) how much of that region the OS has paged in varies from
-    # run to run (measured 0.70 MB in one CI run, 1.12 MB in others).
-    assert abs(measured - planned) <= max(0.2 * planned, 2**19), (planned, measured)
+    # ±20%, but not finer than onnxruntime's first 1 MiB arena region: for a working set this
+    # small (1.1 MB planned) how much of that region the OS has paged in varies from run to run
+    # (measured 0.57 MB and 0.70 MB in two CI runs, 1.12 MB in others).
+    assert abs(measured - planned) <= max(0.2 * planned, 2**20), (planned, measured)
 
 
 @pytest.mark.parametrize("options, message", [
