@@ -393,9 +393,12 @@ def save_eval(bundle: Bundle, report: dict) -> None:
     per-block curves), tied to that checkpoint by its sha256; never written for an untrained
     bundle."""
     path = bundle.checkpoint_path()
-    if path.is_file():
+    if path.is_file() and not bundle.path("checkpoints").is_symlink():  # never write outside the bundle
         report = {**report, "checkpoint_sha256": sha256_of(path)}
-        write_atomic(bundle.path(EVAL_REPORT), (json.dumps(report, indent=1) + "\n").encode())
+        try:
+            write_atomic(bundle.path(EVAL_REPORT), (json.dumps(report, indent=1) + "\n").encode())
+        except OSError:  # a read-only bundle still evaluates; info and plot then show no curve
+            pass
 
 
 def load_eval(bundle: Bundle) -> dict | None:

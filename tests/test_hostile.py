@@ -353,6 +353,19 @@ def test_a_killed_stream_runs_leftovers_are_cleared(bundle):
     assert not stale.exists()
 
 
+def test_a_read_only_bundle_still_evaluates(bundle, monkeypatch):
+    """eval keeps its report beside the checkpoint when it can; a bundle it cannot write
+    (a read-only card, a deployed copy) is still evaluated."""
+    import edgeprop.trainer
+
+    def read_only(path, data):
+        raise PermissionError(13, "Permission denied")
+    monkeypatch.setattr(edgeprop.trainer, "write_atomic", read_only)
+    before = snapshot(bundle)
+    assert main(["eval", str(bundle)]) == 0
+    assert snapshot(bundle) == before
+
+
 def test_a_second_run_on_a_bundle_in_use_refuses(bundle, capsys):
     with lock.held(bundle, "test"):
         err = refused(capsys, bundle, ["train", bundle, "--epochs", "1", "--resume", "--quiet"], "in use by")
