@@ -54,6 +54,22 @@ class Graph:
             raise BundleError(f"{spec.files['.tflite']}: the .tflite graph has {len(names['inputs'])} inputs and "
                               f"{len(names['outputs'])} outputs, the manifest lists {len(self.input_names)} "
                               f"and {len(self.output_names)}")
+        self._check_shapes(spec)
+
+    def _check_shapes(self, spec) -> None:
+        """Each argument's shape against the manifest's tensor in the same place: a different
+        graph with a recomputed checksum is refused here, not at its first run."""
+        details = getattr(self.runner, "get_input_details", None)  # older tflite-runtime: counts only
+        if details is None:
+            return
+        for kind, tensors, found in (("input", spec.inputs, details()),
+                                     ("output", spec.outputs, self.runner.get_output_details())):
+            for i, t in enumerate(tensors):
+                d = found.get(f"{'args' if kind == 'input' else 'output'}_{i}")
+                if d is None or tuple(int(n) for n in d["shape"]) != t.shape:
+                    got = "absent" if d is None else [int(n) for n in d["shape"]]
+                    raise BundleError(f"{spec.files['.tflite']}: graph {kind} {i} ('{t.name}') has shape {got}, "
+                                      f"manifest.json says {list(t.shape)}")
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         missing = [n for n in self.input_names if n not in feeds]
