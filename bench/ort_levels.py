@@ -101,14 +101,16 @@ def main() -> None:
     graphs = conv_models(folder)
     export(rule="noprop-dt", model="cnn", data="digits", out=folder / "cnn", blocks=2, width=64)
     cnn = bundles.load(folder / "cnn")
-    graphs["noprop-dt cnn block step"] = cnn.graph_path(cnn.units[0].step_graph)
+    # each graph, and how the planner plans its arena at a vector width (None: NCHW)
+    planners = {name: (path, lambda w, p=path: onnx_report(p, vector_width=w)["arena"])
+                for name, path in graphs.items()}
+    planners["noprop-dt cnn block step"] = (cnn.graph_path(cnn.units[0].step_graph), lambda w: memory.plan(
+        cnn, engine=memory_model("onnxruntime"), vector_width=w).units[0].engine)
     rows = []
-    for name, path in graphs.items():
+    for name, (path, planned) in planners.items():
         for level in LEVELS:
             r = common.spawn(__file__, path, level, args.runs)
-            padded = width if level != "extended" else None
-            r["planned"] = onnx_report(path, vector_width=padded)["arena"] if path.parent == folder else \
-                memory.plan(cnn, engine=memory_model("onnxruntime"), vector_width=padded).units[0].engine
+            r["planned"] = planned(width if level != "extended" else None)
             rows.append({"graph": name, "level": level, **r})
             print(f"{name:26s} {level:9s} {r['ms']:8.2f} ms  arena {r['arena'] / 2**20:6.2f} MiB  planned "
                   f"{r['planned'] / 2**20:6.2f} MiB  session {r['session'] / 2**20:6.2f} MiB", flush=True)

@@ -87,10 +87,11 @@ def _npz(path: Path, split: str):
     with open_arrays(path) as (arrays, _):
         for xk, yk in ((f"x_{split}", f"y_{split}"), ("x", "y")):
             if xk in arrays and yk in arrays:
-                nx, ny = (arrays.header(k)[0][:1] or (0,) for k in (xk, yk))
-                if nx != ny:
-                    raise DataError(f"{path}: {xk} has {nx[0]} rows but {yk} has {ny[0]}")
-                return arrays[xk], arrays[yk]
+                x, y = arrays[xk], arrays[yk]
+                rows = [a.shape[0] if a.ndim else 0 for a in (x, y)]
+                if rows[0] != rows[1]:
+                    raise DataError(f"{path}: {xk} has {rows[0]} rows but {yk} has {rows[1]}")
+                return x, y
         raise DataError(f"{path}: expected arrays x and y, or x_{split} and y_{split}; found {sorted(arrays)}")
 
 

@@ -191,15 +191,17 @@ class Trainer:
         if name in self.held:
             self.held[name].set_state(self.state[name], steps)
 
+    def _kept(self) -> str:
+        """What a run that stops on divergence leaves behind."""
+        return "no checkpoint was written" if self.saved is None else f"the checkpoint at step {self.saved} is kept"
+
     def save(self) -> None:
         for name in self.held:  # the optimizer state lives in the engine
             self.unit_state(name)
         for unit, key, value in ((u, k, v) for u, t in self.state.items() for k, v in t.items()):
             if not np.all(np.isfinite(value)):  # a finite loss can hide inf weights (float32 overflow)
-                kept = "no checkpoint was written" if self.saved is None else \
-                    f"the checkpoint at step {self.saved} is kept"
                 raise EdgepropError(f"training diverged: {unit}'s '{key}' holds NaN or inf after step {self.done}; "
-                                    f"{kept}")
+                                    f"{self._kept()}")
         save_arrays(self.bundle.checkpoint_path(), flat_items(self.state), self._meta())
         self.saved = self.done
 
@@ -234,9 +236,7 @@ class Trainer:
         else:
             loss = self._graph_step(unit_index, epoch, batch, state, lr, n)
         if not np.isfinite(loss):
-            kept = "no checkpoint was written" if self.saved is None else \
-                f"the checkpoint at step {self.saved} is kept"
-            raise EdgepropError(f"training diverged: {unit.name} update {n} gave loss {loss}; {kept}")
+            raise EdgepropError(f"training diverged: {unit.name} update {n} gave loss {loss}; {self._kept()}")
         self.steps[unit.name] = n
         self.losses[unit.name] = loss
         log = self.history[unit.name]
@@ -341,16 +341,21 @@ def check_meta(meta: dict, bundle: Bundle, path, total: int | None = None) -> No
          "must hold every unit's per-epoch losses")
 
 
+def _own_meta(bundle: Bundle, path, meta: dict) -> dict:
+    """`meta`, once it is known to be this bundle's checkpoint record and well formed."""
+    if meta.get("bundle") != bundle.id:
+        raise EdgepropError(f"{path}: checkpoint belongs to a different bundle")
+    check_meta(meta, bundle, path)
+    return meta
+
+
 def checkpoint_meta(bundle: Bundle) -> dict:
     """The checkpoint's record of its run (checked), reading no array: {} when untrained."""
     path = bundle.checkpoint_path()
     if not path.is_file():
         return {}
     with open_arrays(path) as (_, meta):
-        if meta.get("bundle") != bundle.id:
-            raise EdgepropError(f"{path}: checkpoint belongs to a different bundle")
-        check_meta(meta, bundle, path)
-        return meta
+        return _own_meta(bundle, path, meta)
 
 
 def load_trained_state(bundle: Bundle) -> tuple[dict, dict]:
@@ -360,9 +365,7 @@ def load_trained_state(bundle: Bundle) -> tuple[dict, dict]:
         state, _ = bundle.initial_state()
         return state, {}
     with open_arrays(path) as (arrays, meta):  # only the members the bundle's units use are read
-        if meta.get("bundle") != bundle.id:
-            raise EdgepropError(f"{path}: checkpoint belongs to a different bundle")
-        check_meta(meta, bundle, path)
+        meta = _own_meta(bundle, path, meta)  # before any array: a foreign checkpoint is named as such
         return split_state(bundle, arrays, str(path)), meta
 
 

@@ -75,7 +75,7 @@ class _Node:
         self.op_type, self.input, self.output = op_type, list(inputs), list(outputs)
 
 
-def _channels(model: onnx.ModelProto) -> dict[str, int]:
+def tensor_channels(model: onnx.ModelProto) -> dict[str, int]:
     """Channel count (axis 1) of every 4-D value shape inference gave a shape."""
     g = onnx.shape_inference.infer_shapes(model, data_prop=True).graph
     out = {}
@@ -86,7 +86,8 @@ def _channels(model: onnx.ModelProto) -> dict[str, int]:
     return out
 
 
-def engine_graph(model: onnx.ModelProto, sizes: dict[str, int], vector_width: int | None = None):
+def engine_graph(model: onnx.ModelProto, sizes: dict[str, int], vector_width: int | None = None,
+                 channels: dict[str, int] | None = None):
     """The graph's nodes as onnxruntime runs them, and the bytes of every value.
 
     Two of onnxruntime's rewrites change what is live: an activation fused into its Conv
@@ -95,7 +96,8 @@ def engine_graph(model: onnx.ModelProto, sizes: dict[str, int], vector_width: in
     Conv with constant 4-D weights (and every MaxPool) runs on channel blocks, its output
     padded to a whole number of blocks; ops in BLOCKED_OPS carry the blocked layout on, and
     before any other reader a reorder writes an NCHW copy. A Conv reading an NCHW input of
-    `vector_width` or more channels (and a MaxPool reading any) first makes a padded copy."""
+    `vector_width` or more channels (and a MaxPool reading any) first makes a padded copy.
+    `channels`: tensor_channels(model), when the caller already has them."""
     g = model.graph
     constants = {i.name for i in g.initializer} | {o for n in g.node if n.op_type == "Constant" for o in n.output}
     readers: dict[str, int] = {}
@@ -118,20 +120,21 @@ def engine_graph(model: onnx.ModelProto, sizes: dict[str, int], vector_width: in
         made.update((o, nodes[-1]) for o in node.output)
     if not vector_width or vector_width <= 1:
         return nodes, sizes
-    channels = _channels(model)
+    channels = channels if channels is not None else tensor_channels(model)
 
     def padded(name):
         c = channels.get(fused.get(name, name))
         return None if not c else sizes[name] * (-(-c // vector_width) * vector_width) // c
 
     blocked: dict[str, str] = {}   # NCHW name -> name of its blocked twin
+    reordered: set[str] = set()    # blocked values already copied back to NCHW
     out_nodes: list[_Node] = []
     for node in nodes:
         ins = list(node.input)
         if node.op_type in ("Conv", "MaxPool") and node.input and node.input[0] in channels \
                 and len(node.output) == 1 and node.output[0] not in outputs:
             w = node.input[1] if node.op_type == "Conv" and len(node.input) > 1 else None
-            if node.op_type == "MaxPool" or (w in constants and sizes.get(w)):
+            if node.op_type == "MaxPool" or w in constants:
                 x = ins[0]
                 if x not in blocked and (node.op_type == "MaxPool" or channels[x] >= vector_width):
                     copy = x + "#nchwc"
@@ -153,7 +156,8 @@ def engine_graph(model: onnx.ModelProto, sizes: dict[str, int], vector_width: in
             out_nodes.append(_Node(node.op_type, [blocked.get(i, i) for i in ins], [twin]))
             continue
         for name in ins:  # an NCHW reader of a blocked value: reorder it back once
-            if name in blocked and not any(name in n.output for n in out_nodes):
+            if name in blocked and name not in reordered:
+                reordered.add(name)
                 out_nodes.append(_Node("ReorderOutput", [blocked[name]], [name]))
         out_nodes.append(_Node(node.op_type, ins, node.output))
     for name in outputs & set(blocked):
@@ -162,7 +166,8 @@ def engine_graph(model: onnx.ModelProto, sizes: dict[str, int], vector_width: in
 
 
 def live_bytes(model: onnx.ModelProto, where: str = "graph",
-               sizes: dict[str, int] | None = None, vector_width: int | None = None) -> tuple[list[int], int, int]:
+               sizes: dict[str, int] | None = None, vector_width: int | None = None,
+               channels: dict[str, int] | None = None) -> tuple[list[int], int, int]:
     """(live bytes while each node runs, bytes of the graph inputs, bytes of constants);
     `sizes` from tensor_bytes when the caller already has them. The nodes are those
     onnxruntime runs (see engine_graph; `vector_width` for its NCHWc layout)."""
@@ -171,7 +176,7 @@ def live_bytes(model: onnx.ModelProto, where: str = "graph",
     if flow:
         raise ValueError(f"{where}: control flow ({', '.join(flow)}) is not supported by the planner")
     sizes = sizes if sizes is not None else tensor_bytes(model, where)
-    nodes, sizes = engine_graph(model, sizes, vector_width)
+    nodes, sizes = engine_graph(model, sizes, vector_width, channels)
     inputs = {v.name for v in g.input}
     constants = {i.name for i in g.initializer} | {o for n in g.node if n.op_type == "Constant" for o in n.output}
     outputs = {v.name for v in g.output}
@@ -243,8 +248,10 @@ def memory_facts(at_batch: onnx.ModelProto, at_next_batch: onnx.ModelProto, batc
              "inputs": _affine(in0, in1, batch), "constants": const, "nodes": len(at_batch.graph.node)}
     # The peak under onnxruntime's NCHWc layout, per vector width, where it differs.
     blockable = any(n.op_type in ("Conv", "MaxPool") for n in at_batch.graph.node)
+    c0, c1 = (tensor_channels(at_batch), tensor_channels(at_next_batch)) if blockable else ({}, {})
     for width in NCHWC_WIDTHS if blockable else ():
-        w0, w1 = live_bytes(at_batch, where, s0, width)[0], live_bytes(at_next_batch, where, s1, width)[0]
+        w0 = live_bytes(at_batch, where, s0, width, c0)[0]
+        w1 = live_bytes(at_next_batch, where, s1, width, c1)[0]
         peak = _frontier([_affine(a, b, batch) for a, b in zip(w0, w1)])
         if peak != facts["peak"]:
             facts.setdefault("nchwc_peak", {})[str(width)] = peak

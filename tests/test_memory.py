@@ -1,6 +1,7 @@
 """The memory planner: liveness arithmetic, batch scaling, planned vs measured, budgets,
 streaming, device profiles, and plain ONNX models brought by the user."""
 import json
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -101,7 +102,7 @@ def test_vector_width_from_cpu_flags():
 
 def test_profile_vector_width_is_checked(tmp_path):
     base = (tmp_path / "x.toml")
-    text = load_profile("rpi4").source and open(load_profile("rpi4").source).read()
+    text = Path(load_profile("rpi4").source).read_text()
     base.write_text(text.replace('arch = "aarch64"', 'arch = "x86_64"') + "vector_width = 16\n")
     assert read_profile(base).vector_width == 16
     base.write_text(text + "vector_width = 12\n")
