@@ -25,7 +25,9 @@ def add_arguments(e) -> None:
                         "or the layer indices where blocks start, e.g. 0,2")
     e.add_argument("--width", type=int, default=None, help="hidden width (default: 128 for mlp, 256 for cnn)")
     e.add_argument("--depth", type=int, default=2, help="hidden layers of the mlp for sequential rules (default: 2)")
-    e.add_argument("--embedding", default="one-hot", choices=["one-hot", "orthogonal"])
+    e.add_argument("--embedding", default="one-hot", choices=["one-hot", "orthogonal", "learned", "prototype"],
+                   help="NoProp's label embedding W_embed: fixed one-hot or orthogonal; learned (d 20 unless "
+                        "--embed-dim) or prototype (image-sized), trained with the head (NoProp-DT)")
     e.add_argument("--embed-dim", type=int, default=None)
     e.add_argument("--batch-size", type=int, default=None,
                    help="fixed batch size of the step graphs (default: 128 for noprop-dt, the paper's; 64 otherwise)")

@@ -176,6 +176,12 @@ class Bundle:
         self.embedding = None
         for unit in self.units:
             unit.check_layout(str(self.root / MANIFEST))
+        if self.model.get("learned_embedding"):  # the head holds the W_embed it learns
+            shape = (self.num_classes, int(self.model.get("embed_dim", 0)))
+            view = next((v for v in self.head.layout if v.name == "embedding"), None) if self.head else None
+            if view is None or view.shape != shape:
+                raise BundleError(f"{self.root / MANIFEST}: a learned embedding must be the head's parameter "
+                                  f"'embedding' of shape {shape[0]}×{shape[1]}")
 
     @property
     def blocks(self) -> list[Unit]:

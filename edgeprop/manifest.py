@@ -44,6 +44,7 @@ def check(manifest: dict, where: str) -> None:
     need(_int(model.get("num_classes"), 2, MAX_CLASSES), "model.num_classes", f"must be an integer in 2..{MAX_CLASSES}")
     if "embed_dim" in model:
         need(_int(model["embed_dim"], 1, 1 << 16), "model.embed_dim", "must be a positive integer")
+    need(isinstance(model.get("learned_embedding", False), bool), "model.learned_embedding", "must be true or false")
     optimizer = manifest.get("optimizer")
     need(isinstance(optimizer, dict) and _text(optimizer.get("name")), "optimizer.name", "must be a string")
     norm = manifest.get("input_norm")

@@ -116,7 +116,7 @@ class Trainer:
             self.budget = max(config.device_budget - self.baseline, 1)
         rss.reset_peak()
         self.state = self._initial_state()
-        self.rule = for_bundle(bundle, data, config.seed, self._run_unit)
+        self.rule = for_bundle(bundle, data, config.seed, self._run_unit, self.unit_state)
         self.held = self._engine_units() if trains_itself else {}
         if config.order not in self.rule.orders:
             raise EdgepropError(f"--order {config.order}: rule {bundle.rule} trains in "
@@ -376,7 +376,7 @@ def evaluate(bundle: Bundle, engine, data: Dataset, state: dict, seed: int = 0, 
     check_seed(seed)
     if not isinstance(runs, int) or runs < 1:
         raise EdgepropError(f"--runs must be at least 1, got {runs!r}")
-    rule = for_bundle(bundle, data, seed)
+    rule = for_bundle(bundle, data, seed, state_of=lambda name: state[name])
     unknown = sorted(set(options) - set(getattr(rule, "eval_options", ())))
     if unknown:
         raise EdgepropError(f"rule {bundle.rule} takes no " + ", ".join("--" + k.replace("_", "-") for k in unknown))

@@ -13,21 +13,36 @@ import torch
 from torch import nn
 
 
-class MLPBlock(nn.Module):
+class Embedding(nn.Module):
+    """W_embed as a block reads it. Fixed (one-hot, orthogonal): a buffer, baked into the
+    graphs as a constant. Learned (the head trains it): `learned=True`, and the block takes
+    the current W as its input after z, so its graphs read whatever the head holds now."""
+
+    def __init__(self, embedding: np.ndarray, learned: bool = False):
+        super().__init__()
+        self.learned = learned
+        self.register_buffer("embedding", torch.as_tensor(embedding, dtype=torch.float32))
+
+    def split(self, rest: tuple) -> tuple[torch.Tensor, tuple]:
+        """(W, the remaining inputs) from a block's inputs after z."""
+        return (rest[0], rest[1:]) if self.learned else (self.embedding, rest)
+
+
+class MLPBlock(Embedding):
     """One NoProp-DT block for flat inputs."""
 
-    def __init__(self, in_features: int, embedding: np.ndarray, width: int = 128):
-        super().__init__()
+    def __init__(self, in_features: int, embedding: np.ndarray, width: int = 128, learned: bool = False):
+        super().__init__(embedding, learned)
         num_classes, embed_dim = embedding.shape
         self.image = nn.Sequential(nn.Linear(in_features, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU())
         self.label = nn.Sequential(nn.Linear(embed_dim, width), nn.ReLU())
         self.joint = nn.Sequential(nn.Linear(2 * width, width), nn.ReLU(), nn.Linear(width, num_classes))
-        # Fixed, not trained: baked into the graphs as a constant.
-        self.register_buffer("embedding", torch.as_tensor(embedding, dtype=torch.float32))
 
-    def forward(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:  # (B, F), (B, d) -> (B, d)
+    def forward(self, x: torch.Tensor, z: torch.Tensor, *rest: torch.Tensor) -> torch.Tensor:
+        """(B, F), (B, d)[, W (classes, d) when learned] -> (B, d)"""
+        embedding, _ = self.split(rest)
         logits = self.joint(torch.cat([self.image(x), self.label(z)], dim=-1))
-        return torch.softmax(logits, dim=-1) @ self.embedding
+        return torch.softmax(logits, dim=-1) @ embedding
 
 
 class RunningStats:
@@ -100,7 +115,7 @@ def initial_stats(module: nn.Module) -> np.ndarray:
     return np.concatenate(parts).astype(np.float32) if parts else np.zeros(0, np.float32)
 
 
-class CNNBlock(nn.Module):
+class CNNBlock(Embedding):
     """One NoProp-DT block for images (C, H, W): the paper's block (docs/noprop.md,
     "Block architecture"), its BatchNorm layers (BN) with `batchnorm`:
 
@@ -124,8 +139,9 @@ class CNNBlock(nn.Module):
 
     DROP_AFTER = (2, 4, 7)  # image-path layers followed by dropout: after pool 1, conv64's ReLU, pool 2
 
-    def __init__(self, image_shape: list[int], embedding: np.ndarray, width: int = 256, batchnorm: bool = False):
-        super().__init__()
+    def __init__(self, image_shape: list[int], embedding: np.ndarray, width: int = 256, batchnorm: bool = False,
+                 learned: bool = False):
+        super().__init__(embedding, learned)
         num_classes, embed_dim = embedding.shape
         channels, h, w = image_shape
         self.batchnorm = batchnorm
@@ -149,7 +165,6 @@ class CNNBlock(nn.Module):
         self.label_skip = nn.Sequential(*linear_bn(width, width), nn.ReLU(), *linear_bn(width, width))
         self.joint = nn.Sequential(*linear_bn(2 * width, width), nn.ReLU(), *linear_bn(width, width // 2), nn.ReLU(),
                                    nn.Linear(width // 2, num_classes))
-        self.register_buffer("embedding", torch.as_tensor(embedding, dtype=torch.float32))
 
     def dropout_shapes(self, image_shape: list[int]) -> list[list[int]]:
         """Each dropout mask's shape for one sample."""
@@ -162,16 +177,17 @@ class CNNBlock(nn.Module):
         return shapes
 
     def forward(self, x: torch.Tensor, z: torch.Tensor, *rest: torch.Tensor, mask=None):
-        """(B, C, H, W), (B, d), [BatchNorm's running statistics,] dropout masks -> (B, d).
-        With BatchNorm, a sample `mask` means training: batch statistics over the real
-        samples, and the output is (û, updated statistics)."""
+        """(B, C, H, W), (B, d), [W when learned,] [BatchNorm's running statistics,] dropout
+        masks -> (B, d). With BatchNorm, a sample `mask` means training: batch statistics over
+        the real samples, and the output is (û, updated statistics)."""
+        embedding, rest = self.split(rest)
         if not self.batchnorm:
-            return self._forward(x, z, rest)
+            return self._forward(x, z, embedding, rest)
         with running_stats(rest[0], mask) as run:
-            u_hat = self._forward(x, z, rest[1:])
+            u_hat = self._forward(x, z, embedding, rest[1:])
         return u_hat if mask is None else (u_hat, run.updated())
 
-    def _forward(self, x, z, masks):
+    def _forward(self, x, z, embedding, masks):
         h, drops = x, iter(masks)
         for i, layer in enumerate(self.image):
             h = layer(h)
@@ -179,7 +195,7 @@ class CNNBlock(nn.Module):
                 h = h * next(drops)
         label = self.label(z)
         logits = self.joint(torch.cat([h, label + self.label_skip(label)], dim=-1))
-        return torch.softmax(logits, dim=-1) @ self.embedding
+        return torch.softmax(logits, dim=-1) @ embedding
 
 
 MODELS = ("mlp", "cnn")
@@ -197,28 +213,93 @@ class Head(nn.Module):
         return self.linear(z)
 
 
-def build_unit(model: dict, role: str, embedding: np.ndarray) -> nn.Module:
-    """The torch module of one unit, from the manifest's model description."""
+class LearnedHead(Head):
+    """The head when W_embed is learned (the paper's Alg. 1): W is one of its parameters, and
+    its step trains both on the two terms of the NoProp-DT objective that touch W but no block,
+    CE(head(z_T)) with z_T ~ q(z_T | y) drawn from the current W, and KL(q(z_0 | y) || N(0, I)).
+    The CE term keeps the class embeddings apart (they would collapse otherwise). Inference is
+    the plain head: logits of z."""
+
+    def __init__(self, embedding: np.ndarray, alpha_bar_first: float, alpha_bar_last: float):
+        super().__init__(embedding)
+        self.embedding = nn.Parameter(torch.as_tensor(embedding, dtype=torch.float32).clone())
+        self.alpha_bar_first, self.alpha_bar_last = float(alpha_bar_first), float(alpha_bar_last)
+
+    def forward(self, z: torch.Tensor, target: torch.Tensor | None = None):
+        """z (B, d) -> logits; in a step, z is the noise ε and `target` the one-hot labels:
+        -> (logits of z_T = √ᾱ_T u_y + √(1-ᾱ_T) ε, KL term per sample)."""
+        if target is None:
+            return self.linear(z)
+        u = target @ self.embedding
+        ab, d = self.alpha_bar_last, u.shape[1]
+        z_last = ab ** 0.5 * u + (1 - ab) ** 0.5 * z
+        a0 = self.alpha_bar_first  # KL(N(√ᾱ_0 u, (1-ᾱ_0) I) || N(0, I)), Eq. 8
+        kl = 0.5 * (a0 * (u ** 2).sum(dim=-1) - d * a0 - d * float(np.log1p(-a0)))
+        return self.linear(z_last), kl
+
+
+def build_unit(model: dict, role: str, embedding: np.ndarray, alpha_bar: tuple[float, float] | None = None
+               ) -> nn.Module:
+    """The torch module of one unit, from the manifest's model description. `alpha_bar`:
+    the schedule's (ᾱ_0, ᾱ_T), which a head that learns W_embed needs."""
+    learned = bool(model.get("learned_embedding"))
     if role == "head":
-        return Head(embedding)
+        return LearnedHead(embedding, *alpha_bar) if learned else Head(embedding)
     if model["kind"] == "cnn":
-        return CNNBlock(model["input_shape"], embedding, int(model["width"]), bool(model.get("batchnorm")))
+        return CNNBlock(model["input_shape"], embedding, int(model["width"]), bool(model.get("batchnorm")), learned)
     if model["kind"] != "mlp":
         raise ValueError(f"unknown model kind {model['kind']!r}")
-    return MLPBlock(int(np.prod(model["input_shape"])), embedding, int(model["width"]))
+    return MLPBlock(int(np.prod(model["input_shape"])), embedding, int(model["width"]), learned)
 
 
-def label_embedding(kind: str, num_classes: int, dim: int | None, seed: int) -> np.ndarray:
-    """Fixed W_embed (classes × d): one-hot (d = classes) or orthonormal rows (d ≥ classes)."""
+EMBEDDINGS = ("one-hot", "orthogonal", "learned", "prototype")
+LEARNED = ("learned", "prototype")  # trained with the head (NoProp-DT)
+LEARNED_DIM = 20  # the paper's learned embedding
+
+
+def label_embedding(kind: str, num_classes: int, dim: int | None, seed: int, images: np.ndarray | None = None,
+                    labels: np.ndarray | None = None) -> np.ndarray:
+    """W_embed (classes × d) as it starts: one-hot (d = classes, fixed), orthonormal rows
+    (d ≥ classes, fixed), learned (d = 20 unless given; orthonormal rows, or random where
+    d < classes, as the paper), or prototype (d = the input size: per class, the normalised
+    training image with the smallest median distance to the others of its class)."""
     if kind == "one-hot":
         return np.eye(num_classes, dtype=np.float32)
-    if kind == "orthogonal":
-        dim = dim or num_classes
+    if kind in ("orthogonal", "learned"):
+        dim = dim or (LEARNED_DIM if kind == "learned" else num_classes)
+        rng = np.random.default_rng(seed)
         if dim < num_classes:
-            raise ValueError(f"an orthogonal embedding needs --embed-dim ≥ {num_classes} classes, got {dim}")
-        q, _ = np.linalg.qr(np.random.default_rng(seed).standard_normal((dim, num_classes)))
+            if kind == "orthogonal":
+                raise ValueError(f"an orthogonal embedding needs --embed-dim ≥ {num_classes} classes, got {dim}")
+            return (rng.standard_normal((num_classes, dim)) / np.sqrt(dim)).astype(np.float32)
+        q, _ = np.linalg.qr(rng.standard_normal((dim, num_classes)))
         return q.T.astype(np.float32)
-    raise ValueError(f"unknown embedding {kind!r} (one-hot or orthogonal)")
+    if kind == "prototype":
+        if dim is not None:
+            raise ValueError("a prototype embedding is image-sized: --embed-dim does not apply")
+        return prototypes(images, labels, num_classes, seed)
+    raise ValueError(f"unknown embedding {kind!r} ({', '.join(EMBEDDINGS)})")
+
+
+PROTOTYPE_CANDIDATES = 1000  # per class: the median distances cost O(n²)
+
+
+def prototypes(images: np.ndarray, labels: np.ndarray, num_classes: int, seed: int) -> np.ndarray:
+    """Per class, the image (flattened, normalised) whose median distance to the other
+    images of its class is smallest, among up to PROTOTYPE_CANDIDATES of them."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for c in range(num_classes):
+        members = np.flatnonzero(labels == c)
+        if len(members) == 0:
+            raise ValueError(f"a prototype embedding needs images of every class; class {c} has none")
+        if len(members) > PROTOTYPE_CANDIDATES:
+            members = rng.choice(members, PROTOTYPE_CANDIDATES, replace=False)
+        x = images[members].reshape(len(members), -1).astype(np.float64)
+        sq = (x ** 2).sum(1)
+        dist = np.sqrt(np.maximum(sq[:, None] + sq[None, :] - 2 * x @ x.T, 0))
+        rows.append(x[np.argmin(np.median(dist, axis=1))])
+    return np.stack(rows).astype(np.float32)
 
 
 def denoise_loss(u_hat, target, mask, scale):
@@ -252,7 +333,9 @@ class Chain(nn.Module):
 
     def forward(self, x: torch.Tensor, z: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:  # noise (T, B, d)
         tau = self.temperature
+        # A learned W_embed is the head's: each block reads the current one
+        learned = (self.head.embedding,) if isinstance(self.head, LearnedHead) else ()
         for block, (a, b, c), eps, stats in zip(self.blocks, self.coefficients, noise, self.stats):
-            u_hat = block(x, z) if stats is None else block(x, z, stats)
+            u_hat = block(x, z, *learned) if stats is None else block(x, z, *learned, stats)
             z = a * u_hat + b * z + (tau * c ** 0.5) * eps
         return self.head(z)

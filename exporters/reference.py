@@ -31,7 +31,7 @@ class TorchReference:
         self.bundle, self.device, self.dtype = bundle, torch_device(device), dtype
         state, _ = bundle.initial_state()
         self.desktop = rules.from_bundle(bundle)
-        self.rule = for_bundle(bundle, data, config.seed, self._run_unit)
+        self.rule = for_bundle(bundle, data, config.seed, self._run_unit, self._state_of)
         self.plan = Plan(len(bundle.units), self.rule.n_batches, config.epochs, config.order)
         # A rule that updates the weights itself (zeroth-order) runs its own update here too,
         # on torch forward passes (see _TorchForward): no torch optimizer, no slots.
@@ -51,6 +51,11 @@ class TorchReference:
                                    self.spec.torch_optimizer(self.modules[-1].parameters(), self.lr[unit.name]))
         self.done = 0
         self.steps = [0] * len(bundle.units)
+
+    def _state_of(self, name: str) -> dict:
+        """A unit's current weights, for a rule whose feeds read them (a learned W_embed)."""
+        module = self.modules[next(i for i, u in enumerate(self.bundle.units) if u.name == name)]
+        return {"param": np.concatenate([p.detach().cpu().numpy().reshape(-1) for p in module.parameters()])}
 
     def _load(self, index: int, flat: np.ndarray) -> None:
         named = {k: torch.from_numpy(v.copy()) for k, v in self.bundle.units[index].unflatten(flat).items()}

@@ -155,7 +155,7 @@ def _inference(bundle, eng, reference: TorchReference, train, seed: int) -> dict
     x = train.x[:INFERENCE_SAMPLES]
     chains, ok = {}, True
     for tau in dict.fromkeys([bundle.temperature, 1.0]):
-        mine = predict(bundle, bundle.embedding, x, run_unit, seed, tau).logits
+        mine = predict(bundle, reference.rule.embedding, x, run_unit, seed, tau).logits
         theirs = reference.chain_logits(x, seed, tau)
         gap = float(np.max(np.abs(mine - theirs))) if np.all(np.isfinite(mine)) else float("inf")
         allowed = INFERENCE_TOL * max(1.0, float(np.max(np.abs(theirs))))

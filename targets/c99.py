@@ -344,6 +344,9 @@ def _check(bundle: Bundle, device: Profile) -> None:
         raise EdgepropError(f"--target c99 runs NoProp-DT bundles; this one is {bundle.rule}")
     if bundle.model.get("dropout_shapes"):
         raise EdgepropError("--target c99 does not feed dropout masks yet: export the bundle with --dropout 0")
+    if bundle.model.get("learned_embedding"):
+        raise EdgepropError("--target c99 keeps W_embed in flash: export the bundle with --embedding one-hot or "
+                            "orthogonal (a learned embedding trains in the head's state)")
     blocks, head = bundle.blocks, bundle.head
     if head is None or bundle.units != [*blocks, head] or [b.t for b in blocks] != list(range(1, len(blocks) + 1)):
         raise EdgepropError("--target c99 needs the units in order block1..blockT, then the head")

@@ -14,7 +14,7 @@ import importlib
 import pkgutil
 
 from ..errors import BundleError
-from .base import ORDERS, Plan, Rule, RunUnit, normalise
+from .base import ORDERS, Plan, Rule, RunUnit, StateOf, normalise
 
 SHARED = ("base",)  # modules here that are not a rule's half
 
@@ -48,8 +48,10 @@ def rule_module(name: str) -> str:
     return RULES[name][0]
 
 
-def for_bundle(bundle, data, seed: int, run_unit: RunUnit | None = None) -> Rule:
-    return rule_class(bundle.rule)(bundle, data, seed, run_unit)
+def for_bundle(bundle, data, seed: int, run_unit: RunUnit | None = None,
+               state_of: StateOf | None = None) -> Rule:
+    return rule_class(bundle.rule)(bundle, data, seed, run_unit, state_of)
 
 
-__all__ = ["ORDERS", "Plan", "Rule", "RunUnit", "RULES", "for_bundle", "normalise", "rule_class", "rule_module"]
+__all__ = ["ORDERS", "Plan", "Rule", "RunUnit", "RULES", "StateOf", "for_bundle", "normalise", "rule_class",
+           "rule_module"]

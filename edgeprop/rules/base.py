@@ -23,6 +23,9 @@ ORDERS = ("interleaved", "block-sequential")
 
 # run_unit(unit, feeds) -> outputs: one unit's inference graph on one fixed-size batch.
 RunUnit = Callable[["Unit", dict], dict]
+# state_of(unit name) -> that unit's current state {"param": ..., ...}: for a rule whose feeds
+# read another unit's weights (NoProp-DT's blocks read the W_embed its head learns).
+StateOf = Callable[[str], dict]
 
 
 @dataclass(frozen=True)
@@ -68,8 +71,9 @@ class Rule:
     orders = ORDERS
     updates_itself = False  # True: `update` changes the weights; the bundle has no step graphs
 
-    def __init__(self, bundle: Bundle, data: Dataset, seed: int, run_unit: RunUnit | None = None):
-        self.bundle, self.seed, self.run_unit = bundle, seed, run_unit
+    def __init__(self, bundle: Bundle, data: Dataset, seed: int, run_unit: RunUnit | None = None,
+                 state_of: StateOf | None = None):
+        self.bundle, self.seed, self.run_unit, self.state_of = bundle, seed, run_unit, state_of
         self.x, self.y = data.x, data.y
         self.n_batches = -(-len(self.y) // bundle.batch_size)
         self.onehot = np.eye(bundle.num_classes, dtype=np.float32)

@@ -19,8 +19,8 @@ from .base import Rule, RunUnit, normalise, padded
 
 
 class Chained(Rule):
-    def __init__(self, bundle, data, seed, run_unit=None):
-        super().__init__(bundle, data, seed, run_unit)
+    def __init__(self, bundle, data, seed, run_unit=None, state_of=None):
+        super().__init__(bundle, data, seed, run_unit, state_of)
         self._carry = None  # ((epoch, batch, unit index), that unit's output h)
 
     def _input(self, index: int, epoch: int, batch: int, idx: np.ndarray) -> np.ndarray:

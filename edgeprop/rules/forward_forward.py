@@ -18,8 +18,8 @@ from .base import Rule, RunUnit, normalise, padded
 
 
 class ForwardForward(Rule):
-    def __init__(self, bundle, data, seed, run_unit=None):
-        super().__init__(bundle, data, seed, run_unit)
+    def __init__(self, bundle, data, seed, run_unit=None, state_of=None):
+        super().__init__(bundle, data, seed, run_unit, state_of)
         self.layers = [u for u in bundle.units if u.role == "block"]
         self.value = np.float32(bundle.model["overlay"])
         self._carry = None  # ((epoch, batch, layer index), (h_pos, h_neg))

@@ -20,8 +20,8 @@ class NopropContinuous(Rule):
     flow = False
     eval_options = ("inference_steps",)
 
-    def __init__(self, bundle, data, seed, run_unit=None):
-        super().__init__(bundle, data, seed, run_unit)
+    def __init__(self, bundle, data, seed, run_unit=None, state_of=None):
+        super().__init__(bundle, data, seed, run_unit, state_of)
         self.embedding = bundle.embedding.astype(np.float32)
         self.steps = int(bundle.manifest["inference"]["steps"])
 

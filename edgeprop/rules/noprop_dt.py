@@ -2,6 +2,8 @@
 
 T blocks each learn to denoise z_{t-1} ~ q(z_{t-1}|y) towards the clean label embedding u_y;
 the head learns p(y | z_T) on z_T ~ q(z_T|y), never on a block's output (docs/noprop.md).
+A learned W_embed is one of the head's parameters: every block step and every chain reads
+the head's current one (docs/noprop.md, "Learned embeddings").
 """
 from __future__ import annotations
 
@@ -15,15 +17,25 @@ from .base import Rule, RunUnit, normalise, padded
 
 
 class NopropDT(Rule):
-    def __init__(self, bundle, data, seed, run_unit=None):
-        super().__init__(bundle, data, seed, run_unit)
-        self.embedding = bundle.embedding.astype(np.float32)
+    def __init__(self, bundle, data, seed, run_unit=None, state_of=None):
+        super().__init__(bundle, data, seed, run_unit, state_of)
+        self.learned = learns_embedding(bundle)
+        if self.learned and state_of is None:
+            raise ValueError("a learned W_embed is read from the head's state: pass state_of")
+
+    @property
+    def embedding(self) -> np.ndarray:
+        """W_embed now: the bundle's fixed one, or the head's current learned one."""
+        if self.learned:
+            return current_embedding(self.bundle, self.state_of(self.bundle.head.name))
+        return self.bundle.embedding.astype(np.float32)
 
     def feeds(self, index: int, epoch: int, batch: int) -> dict[str, np.ndarray]:
         unit = self.bundle.units[index]
         idx, mask = self.batch(epoch, batch)
         y = self.y[idx]
-        u = self.embedding[y]
+        embedding = self.embedding
+        u = embedding[y]
         eps = prng.normal(prng.key(self.seed, prng.NOISE, epoch, batch, index), u.shape)
         sched = self.bundle.schedule
         if unit.role == "block":
@@ -32,7 +44,10 @@ class NopropDT(Rule):
             z = (np.sqrt(ab) * u + np.sqrt(1 - ab) * eps).astype(np.float32)
             return {"x": normalise(self.bundle, self.x[idx]), "z": z, "target": u, "mask": mask,
                     "loss_scale": np.array(sched.weights[unit.t - 1], np.float32),
+                    **({"embedding": embedding} if self.learned else {}),
                     **self._dropout(epoch, batch, index, len(idx))}
+        if self.learned:  # the head's step draws z_T ~ q(z_T | y) from its own W: it is fed ε
+            return {"eps": eps, "target": self.onehot[y], "mask": mask}
         # The head learns p(y | z_T) on z_T ~ q(z_T | y): never on a block's output.
         ab = sched.alpha_bar[-1]
         z = (np.sqrt(ab) * u + np.sqrt(1 - ab) * eps).astype(np.float32)
@@ -99,13 +114,14 @@ def predict(bundle, embedding: np.ndarray, x: np.ndarray, run_unit: RunUnit, see
     """
     B, N, d = bundle.batch_size, len(x), embedding.shape[1]
     tau = check_temperature(temperature)
+    learned = {"embedding": embedding} if learns_embedding(bundle) else {}  # blocks read W as an input
     preds, block_preds, logits_all, first = [], [], [], []
     for start in range(0, N, B):
         xb, n = padded(bundle, x[start:start + B])
         z = prng.normal(prng.key(seed, prng.INFERENCE, start // B, 0), (B, d))
         per_block = []
         for unit in bundle.blocks:
-            u_hat = run_unit(unit, {"x": xb, "z": z})["u_hat"]
+            u_hat = run_unit(unit, {"x": xb, "z": z, **learned})["u_hat"]
             if unit.t == 1:
                 first.append(u_hat[:n])
             per_block.append(nearest_class(u_hat, embedding)[:n])
@@ -119,6 +135,15 @@ def predict(bundle, embedding: np.ndarray, x: np.ndarray, run_unit: RunUnit, see
         block_preds.append(np.stack(per_block))
     return ChainOutput(np.concatenate(preds), np.concatenate(block_preds, axis=1), np.concatenate(logits_all),
                        np.concatenate(first))
+
+
+def learns_embedding(bundle) -> bool:
+    return bool(bundle.model.get("learned_embedding"))
+
+
+def current_embedding(bundle, head_state: dict) -> np.ndarray:
+    """The learned W_embed inside the head's flat parameters (a copy: the graphs take their own)."""
+    return np.array(bundle.head.unflatten(head_state["param"])["embedding"], np.float32)
 
 
 def class_probabilities(u_hat: np.ndarray, embedding: np.ndarray) -> np.ndarray:

@@ -35,8 +35,8 @@ def cross_entropy(logits: np.ndarray, onehot: np.ndarray, mask: np.ndarray) -> f
 class ZerothOrder(Chained):
     updates_itself = True  # MeZO's perturbed forward passes: no step graph, no optimizer slots
 
-    def __init__(self, bundle, data, seed, run_unit=None):
-        super().__init__(bundle, data, seed, run_unit)
+    def __init__(self, bundle, data, seed, run_unit=None, state_of=None):
+        super().__init__(bundle, data, seed, run_unit, state_of)
         where = f"{bundle.root}/manifest.json: zeroth_order"
         try:
             zo = bundle.manifest["zeroth_order"]

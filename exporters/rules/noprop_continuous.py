@@ -29,7 +29,7 @@ from torch import nn
 from edgeprop.errors import EdgepropError
 from edgeprop.schedule import MEAN, check_temperature
 
-from ..models import CNNBlock, cross_entropy, label_embedding
+from ..models import LEARNED, CNNBlock, cross_entropy, label_embedding
 from . import Spec, UnitSpec
 from .noprop_dt import DEFAULT_WIDTH, model_input_shape
 
@@ -222,6 +222,9 @@ def create(o, train) -> Spec:
         raise EdgepropError("--width must be at least 2 and --inference-steps at least 1")
     classes = int(train.y.max()) + 1
     try:
+        if o.embedding in LEARNED:
+            raise EdgepropError(f"--embedding {o.embedding}: learned embeddings train with NoProp-DT's head; "
+                                f"--rule {o.rule} takes one-hot or orthogonal")
         emb = label_embedding(o.embedding, classes, o.embed_dim, o.seed)
     except ValueError as e:
         raise EdgepropError(str(e)) from None

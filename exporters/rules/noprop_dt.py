@@ -7,7 +7,7 @@ import torch
 from edgeprop.errors import EdgepropError
 from edgeprop.schedule import MEAN, NoiseSchedule, check_temperature
 
-from ..models import build_unit, cross_entropy, denoise_loss, initial_stats, label_embedding
+from ..models import LEARNED, build_unit, cross_entropy, denoise_loss, initial_stats, label_embedding
 from . import Spec, UnitSpec
 
 DEFAULT_WIDTH = {"mlp": 128, "cnn": 256}
@@ -32,49 +32,57 @@ def model_input_shape(model: str, sample_shape: tuple[int, ...]) -> list[int]:
 
 
 class NopropDT:
-    def __init__(self, model: dict, embedding: np.ndarray):
-        self.model, self.embedding = model, embedding
-
+    def __init__(self, model: dict, embedding: np.ndarray, alpha_bar: tuple[float, float]):
+        self.model, self.embedding, self.alpha_bar = model, embedding, alpha_bar  # alpha_bar: (ᾱ_0, ᾱ_T)
+        self.learned = bool(model.get("learned_embedding"))
 
     def module(self, unit):
-        return build_unit(self.model, unit.role, self.embedding)
+        return build_unit(self.model, unit.role, self.embedding, self.alpha_bar)
 
     def _examples(self, unit, batch):
         g = torch.Generator().manual_seed(0)
         classes, dim = self.embedding.shape
         mask = torch.ones(batch)
-        if unit.role == "head":
-            return {"z": torch.randn(batch, dim, generator=g),
+        if unit.role == "head":  # learned W_embed: the step draws z_T itself from ε and the labels
+            return {("eps" if self.learned else "z"): torch.randn(batch, dim, generator=g),
                     "target": torch.eye(classes)[torch.arange(batch) % classes], "mask": mask}
         keep = 1.0 - self.model.get("dropout", 0.0)
         drops = {f"drop{k + 1}": torch.full((batch, *shape), 1.0 / keep)
                  for k, shape in enumerate(self.model.get("dropout_shapes", []))}
         # BatchNorm's running statistics as they start (the unit's own module: building one per trace is slow)
         stats = {"stats": torch.from_numpy(initial_stats(unit.module))} if self.model.get("batchnorm") else {}
+        embedding = {"embedding": torch.as_tensor(self.embedding)} if self.learned else {}
         return {"x": torch.randn(batch, *self.model["input_shape"], generator=g),
-                "z": torch.randn(batch, dim, generator=g), **stats, "target": torch.randn(batch, dim, generator=g),
-                "mask": mask, "loss_scale": torch.tensor(1.0), **drops}
+                "z": torch.randn(batch, dim, generator=g), **embedding, **stats,
+                "target": torch.randn(batch, dim, generator=g), "mask": mask, "loss_scale": torch.tensor(1.0), **drops}
 
     def step_inputs(self, unit, batch):
         return self._examples(unit, batch)
 
     def infer_inputs(self, unit, batch):
-        names = ("z",) if unit.role == "head" else ("x", "z", "stats")
+        if unit.role == "head":
+            return {"z": torch.randn(batch, self.embedding.shape[1], generator=torch.Generator().manual_seed(0))}
+        names = ("x", "z", "embedding", "stats")
         return {k: v for k, v in self._examples(unit, batch).items() if k in names}
 
     def infer_outputs(self, unit):
         return ["logits"] if unit.role == "head" else ["u_hat"]
 
     def loss(self, unit, module, feeds):
+        mask = feeds["mask"]
+        if unit.role == "head" and self.learned:  # CE on z_T ~ q(z_T | y) and KL: they train the head and W
+            logits, kl = module(feeds["eps"], feeds["target"])
+            return cross_entropy(logits, feeds["target"], mask) + (kl * mask).sum() / mask.sum().clamp(min=1.0), {}
         if unit.role == "head":
-            return cross_entropy(module(feeds["z"]), feeds["target"], feeds["mask"]), {}
+            return cross_entropy(module(feeds["z"]), feeds["target"], mask), {}
         drops = [feeds[k] for k in sorted(feeds) if k.startswith("drop")]
+        inputs = [feeds["x"], feeds["z"], *([feeds["embedding"]] if self.learned else [])]
         if "stats" not in feeds:
-            u_hat, extras = module(feeds["x"], feeds["z"], *drops), {}
+            u_hat, extras = module(*inputs, *drops), {}
         else:  # BatchNorm: its running statistics go in and come out updated, as unit state
-            u_hat, stats = module(feeds["x"], feeds["z"], feeds["stats"], *drops, mask=feeds["mask"])
+            u_hat, stats = module(*inputs, feeds["stats"], *drops, mask=mask)
             extras = {"next.stats": stats}
-        return denoise_loss(u_hat, feeds["target"], feeds["mask"], feeds["loss_scale"]), extras
+        return denoise_loss(u_hat, feeds["target"], mask, feeds["loss_scale"]), extras
 
 
 def create(o, train) -> Spec:
@@ -86,11 +94,16 @@ def create(o, train) -> Spec:
         raise EdgepropError("--blocks and --width must be at least 1")
     classes = int(train.y.max()) + 1
     input_shape = model_input_shape(o.model, train.x.shape[1:])
-    try:
-        emb = label_embedding(o.embedding, classes, o.embed_dim, o.seed)
+    try:  # a prototype starts from images as the blocks see them: normalised as the bundle's input_norm
+        images = None
+        if o.embedding == "prototype":
+            x = train.x.astype(np.float32)
+            images = (x - x.mean(dtype=np.float64)) / (x.std(dtype=np.float64) or 1.0)
+        emb = label_embedding(o.embedding, classes, o.embed_dim, o.seed, images, train.y)
     except ValueError as e:
         raise EdgepropError(str(e)) from None
     sched = NoiseSchedule.cosine(blocks, eta=o.eta).check()
+    alpha_bar = (float(sched.alpha_bar[0]), float(sched.alpha_bar[-1]))
     dropout = o.extra.get("dropout", DEFAULT_DROPOUT[o.model])
     if not 0.0 <= dropout < 1.0 or (dropout and o.model != "cnn"):
         raise EdgepropError(f"--dropout {dropout}: the CNN block takes a dropout rate in [0, 1); the MLP has none")
@@ -98,14 +111,15 @@ def create(o, train) -> Spec:
     if batchnorm and o.model != "cnn":
         raise EdgepropError("--batchnorm: the CNN block has the paper's BatchNorm layers; the MLP block has none")
     model = {"kind": o.model, "input_shape": input_shape, "num_classes": classes, "embed_dim": int(emb.shape[1]),
-             "embedding": o.embedding, "width": width, "blocks": blocks, **({"batchnorm": True} if batchnorm else {})}
+             "embedding": o.embedding, "width": width, "blocks": blocks, **({"batchnorm": True} if batchnorm else {}),
+             **({"learned_embedding": True} if o.embedding in LEARNED else {})}
     torch.manual_seed(o.seed)
     units = [UnitSpec(f"block{t}", "block", "block", build_unit(model, "block", emb), o.lr, t)
              for t in range(1, blocks + 1)]
     if dropout:  # the device draws masks of these shapes for every block step
         model.update(dropout=dropout, dropout_shapes=units[0].module.dropout_shapes(input_shape))
-    rule = NopropDT(model, emb)
-    units.append(UnitSpec("head", "head", "head", build_unit(model, "head", emb), o.head_lr))
+    rule = NopropDT(model, emb, alpha_bar)
+    units.append(UnitSpec("head", "head", "head", build_unit(model, "head", emb, alpha_bar), o.head_lr))
     # The inference temperature eval uses unless told otherwise: 0, the mean chain (research/noprop.md §5).
     tau = check_temperature(o.extra.get("temperature", MEAN))
     return Spec(rule, model, units, manifest={"noise": sched.to_json(), "inference": {"temperature": tau}},
@@ -113,4 +127,5 @@ def create(o, train) -> Spec:
 
 
 def from_bundle(bundle) -> NopropDT:
-    return NopropDT(bundle.model, bundle.embedding)
+    ab = bundle.schedule.alpha_bar
+    return NopropDT(bundle.model, bundle.embedding, (float(ab[0]), float(ab[-1])))
