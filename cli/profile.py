@@ -19,7 +19,10 @@ def add_arguments(pr) -> None:
     pr.add_argument("--batch-size", type=int, default=None, help="plan this batch size (default: the bundle's)")
     pr.add_argument("--stream", action="store_true", help="plan with inactive units' state on disk")
     pr.add_argument("--data", default=None, help="count this data set in RAM; needed by --measure")
-    pr.add_argument("--measure", action="store_true", help="also run a few real steps and measure them")
+    pr.add_argument("--measure", action="store_true",
+                    help="also run it in a fresh process and measure it (a bundle: a few real steps)")
+    pr.add_argument("--convert", action="store_true",
+                    help="an .onnx model of opset < 17: plan it converted by onnx.version_converter (file unchanged)")
     pr.add_argument("--steps", type=int, default=3, help="steps per unit for --measure (default: 3)")
     pr.add_argument("--fit", action="store_true", help="report the largest batch size that fits")
     pr.add_argument("--plot", default=None, help="write a PNG bar chart of memory per unit")
@@ -88,10 +91,12 @@ def _profile_onnx(args, budget, device, engine: str) -> int:
         raise EdgepropError("profiling a plain .onnx model reads it with the onnx package: "
                             "pip install onnx (or 'edgeprop[export]')") from None
     from edgeprop.exporters.model_memory import format_report, measure_onnx, onnx_report
-    report = onnx_report(args.bundle, args.batch_size, engine=engine, vector_width=shared.vector_width(args, device))
+    from edgeprop.runtimes.onnxruntime import DEFAULT_LEVEL
+    level = args.ort_optimization or DEFAULT_LEVEL
+    report = onnx_report(args.bundle, args.batch_size, engine=engine, vector_width=shared.vector_width(args, device),
+                         optimization=level, convert=args.convert)
     if args.measure:
-        report["measured_arena"] = measure_onnx(args.bundle, report["batch"],
-                                                optimization=args.ort_optimization or "extended")
+        report["measured"] = measure_onnx(args.bundle, report["batch"], optimization=level)
     verdict = None
     if budget or device:
         from edgeprop import memory

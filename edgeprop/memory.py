@@ -54,10 +54,30 @@ class EngineMemory:
     # holds it as [c, s], and what the plan then says about it.
     exact_arena: str = ""
     exact_note: str = ""
+    # The session build, per optimisation level (see session_build): copies of the constant
+    # conv weights a level keeps beside the weights (onnxruntime's NCHWc reorder and packing),
+    # copies of the constant matrices of Gemm/MatMul kept packed for the CPU's kernels, and
+    # the share of the weights constant folding makes that the build holds twice at once.
+    conv_copies: tuple = ()   # ((level, copies), ...)
+    packed_copies: float = 0.0
+    fold_transient: float = 0.0
+    session_per_node: int = 0  # bytes a session keeps per node: kernels, their plans, the graph
 
     @property
     def holds_units(self) -> bool:
         return self.copies > 0
+
+    def session_build(self, facts: dict, level: str = "") -> dict:
+        """Bytes a session of a model holds once built ("loaded") and at its build's peak
+        ("peak"), above the process before it, at the optimisation `level`. `facts`: the
+        model's "weights" (after constant folding), its "largest" weight tensor, the bytes
+        constant folding made ("folded"), those of its constant conv weights ("conv") and of
+        its Gemm/MatMul constant matrices ("matrices"), its "nodes". The build reads each weight into a
+        buffer of its own and so briefly holds the largest twice; a folded weight is
+        computed, then copied into an initializer."""
+        loaded = facts["weights"] + self.session_per_node * facts["nodes"] + int(
+            dict(self.conv_copies).get(level, 0) * facts["conv"] + self.packed_copies * facts["matrices"])
+        return {"loaded": loaded, "peak": loaded + max(facts["largest"], int(self.fold_transient * facts["folded"]))}
 
     def arena(self, peak: int) -> int:
         """Resident bytes of the arena that serves a graph whose live tensors peak at `peak`.

@@ -41,20 +41,84 @@ def _bytes(value_type: onnx.TypeProto) -> int | None:
     return math.prod(dims) * _itemsize(t.elem_type)
 
 
-def tensor_bytes(model: onnx.ModelProto, where: str = "graph") -> dict[str, int]:
-    """Bytes of every value in the graph (inputs, intermediates, outputs), from shape inference."""
+def infer_shapes(model: onnx.ModelProto, where: str = "graph") -> onnx.ModelProto:
+    """`model` with every value's shape: ONNX's shape inference, and where its data propagation
+    stops (Shape -> Div -> Reshape, as torch's legacy exporter writes channel shuffles and
+    attention heads), onnxruntime's symbolic shape inference, which computes such shapes."""
     inferred = onnx.shape_inference.infer_shapes(model, strict_mode=True, data_prop=True)
+    if not _unknown(inferred, _sizes(inferred)):
+        return inferred
+    try:
+        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+        return SymbolicShapeInference.infer_shapes(model, auto_merge=True) or inferred
+    except Exception:  # onnxruntime's tool fails in its own ways; ONNX's result then says what is unknown
+        return inferred
+
+
+def _sizes(inferred: onnx.ModelProto) -> dict[str, int | None]:
     g = inferred.graph
-    sizes = {}
-    for v in [*g.input, *g.value_info, *g.output]:
-        sizes[v.name] = _bytes(v.type)
+    sizes = {v.name: _bytes(v.type) for v in [*g.input, *g.value_info, *g.output]}
     for init in g.initializer:
         sizes[init.name] = math.prod(init.dims) * _itemsize(init.data_type)
-    unknown = sorted(name for node in g.node for name in node.output if name and sizes.get(name) is None)
+    return sizes
+
+
+def _unknown(inferred: onnx.ModelProto, sizes: dict) -> list[str]:
+    return sorted(name for node in inferred.graph.node for name in node.output if name and sizes.get(name) is None)
+
+
+def tensor_bytes(model: onnx.ModelProto, where: str = "graph", inferred: onnx.ModelProto | None = None
+                 ) -> dict[str, int]:
+    """Bytes of every value in the graph (inputs, intermediates, outputs), from shape inference
+    (`inferred`: infer_shapes(model), when the caller already has it)."""
+    inferred = inferred if inferred is not None else infer_shapes(model, where)
+    sizes = _sizes(inferred)
+    unknown = _unknown(inferred, sizes)
     if unknown:
         raise ValueError(f"{where}: shape inference left {len(unknown)} tensor(s) without a static shape "
                          f"(e.g. {unknown[:3]}); give the model static or declared input shapes")
     return sizes
+
+
+# Ops onnxruntime's constant folding leaves alone: their outputs differ from run to run.
+UNFOLDED = {"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Multinomial", "Bernoulli",
+            "QuantizeLinear", "DequantizeLinear"} | CONTROL_FLOW
+
+
+def fold_constants(model: onnx.ModelProto, sizes: dict[str, int]) -> tuple[onnx.ModelProto, int, int]:
+    """The graph after onnxruntime's constant folding (BASIC level and above): every node whose
+    inputs are all constants runs once at session build, and what the remaining nodes read
+    of its results becomes an initializer, a weight like any other. Returns (the folded
+    model, whose new initializers carry shape and type but no data; bytes of the folded
+    weights; bytes of the largest tensor the folding made). `model` has been through
+    infer_shapes: the folded values' shapes come from its value_info."""
+    g = model.graph
+    constant = {i.name for i in g.initializer} | {o for n in g.node if n.op_type == "Constant" for o in n.output}
+    folded, made = [], set()
+    for node in g.node:
+        if node.op_type not in UNFOLDED | {"Constant"} and node.input \
+                and all(not i or i in constant for i in node.input):
+            folded.append(node)
+            constant.update(o for o in node.output if o)
+            made.update(o for o in node.output if o)
+    if not folded:
+        return model, 0, 0
+    gone = {id(n) for n in folded}
+    read = {i for n in g.node if id(n) not in gone for i in n.input} | {v.name for v in g.output}
+    # What only folded nodes read is dropped with them, as onnxruntime drops unused initializers.
+    kept = [n for n in g.node if id(n) not in gone and (n.op_type != "Constant" or n.output[0] in read)]
+    new = sorted(made & read)
+    types = {v.name: v.type.tensor_type for v in [*g.value_info, *g.output]}
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    del out.graph.node[:], out.graph.initializer[:]
+    out.graph.node.extend(kept)
+    out.graph.initializer.extend(i for i in g.initializer if i.name in read)
+    for name in new:
+        t = types[name]
+        out.graph.initializer.append(onnx.TensorProto(name=name, data_type=t.elem_type,
+                                                      dims=[d.dim_value for d in t.shape.dim]))
+    return out, sum(sizes[n] for n in new), max((sizes[o] for o in made), default=0)
 
 
 # onnxruntime fuses an activation into the Conv before it (ConvActivationFusion, EXTENDED

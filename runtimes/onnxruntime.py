@@ -13,13 +13,19 @@ from edgeprop.errors import BundleError, EdgepropError
 from edgeprop.memory import EngineMemory
 
 FORMATS = (".onnx",)
-# Measured on x86-64 with onnxruntime 1.32, numpy 2.4, CPython 3.11 (bench/memory.py
-# prints the parts): interpreter 11 MiB, numpy 15 MiB, edgeprop's modules 7 MiB,
-# onnxruntime 19 MiB, its environment (made with the first session) 10 MiB; each loaded
-# graph about 2.5 KB per node. The arena is onnxruntime's BFCArena with its defaults
-# (initial chunk 1 MiB, kNextPowerOfTwo growth).
-MEMORY = EngineMemory("onnxruntime", 66_000_000, 2_500, 1 << 20, True,
-                      "runtime measured on x86-64 (onnxruntime 1.32, CPython 3.11)")
+# Measured on x86-64 with onnxruntime 1.32, numpy 2.4, CPython 3.11 (model_memory.measure_onnx's
+# baseline: interpreter 11 MiB, numpy 20 MiB, onnxruntime 31 MiB, edgeprop's engine module
+# 6 MiB, the environment its first session makes 6 MiB); each loaded graph about 2.5 KB per
+# node. The arena is onnxruntime's BFCArena with its defaults (initial chunk 1 MiB,
+# kNextPowerOfTwo growth). The session build (bench/planner.py): it keeps about 16 KB per
+# node beside the weights, holds the weights once, the largest twice while reading it,
+# constant-folded weights 1.45 times, the constant Gemm/MatMul matrices a second time (MLAS's
+# packed copy) and, at LAYOUT/ALL on x86, the conv weights 2.2 more times (the NCHWc reorder
+# and its packing).
+MEMORY = EngineMemory("onnxruntime", 77_000_000, 2_500, 1 << 20, True,
+                      "runtime measured on x86-64 (onnxruntime 1.32, CPython 3.11)",
+                      conv_copies=(("layout", 2.2), ("all", 2.2)), packed_copies=1.0, fold_transient=0.45,
+                      session_per_node=16_000)
 PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
 # Graph optimisation levels. "layout" and "all" add the NCHWc transform on x86: conv activations
 # blocked and padded to the CPU's vector width (16 floats with AVX-512, 8 with AVX2), which

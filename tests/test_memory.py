@@ -318,7 +318,7 @@ torch.onnx.export(model, (torch.randn(4, 1, 28, 28),), r"{tmp_path / 'user.onnx'
         proc = edgeprop("profile", tmp_path / "user.onnx", "--batch-size", 128, "--measure", "--json",
                         "--ort-optimization", level, blocked=("torch",))
         measured = json.loads(proc.stdout)
-        ratio = measured["measured_arena"] / measured["arena"]
+        ratio = measured["measured"]["arena"] / measured["arena"]
         width = host_vector_width() if level == "all" else None
         assert measured["layout"] == (f"NCHWc, {width}-float blocks" if width else "NCHW")
         # At ALL the pattern block outgrows the arena's regions, and the region added for it is
