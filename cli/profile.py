@@ -2,7 +2,10 @@
 a budget; or a plain .onnx model's inference memory (no torch)."""
 from __future__ import annotations
 
+import argparse
 import json
+import subprocess
+import sys
 
 from edgeprop import bundle as bundles
 from edgeprop.errors import EdgepropError
@@ -24,6 +27,7 @@ def add_arguments(pr) -> None:
     pr.add_argument("--convert", action="store_true",
                     help="an .onnx model of opset < 17: plan it converted by onnx.version_converter (file unchanged)")
     pr.add_argument("--steps", type=int, default=3, help="steps per unit for --measure (default: 3)")
+    pr.add_argument("--measure-here", action="store_true", help=argparse.SUPPRESS)  # the fresh process --measure runs
     pr.add_argument("--fit", action="store_true", help="report the largest batch size that fits")
     pr.add_argument("--plot", default=None, help="write a PNG bar chart of memory per unit")
     pr.add_argument("--json", action="store_true")
@@ -34,13 +38,15 @@ def add_arguments(pr) -> None:
 
 def run(args) -> int:
     from edgeprop import memory
-    from edgeprop.profile import measure, report
+    from edgeprop.profile import report
     from edgeprop.runtimes import memory_model
     budget, device = shared.limits(args)
     engine = args.engine or (device.engines[0] if device and "onnxruntime" not in device.engines else "onnxruntime")
     if str(args.bundle).endswith(".onnx"):
         return _profile_onnx(args, budget, device, engine)
     bundle = bundles.load(args.bundle)
+    if args.measure_here:
+        return _measure_here(args, bundle, engine)
     data = shared.data(bundle, args.data, "train") if args.data else None
     data_bytes = data.nbytes if data is not None else 0
     stream = args.stream or (device is not None and device.kind == "mcu")  # bare metal: weights stay in flash
@@ -54,9 +60,7 @@ def run(args) -> int:
                                 f"drop --batch-size or export again with --batch-size {args.batch_size}")
         if data is None:
             raise EdgepropError("--measure trains a few real steps: give --data")
-        from edgeprop.trainer import TrainConfig
-        measured = measure(bundle, shared.engine(args, engine), data,
-                           TrainConfig(epochs=1, stream=stream), args.steps)
+        measured = _measure_fresh(args, engine, stream)
     fits = memory.fit(bundle, budget, device, engine=model, data_bytes=data_bytes, vector_width=width) \
         if args.fit and verdict else None
     if args.fit and not verdict:
@@ -81,6 +85,31 @@ def run(args) -> int:
         if args.plot:
             print(f"wrote {args.plot}")
     return 0 if verdict is None or verdict.fits else 1
+
+
+def _measure_fresh(args, engine: str, stream: bool) -> dict:
+    """Run --measure's steps in a fresh process, as `train` would run them: the whole
+    process's peak (imports, data, sessions, steps) is then what a device must have."""
+    argv = [sys.executable, "-m", "edgeprop", "profile", str(args.bundle), "--measure-here", "--data", args.data,
+            "--steps", str(args.steps), "--engine", engine, "--threads", str(args.threads)]
+    argv += ["--stream"] if stream else []
+    argv += ["--ort-optimization", args.ort_optimization] if args.ort_optimization else []
+    proc = subprocess.run(argv, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise EdgepropError(f"--measure: the measuring process failed ({proc.stderr.strip()[-300:]})")
+    return json.loads(proc.stdout)
+
+
+def _measure_here(args, bundle, engine: str) -> int:
+    """The fresh process of --measure: a few real steps, then the figures as JSON."""
+    from edgeprop import rss
+    from edgeprop.profile import measure
+    from edgeprop.trainer import TrainConfig
+    data = shared.data(bundle, args.data, "train")
+    measured = measure(bundle, shared.engine(args, engine), data, TrainConfig(epochs=1, stream=args.stream),
+                       args.steps)
+    print(json.dumps({**measured, "process_peak": rss.process_peak()}))
+    return 0
 
 
 def _profile_onnx(args, budget, device, engine: str) -> int:

@@ -44,15 +44,65 @@ def _bytes(value_type: onnx.TypeProto) -> int | None:
 def infer_shapes(model: onnx.ModelProto, where: str = "graph") -> onnx.ModelProto:
     """`model` with every value's shape: ONNX's shape inference, and where its data propagation
     stops (Shape -> Div -> Reshape, as torch's legacy exporter writes channel shuffles and
-    attention heads), onnxruntime's symbolic shape inference, which computes such shapes."""
+    attention heads), the shape arithmetic evaluated (see _evaluate_shapes) and inferred again.
+
+    onnxruntime's symbolic shape inference was the first choice, but importing it imports
+    torch (300 MiB) and it fails on a legacy-exported ViT's attention reshapes."""
     inferred = onnx.shape_inference.infer_shapes(model, strict_mode=True, data_prop=True)
-    if not _unknown(inferred, _sizes(inferred)):
-        return inferred
-    try:
-        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
-        return SymbolicShapeInference.infer_shapes(model, auto_merge=True) or inferred
-    except Exception:  # onnxruntime's tool fails in its own ways; ONNX's result then says what is unknown
-        return inferred
+    while _unknown(inferred, _sizes(inferred)):
+        evaluated = _evaluate_shapes(inferred)
+        if evaluated is None:
+            break
+        inferred = onnx.shape_inference.infer_shapes(evaluated, strict_mode=True, data_prop=True)
+    return inferred
+
+
+SMALL = 4096  # elements: shape arithmetic, never activations
+
+
+def _evaluate_shapes(inferred: onnx.ModelProto) -> onnx.ModelProto | None:
+    """The graph with its shape arithmetic done: every Shape of a value whose shape is known,
+    and every node reading only small known values, replaced by its result as an initializer
+    (computed by onnx's reference implementation of the op). The batch is fixed, so every
+    such value is a constant. None when nothing could be evaluated."""
+    from onnx import numpy_helper
+    from onnx.reference import ReferenceEvaluator
+    g = inferred.graph
+    shapes = {}
+    for v in [*g.input, *g.value_info, *g.output]:
+        dims = v.type.tensor_type.shape.dim
+        if v.type.tensor_type.HasField("shape") and all(d.HasField("dim_value") for d in dims):
+            shapes[v.name] = [d.dim_value for d in dims]
+    values = {i.name: numpy_helper.to_array(i) for i in g.initializer
+              if (i.raw_data or i.int64_data or i.int32_data or i.float_data) and math.prod(i.dims) <= SMALL}
+    done = []
+    for node in g.node:
+        try:
+            if node.op_type == "Shape" and node.input[0] in shapes:
+                feeds = {node.input[0]: np.zeros(shapes[node.input[0]], np.int8)}
+            elif node.op_type == "Constant" or (node.op_type not in UNFOLDED and node.input and all(
+                    not i or i in values for i in node.input)):
+                feeds = {i: values[i] for i in node.input if i}
+            else:
+                continue
+            out = ReferenceEvaluator(node).run(None, feeds)
+        except Exception:  # an op the reference cannot run here: leave it to the engine
+            continue
+        if all(np.asarray(o).size <= SMALL for o in out):
+            values.update((name, np.asarray(o)) for name, o in zip(node.output, out))
+            done.append(node)
+    if all(n.op_type == "Constant" for n in done):
+        return None
+    made = {o for n in done for o in n.output if o}
+    out = onnx.ModelProto()
+    out.CopyFrom(inferred)
+    del out.graph.node[:]
+    out.graph.node.extend(n for n in g.node if not any(o in made for o in n.output))
+    stale = [v for v in out.graph.value_info if v.name not in made]  # a guess ("unk__1") would stick
+    del out.graph.value_info[:]
+    out.graph.value_info.extend(stale)
+    out.graph.initializer.extend(numpy_helper.from_array(values[name], name) for name in sorted(made))
+    return out
 
 
 def _sizes(inferred: onnx.ModelProto) -> dict[str, int | None]:

@@ -62,6 +62,8 @@ def _copy(f, end: int, kind: str, keep: int) -> bytes:
     out = bytearray()
     while f.tell() < end:
         key = _varint(f)
+        if key is None:
+            raise ValueError("not an ONNX model (a message runs past the end of the file)")
         field, wire = key >> 3, key & 7
         if wire == 0:
             out += _encode(key) + _encode(_varint(f))
@@ -77,7 +79,7 @@ def _copy(f, end: int, kind: str, keep: int) -> bytes:
             body = _copy(f, start + length, sub, keep) if sub else f.read(length)
             out += _encode(key) + _encode(len(body)) + body
         else:
-            raise ValueError(f"unsupported protobuf wire type {wire}")
+            raise ValueError(f"not an ONNX model (protobuf wire type {wire})")
     if f.tell() != end:
         raise ValueError("a field runs past the end of its message")
     return bytes(out)
@@ -87,4 +89,7 @@ def load_skeleton(path: str | Path, keep: int = KEEP) -> onnx.ModelProto:
     """The model at `path` without the data of tensors larger than `keep` bytes."""
     with open(path, "rb", buffering=1 << 16) as f:
         data = _copy(f, os.fstat(f.fileno()).st_size, "model", keep)
-    return onnx.ModelProto.FromString(data)
+    try:
+        return onnx.ModelProto.FromString(data)
+    except Exception as e:  # protobuf's DecodeError, whose module path varies by implementation
+        raise ValueError(f"not an ONNX model ({e})") from None

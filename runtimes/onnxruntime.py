@@ -19,12 +19,12 @@ FORMATS = (".onnx",)
 # node. The arena is onnxruntime's BFCArena with its defaults (initial chunk 1 MiB,
 # kNextPowerOfTwo growth). The session build (bench/planner.py): it keeps about 16 KB per
 # node beside the weights, holds the weights once, the largest twice while reading it,
-# constant-folded weights 1.45 times, the constant Gemm/MatMul matrices a second time (MLAS's
+# constant-folded weights 1.45 times, the constant Gemm/MatMul matrices 1.6 times (MLAS's
 # packed copy) and, at LAYOUT/ALL on x86, the conv weights 2.2 more times (the NCHWc reorder
 # and its packing).
 MEMORY = EngineMemory("onnxruntime", 77_000_000, 2_500, 1 << 20, True,
                       "runtime measured on x86-64 (onnxruntime 1.32, CPython 3.11)",
-                      conv_copies=(("layout", 2.2), ("all", 2.2)), packed_copies=1.0, fold_transient=0.45,
+                      conv_copies=(("layout", 2.2), ("all", 2.2)), packed_copies=0.6, fold_transient=0.45,
                       session_per_node=16_000)
 PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
 # Graph optimisation levels. "layout" and "all" add the NCHWc transform on x86: conv activations
