@@ -69,6 +69,8 @@ def main() -> None:
     p.add_argument("--exporters", default="dynamo,legacy")
     p.add_argument("--level", default="extended", help="onnxruntime optimisation level to plan and measure")
     p.add_argument("--export-only", action="store_true")
+    p.add_argument("--light", action=argparse.BooleanOptionalAction, default=True,
+                   help="also the onnx package's opset-9 models (converted)")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "planner.json"))
     p.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -87,29 +89,33 @@ def main() -> None:
     if args.export_only:
         return
     from edgeprop.exporters.model_memory import measure_onnx, onnx_report
+    runs = [(m, s, e, b, exported(m, s, e)) for m, s, e in configs for b in map(int, args.batches.split(","))]
+    if args.light:  # the onnx package's opset-9 models: fixed batch 1, planned converted to opset 17
+        import onnx
+        light = Path(onnx.__file__).parent / "backend" / "test" / "data" / "light"
+        runs += [(p.stem, 224, "onnx-package (opset 9)", 1, p) for p in sorted(light.glob("*.onnx"))]
     rows = []
-    for m, s, e in configs:
-        for b in map(int, args.batches.split(",")):
-            path = exported(m, s, e)
-            row = {"model": m, "size": s, "exporter": e, "batch": b, "level": args.level}
-            try:
-                r = onnx_report(path, b, optimization=args.level)
-            except Exception as err:  # a refusal is a result too: the table says which
-                rows.append({**row, "error": str(err)})
-                print(f"{m:20s} {s:3d} {e:6s} b{b}: {err}", flush=True)
-                continue
+    for m, s, e, b, path in runs:
+        row = {"model": m, "size": s, "exporter": e, "batch": b, "level": args.level}
+        try:
+            r = onnx_report(path, b, optimization=args.level, convert=True)
             got = measure_onnx(path, b, optimization=args.level)
-            row.update(planned_total=r["total"], planned_inference=r["inference"], weights=r["weights"],
-                       session_build=r["session_build"], arena=r["arena"], runtime=r["runtime"],
-                       measured_total=got["peak"], measured_inference=got["peak"] - got["baseline"],
-                       measured_arena=got["arena"], measured_session=got["session"])
-            row["ratio_total"] = row["measured_total"] / row["planned_total"]
-            row["ratio_inference"] = row["measured_inference"] / row["planned_inference"]
-            rows.append(row)
-            print(f"{m:20s} {s:3d} {e:6s} b{b}: total {row['planned_total'] / 2**20:7.1f} planned "
-                  f"{row['measured_total'] / 2**20:7.1f} measured ({row['ratio_total']:.2f}x); inference "
-                  f"{row['planned_inference'] / 2**20:7.1f} / {row['measured_inference'] / 2**20:7.1f} "
-                  f"({row['ratio_inference']:.2f}x)", flush=True)
+        except Exception as err:  # a refusal is a result too: the table says which
+            rows.append({**row, "error": str(err)[-300:]})
+            print(f"{m:20s} {s:3d} {e:6s} b{b}: {str(err)[-300:]}", flush=True)
+            continue
+        row.update(planned_total=r["total"], planned_inference=r["inference"], weights=r["weights"],
+                   folded=r["folded"], session_build=r["session_build"], session=r["session"], arena=r["arena"],
+                   runtime=r["runtime"], measured_total=got["peak"], measured_inference=got["peak"] - got["baseline"],
+                   measured_runtime=got["baseline"], measured_arena=got["arena"], measured_session=got["session"],
+                   measured_loaded=got["loaded"])
+        row["ratio_total"] = row["measured_total"] / row["planned_total"]
+        row["ratio_inference"] = row["measured_inference"] / row["planned_inference"]
+        rows.append(row)
+        print(f"{m:20s} {s:3d} {e:6s} b{b}: total {row['planned_total'] / 2**20:7.1f} planned "
+              f"{row['measured_total'] / 2**20:7.1f} measured ({row['ratio_total']:.2f}x); inference "
+              f"{row['planned_inference'] / 2**20:7.1f} / {row['measured_inference'] / 2**20:7.1f} "
+              f"({row['ratio_inference']:.2f}x)", flush=True)
     done = [r for r in rows if "error" not in r]
 
     def within(key):

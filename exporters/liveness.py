@@ -135,13 +135,13 @@ UNFOLDED = {"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformL
             "QuantizeLinear", "DequantizeLinear"} | CONTROL_FLOW
 
 
-def fold_constants(model: onnx.ModelProto, sizes: dict[str, int]) -> tuple[onnx.ModelProto, int, int]:
+def fold_constants(model: onnx.ModelProto, sizes: dict[str, int]) -> tuple[onnx.ModelProto, set[str]]:
     """The graph after onnxruntime's constant folding (BASIC level and above): every node whose
     inputs are all constants runs once at session build, and what the remaining nodes read
-    of its results becomes an initializer, a weight like any other. Returns (the folded
-    model, whose new initializers carry shape and type but no data; bytes of the folded
-    weights; bytes of the largest tensor the folding made). `model` has been through
-    infer_shapes: the folded values' shapes come from its value_info."""
+    of its results becomes an initializer, a weight like any other. Returns the folded model
+    (whose new initializers carry shape and type but no data) and the names of the weights
+    the folding made. `model` has been through infer_shapes: their shapes come from its
+    value_info."""
     g = model.graph
     constant = {i.name for i in g.initializer} | {o for n in g.node if n.op_type == "Constant" for o in n.output}
     folded, made = [], set()
@@ -152,7 +152,7 @@ def fold_constants(model: onnx.ModelProto, sizes: dict[str, int]) -> tuple[onnx.
             constant.update(o for o in node.output if o)
             made.update(o for o in node.output if o)
     if not folded:
-        return model, 0, 0
+        return model, set()
     gone = {id(n) for n in folded}
     read = {i for n in g.node if id(n) not in gone for i in n.input} | {v.name for v in g.output}
     # What only folded nodes read is dropped with them, as onnxruntime drops unused initializers.
@@ -168,7 +168,7 @@ def fold_constants(model: onnx.ModelProto, sizes: dict[str, int]) -> tuple[onnx.
         t = types[name]
         out.graph.initializer.append(onnx.TensorProto(name=name, data_type=t.elem_type,
                                                       dims=[d.dim_value for d in t.shape.dim]))
-    return out, sum(sizes[n] for n in new), max((sizes[o] for o in made), default=0)
+    return out, set(new)
 
 
 # onnxruntime fuses an activation into the Conv before it (ConvActivationFusion, EXTENDED

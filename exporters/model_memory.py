@@ -76,22 +76,31 @@ def _skeleton(path: str, convert: bool) -> tuple[onnx.ModelProto, int]:
     return model, opset
 
 
-def _weight_facts(model: onnx.ModelProto, sizes: dict[str, int], weights: int, folded: int,
-                  largest_folded: int) -> dict:
-    """What EngineMemory.session_build reads of a (constant-folded) model."""
+def _weight_facts(model: onnx.ModelProto, sizes: dict[str, int], weights: int, made: set[str]) -> dict:
+    """What EngineMemory.session_build reads of a model after constant folding (`made`: the
+    weights the folding made)."""
     initializers = {i.name: i for i in model.graph.initializer}
+    readers: dict[str, list] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            readers.setdefault(i, []).append(n)
 
-    def constant_input(ops, index, rank=None, below=None):
-        names = {n.input[index] for n in model.graph.node if n.op_type in ops and len(n.input) > index}
-        return sum(sizes[n] for n in names if n in initializers and (rank is None or len(initializers[n].dims) == rank)
-                   and (below is None or sizes[n] < below))
+    def constant_input(ops, index, rank=None, below=None, names=None):
+        found = {n.input[index] for n in model.graph.node if n.op_type in ops and len(n.input) > index}
+        return sum(sizes[n] for n in found if n in initializers and (rank is None or len(initializers[n].dims) == rank)
+                   and (below is None or sizes[n] < below) and (names is None or n in names))
 
+    # A folded conv weight that a BatchNormalization follows is fused into a new weight;
+    # the folded one, a heap buffer of its own, stays resident.
+    bn_fused = {n.input[1] for n in model.graph.node if n.op_type == "Conv" and len(n.input) > 1
+                and [r.op_type for r in readers.get(n.output[0], [])] == ["BatchNormalization"]}
     # A packed matrix replaces its original, but glibc keeps a freed buffer under its largest
     # mmap threshold (32 MiB) in the heap: only smaller matrices stay resident twice.
-    return {"weights": weights, "folded": folded, "nodes": len(model.graph.node),
-            "largest": max([largest_folded] + [sizes[name] for name in initializers]),
+    return {"weights": weights, "folded": sum(sizes[n] for n in made), "nodes": len(model.graph.node),
+            "largest": max([0] + [sizes[name] for name in initializers]),
             "conv": constant_input({"Conv"}, 1, rank=4),
-            "matrices": constant_input({"Gemm", "MatMul"}, 1, below=32 << 20)}
+            "fused": constant_input({"Conv"}, 1, names=made & bn_fused),
+            "matrices": {op: constant_input({op}, 1, below=32 << 20) for op in ("Gemm", "MatMul")}}
 
 
 def onnx_report(path: str | Path, batch: int | None = None, engine: str = "onnxruntime",
@@ -112,13 +121,12 @@ def onnx_report(path: str | Path, batch: int | None = None, engine: str = "onnxr
     try:
         inferred = infer_shapes(fixed, path)  # once
         sizes = tensor_bytes(fixed, path, inferred)
-        folded, made, largest_made = (fold_constants(inferred, sizes)
-                                      if optimization != "disabled" else (fixed, 0, 0))
+        folded, made = fold_constants(inferred, sizes) if optimization != "disabled" else (fixed, set())
         timeline, inputs, constants = live_bytes(folded, path, sizes, vector_width)
     except (ValueError, onnx.shape_inference.InferenceError) as e:
         raise EdgepropError(str(e)) from None
     weights = constants  # initializers, Constant nodes and what constant folding makes
-    build = eng.session_build(_weight_facts(folded, sizes, weights, made, largest_made), optimization)
+    build = eng.session_build(_weight_facts(folded, sizes, weights, made), optimization)
     peak = max(timeline, default=0)
     kept = {o for n in folded.graph.node if n.op_type not in ALIASES | {"Constant"} for o in n.output if o}
     activations = sum(sizes[o] for o in kept)
@@ -130,7 +138,8 @@ def onnx_report(path: str | Path, batch: int | None = None, engine: str = "onnxr
     runtime = eng.runtime  # the session's own cost per node is in build["loaded"]
     return {"model": path, "batch": batch, "opset": opset, "converted": opset < OPSET, "nodes": nodes,
             "engine": engine, "optimization": optimization, "layout": layout,
-            "weights": weights, "folded": made, "inputs": inputs, "peak": peak, "arena": eng.arena(peak),
+            "weights": weights, "folded": sum(sizes[n] for n in made), "inputs": inputs, "peak": peak,
+            "arena": eng.arena(peak),
             "session_build": build["peak"], "session": build["loaded"], "running": running,
             "inference": inference, "zeroth_order": inference,
             "backprop": {"weights": weights, "gradients": weights, "optimizer": 2 * weights,

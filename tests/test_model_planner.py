@@ -128,10 +128,11 @@ def test_an_older_opset_is_refused_with_the_way_out_and_converted_with_convert(t
 
 def test_session_build_model():
     ort = memory_model("onnxruntime")
-    facts = {"weights": 100 * MiB, "largest": 10 * MiB, "folded": 0, "conv": 80 * MiB, "matrices": 20 * MiB,
-             "nodes": 100}
+    facts = {"weights": 100 * MiB, "largest": 10 * MiB, "folded": 0, "conv": 80 * MiB, "matrices": {"Gemm": 20 * MiB},
+             "fused": 0, "nodes": 100}
     extended, full = ort.session_build(facts, "extended"), ort.session_build(facts, "all")
-    assert extended["loaded"] == 100 * MiB + 100 * ort.session_per_node + int(ort.packed_copies * 20 * MiB)
+    packed = int(dict(ort.packed_copies)["Gemm"] * 20 * MiB)
+    assert extended["loaded"] == 100 * MiB + 100 * ort.session_per_node + packed
     assert extended["peak"] == extended["loaded"] + 10 * MiB  # the largest weight read twice
     assert full["loaded"] > extended["loaded"] + 80 * MiB  # NCHWc's reordered copies of the conv weights
     folded = ort.session_build({**facts, "folded": 100 * MiB}, "extended")
