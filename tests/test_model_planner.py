@@ -137,3 +137,13 @@ def test_session_build_model():
     assert full["loaded"] > extended["loaded"] + 80 * MiB  # NCHWc's reordered copies of the conv weights
     folded = ort.session_build({**facts, "folded": 100 * MiB}, "extended")
     assert folded["peak"] - folded["loaded"] == int(ort.fold_transient * 100 * MiB)
+
+
+def test_measure_prints_the_fresh_process_peak_beside_the_plan(tmp_path):
+    onnx.save(big_matmul(512), tmp_path / "m.onnx")
+    out = edgeprop("profile", tmp_path / "m.onnx", "--batch-size", 4, "--measure", blocked=("torch",)).stdout
+    total = next(line for line in out.splitlines() if line.startswith("total"))
+    measured = out.splitlines()[out.splitlines().index(total) + 1]
+    assert "measured" in measured and "fresh process" in measured and "session build" in out
+    ratio = float(measured.split("ratio ")[1].split()[0])
+    assert 0.8 <= ratio <= 1.25, out  # a 0.5 MiB model: the runtime is nearly all of it
