@@ -94,8 +94,8 @@ def _weight_facts(model: onnx.ModelProto, sizes: dict[str, int], weights: int, m
     # the folded one, a heap buffer of its own, stays resident.
     bn_fused = {n.input[1] for n in model.graph.node if n.op_type == "Conv" and len(n.input) > 1
                 and [r.op_type for r in readers.get(n.output[0], [])] == ["BatchNormalization"]}
-    # A packed matrix replaces its original, but glibc keeps a freed buffer under its largest
-    # mmap threshold (32 MiB) in the heap: only smaller matrices stay resident twice.
+    # Matrices of 32 MiB or more are left out of the packed copies: a buffer that large is
+    # always mmapped by glibc and given back when freed (VGG19's 392 MiB fc6 measured no copy).
     return {"weights": weights, "folded": sum(sizes[n] for n in made), "nodes": len(model.graph.node),
             "largest": max([0] + [sizes[name] for name in initializers]),
             "conv": constant_input({"Conv"}, 1, rank=4),
