@@ -144,7 +144,7 @@ def onnx_report(path: str | Path, batch: int | None = None, engine: str = "onnxr
             "inference": inference, "zeroth_order": inference,
             "backprop": {"weights": weights, "gradients": weights, "optimizer": 2 * weights,
                          "activations": activations, "working_set": backprop},
-            "runtime": runtime, "total": None if runtime is None else runtime + inference}
+            "runtime": runtime, "runtime_source": eng.note, "total": None if runtime is None else runtime + inference}
 
 
 def format_report(r: dict, verdict: dict | None) -> str:
@@ -169,7 +169,8 @@ def format_report(r: dict, verdict: dict | None) -> str:
              f"back-prop        {fmt(r['backprop']['working_set']):>10s}   (activations kept "
              f"{fmt(r['backprop']['activations'])}, gradients and Adam slots {fmt(3 * r['weights'])})"]
     if r["runtime"] is not None:
-        lines.append(f"runtime          {fmt(r['runtime']):>10s}   (interpreter, numpy, {r['engine']})")
+        lines.append(f"runtime          {fmt(r['runtime']):>10s}   (interpreter, numpy, {r['engine']}: "
+                     f"{r['runtime_source']})")
         lines.append(f"total            {fmt(r['total']):>10s}   (runtime + inference: the process's peak)")
         if m:
             lines.append(f"  measured       {fmt(m['peak']):>10s}   ratio {m['peak'] / r['total']:.2f} (fresh process: "
