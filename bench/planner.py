@@ -11,8 +11,11 @@ exporters at each image size, then for each batch size:
   measured   a fresh process loads onnxruntime, builds the session and runs the model three
              times (model_memory.measure_onnx): its peak resident set (VmHWM), and the
              peak above the process before the session was built (the working set)
-The summary counts the configurations whose total and working set are within ±20% of the
-measurement, and the worst under-plan. Exports are cached under .cache/planner-models/.
+With --light (default) also the onnx package's nine opset-9 models (batch fixed at 1),
+planned converted to opset 17. The summary counts the configurations whose total and
+working set are within ±20% of the measurement, and the worst under-plan (largest
+measured/planned). Exports are cached under .cache/planner-models/ (about 1.5 GB, ViT-B's
+four files most of it); the whole run takes a few minutes.
 """
 from __future__ import annotations
 
