@@ -54,10 +54,35 @@ class EngineMemory:
     # holds it as [c, s], and what the plan then says about it.
     exact_arena: str = ""
     exact_note: str = ""
+    # The session build, per optimisation level (see session_build): copies of the constant
+    # conv weights a level keeps beside the weights (onnxruntime's NCHWc reorder and packing),
+    # copies of the constant matrices of Gemm/MatMul kept packed for the CPU's kernels, and
+    # the share of the weights constant folding makes that the build holds twice at once.
+    conv_copies: tuple = ()   # ((level, copies), ...)
+    packed_copies: tuple = ()  # ((op type, copies), ...)
+    fold_transient: float = 0.0
+    fused_copies: float = 0.0  # copies kept of folded conv weights a BatchNormalization was fused into
+    arena_touched: float = 1.0  # share of the arena's regions the runs touch
+    session_per_node: int = 0  # bytes a session keeps per node: kernels, their plans, the graph
 
     @property
     def holds_units(self) -> bool:
         return self.copies > 0
+
+    def session_build(self, facts: dict, level: str = "") -> dict:
+        """Bytes a session of a model holds once built ("loaded") and at its build's peak
+        ("peak"), above the process before it, at the optimisation `level`. `facts`: the
+        model's "weights" (after constant folding), its "largest" weight tensor, the bytes
+        constant folding made ("folded"), those of its constant conv weights ("conv") and of
+        its constant matrices per op type ("matrices": {"Gemm": bytes, "MatMul": bytes}), the folded conv weights a
+        BatchNormalization is fused into ("fused"), its "nodes". The build reads each weight into a
+        buffer of its own and so briefly holds the largest twice; a folded weight is
+        computed, then copied into an initializer."""
+        loaded = facts["weights"] + self.session_per_node * facts["nodes"] + int(
+            dict(self.conv_copies).get(level, 0) * facts["conv"]
+            + sum(copies * facts["matrices"].get(op, 0) for op, copies in self.packed_copies)
+            + self.fused_copies * facts["fused"])
+        return {"loaded": loaded, "peak": loaded + max(facts["largest"], int(self.fold_transient * facts["folded"]))}
 
     def arena(self, peak: int) -> int:
         """Resident bytes of the arena that serves a graph whose live tensors peak at `peak`.
@@ -65,13 +90,15 @@ class EngineMemory:
         onnxruntime's first run allocates tensor by tensor, adding regions of 1, 2, 4, ...
         MiB until they hold the peak; later runs reuse a memory pattern, one block of the
         peak's size, which must fit inside one region: when none is large enough a new one is
-        added, and that block is touched too."""
+        added. The runs touch `arena_touched` of those regions (measured on bench/planner.py's
+        models: 0.72-0.92 of them for most conv nets)."""
         if not self.first_region or peak <= 0:
             return max(peak, 0)
         total, region, largest = 0, self.first_region, 0
         while total < peak:
             total, largest, region = total + region, region, region * 2
-        return total if largest >= peak else total + peak
+        whole = total if largest >= peak else total + peak
+        return int(self.arena_touched * whole)
 
 
 def _at(affine, batch: int) -> int:

@@ -64,6 +64,10 @@ def report(p: MemoryPlan, verdict: Verdict | None, measured: dict | None, title:
         lines.append(f"  measured runtime + data {fmt(measured['runtime_and_data'])} "
                      f"(planned {fmt(planned)}, ratio {measured['runtime_and_data'] / planned:.2f})")
     lines.append(f"total         {fmt(p.total):>10s}")
+    if measured and measured.get("process_peak"):
+        peak = measured["process_peak"]
+        lines.append(f"  measured    {fmt(peak):>10s}   ratio {peak / p.total:.2f} (the whole process's peak: imports, "
+                     f"data, sessions, steps)")
     lines.append(f"storage       {fmt(p.flash):>10s}   (weights and graphs, on disk or in flash)")
     bp = p.backprop
     lines.append(f"back-prop     {fmt(bp['working_set']):>10s}   end to end, same network and batch "

@@ -41,20 +41,134 @@ def _bytes(value_type: onnx.TypeProto) -> int | None:
     return math.prod(dims) * _itemsize(t.elem_type)
 
 
-def tensor_bytes(model: onnx.ModelProto, where: str = "graph") -> dict[str, int]:
-    """Bytes of every value in the graph (inputs, intermediates, outputs), from shape inference."""
+def infer_shapes(model: onnx.ModelProto, where: str = "graph") -> onnx.ModelProto:
+    """`model` with every value's shape: ONNX's shape inference, and where its data propagation
+    stops (Shape -> Div -> Reshape, as torch's legacy exporter writes channel shuffles and
+    attention heads), the shape arithmetic evaluated (see _evaluate_shapes) and inferred again.
+
+    onnxruntime's symbolic shape inference was the first choice, but importing it imports
+    torch (300 MiB) and it fails on a legacy-exported ViT's attention reshapes."""
     inferred = onnx.shape_inference.infer_shapes(model, strict_mode=True, data_prop=True)
+    while _unknown(inferred, _sizes(inferred)):
+        evaluated = _evaluate_shapes(inferred)
+        if evaluated is None:
+            break
+        inferred = onnx.shape_inference.infer_shapes(evaluated, strict_mode=True, data_prop=True)
+    return inferred
+
+
+SMALL = 4096  # elements: shape arithmetic, never activations
+
+
+def _evaluate_shapes(inferred: onnx.ModelProto) -> onnx.ModelProto | None:
+    """The graph with its shape arithmetic done: every Shape of a value whose shape is known,
+    and every node reading only small known values, replaced by its result as an initializer
+    (computed by onnx's reference implementation of the op). The batch is fixed, so every
+    such value is a constant. None when nothing could be evaluated."""
+    from onnx import numpy_helper
+    from onnx.reference import ReferenceEvaluator
     g = inferred.graph
-    sizes = {}
+    shapes = {}
     for v in [*g.input, *g.value_info, *g.output]:
-        sizes[v.name] = _bytes(v.type)
+        dims = v.type.tensor_type.shape.dim
+        if v.type.tensor_type.HasField("shape") and all(d.HasField("dim_value") for d in dims):
+            shapes[v.name] = [d.dim_value for d in dims]
+    values = {i.name: numpy_helper.to_array(i) for i in g.initializer
+              if (i.raw_data or i.int64_data or i.int32_data or i.float_data) and math.prod(i.dims) <= SMALL}
+    done = []
+    for node in g.node:
+        try:
+            if node.op_type == "Shape" and node.input[0] in shapes:
+                feeds = {node.input[0]: np.zeros(shapes[node.input[0]], np.int8)}
+            elif node.op_type == "Constant" or (node.op_type not in UNFOLDED and node.input and all(
+                    not i or i in values for i in node.input)):
+                feeds = {i: values[i] for i in node.input if i}
+            else:
+                continue
+            out = ReferenceEvaluator(node).run(None, feeds)
+        except Exception:  # an op the reference cannot run here: leave it to the engine
+            continue
+        if all(np.asarray(o).size <= SMALL for o in out):
+            values.update((name, np.asarray(o)) for name, o in zip(node.output, out))
+            done.append(node)
+    if all(n.op_type == "Constant" for n in done):
+        return None
+    made = {o for n in done for o in n.output if o}
+    out = onnx.ModelProto()
+    out.CopyFrom(inferred)
+    del out.graph.node[:]
+    out.graph.node.extend(n for n in g.node if not any(o in made for o in n.output))
+    stale = [v for v in out.graph.value_info if v.name not in made]  # a guess ("unk__1") would stick
+    del out.graph.value_info[:]
+    out.graph.value_info.extend(stale)
+    out.graph.initializer.extend(numpy_helper.from_array(values[name], name) for name in sorted(made))
+    return out
+
+
+def _sizes(inferred: onnx.ModelProto) -> dict[str, int | None]:
+    g = inferred.graph
+    sizes = {v.name: _bytes(v.type) for v in [*g.input, *g.value_info, *g.output]}
     for init in g.initializer:
         sizes[init.name] = math.prod(init.dims) * _itemsize(init.data_type)
-    unknown = sorted(name for node in g.node for name in node.output if name and sizes.get(name) is None)
+    return sizes
+
+
+def _unknown(inferred: onnx.ModelProto, sizes: dict) -> list[str]:
+    return sorted(name for node in inferred.graph.node for name in node.output if name and sizes.get(name) is None)
+
+
+def tensor_bytes(model: onnx.ModelProto, where: str = "graph", inferred: onnx.ModelProto | None = None
+                 ) -> dict[str, int]:
+    """Bytes of every value in the graph (inputs, intermediates, outputs), from shape inference
+    (`inferred`: infer_shapes(model), when the caller already has it)."""
+    inferred = inferred if inferred is not None else infer_shapes(model, where)
+    sizes = _sizes(inferred)
+    unknown = _unknown(inferred, sizes)
     if unknown:
         raise ValueError(f"{where}: shape inference left {len(unknown)} tensor(s) without a static shape "
                          f"(e.g. {unknown[:3]}); give the model static or declared input shapes")
     return sizes
+
+
+# Ops onnxruntime's constant folding leaves alone: their outputs differ from run to run.
+UNFOLDED = {"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Multinomial", "Bernoulli",
+            "QuantizeLinear", "DequantizeLinear"} | CONTROL_FLOW
+
+
+def fold_constants(model: onnx.ModelProto, sizes: dict[str, int]) -> tuple[onnx.ModelProto, set[str]]:
+    """The graph after onnxruntime's constant folding (BASIC level and above): every node whose
+    inputs are all constants runs once at session build, and what the remaining nodes read
+    of its results becomes an initializer, a weight like any other. Returns the folded model
+    (whose new initializers carry shape and type but no data) and the names of the weights
+    the folding made. `model` has been through infer_shapes: their shapes come from its
+    value_info."""
+    g = model.graph
+    constant = {i.name for i in g.initializer} | {o for n in g.node if n.op_type == "Constant" for o in n.output}
+    folded, made = [], set()
+    for node in g.node:
+        if node.op_type not in UNFOLDED | {"Constant"} and node.input \
+                and all(not i or i in constant for i in node.input):
+            folded.append(node)
+            constant.update(o for o in node.output if o)
+            made.update(o for o in node.output if o)
+    if not folded:
+        return model, set()
+    gone = {id(n) for n in folded}
+    read = {i for n in g.node if id(n) not in gone for i in n.input} | {v.name for v in g.output}
+    # What only folded nodes read is dropped with them, as onnxruntime drops unused initializers.
+    kept = [n for n in g.node if id(n) not in gone and (n.op_type != "Constant" or n.output[0] in read)]
+    new = sorted(made & read)
+    types = {v.name: v.type.tensor_type for v in [*g.value_info, *g.output]}
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    del out.graph.node[:], out.graph.initializer[:]
+    out.graph.node.extend(kept)
+    out.graph.initializer.extend(i for i in g.initializer if i.name in read)
+    for name in new:
+        t = types[name]
+        out.graph.initializer.append(onnx.TensorProto(name=name, data_type=t.elem_type,
+                                                      dims=[d.dim_value for d in t.shape.dim]))
+    return out, set(new)
 
 
 # onnxruntime fuses an activation into the Conv before it (ConvActivationFusion, EXTENDED

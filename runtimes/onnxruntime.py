@@ -13,13 +13,21 @@ from edgeprop.errors import BundleError, EdgepropError
 from edgeprop.memory import EngineMemory
 
 FORMATS = (".onnx",)
-# Measured on x86-64 with onnxruntime 1.32, numpy 2.4, CPython 3.11 (bench/memory.py
-# prints the parts): interpreter 11 MiB, numpy 15 MiB, edgeprop's modules 7 MiB,
-# onnxruntime 19 MiB, its environment (made with the first session) 10 MiB; each loaded
-# graph about 2.5 KB per node. The arena is onnxruntime's BFCArena with its defaults
-# (initial chunk 1 MiB, kNextPowerOfTwo growth).
-MEMORY = EngineMemory("onnxruntime", 66_000_000, 2_500, 1 << 20, True,
-                      "runtime measured on x86-64 (onnxruntime 1.32, CPython 3.11)")
+# Measured on x86-64 with onnxruntime 1.32, numpy 2.4, CPython 3.11 (model_memory.measure_onnx's
+# baseline: interpreter 11 MiB, numpy 20 MiB, onnxruntime 31 MiB, edgeprop's engine module
+# 6 MiB, the environment its first session makes 6 MiB); each loaded graph about 2.5 KB per
+# node. The arena is onnxruntime's BFCArena with its defaults (initial chunk 1 MiB,
+# kNextPowerOfTwo growth); the runs touch about 85% of its regions. The session build, fitted
+# on bench/planner.py's 65 models: it keeps about 16 KB per node beside the weights, holds the
+# weights once, the largest twice while reading it, constant-folded weights 1.45 times; MLAS's
+# packed copy of a constant Gemm matrix stays beside the original, of a MatMul matrix in some
+# runs and not in others as the allocator's state goes (ViT-B measured 0 to 0.6 copies: the
+# plan takes 0.3); at LAYOUT/ALL on x86 the conv weights 2.2 more times (the NCHWc reorder and
+# its packing); a folded conv weight fused with the BatchNormalization after it stays (0.7).
+MEMORY = EngineMemory("onnxruntime", 77_000_000, 2_500, 1 << 20, True,
+                      "runtime measured on x86-64 (onnxruntime 1.32, CPython 3.11)",
+                      conv_copies=(("layout", 2.2), ("all", 2.2)), packed_copies=(("Gemm", 1.0), ("MatMul", 0.3)),
+                      fold_transient=0.45, fused_copies=0.7, session_per_node=16_000, arena_touched=0.85)
 PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
 # Graph optimisation levels. "layout" and "all" add the NCHWc transform on x86: conv activations
 # blocked and padded to the CPU's vector width (16 floats with AVX-512, 8 with AVX2), which
