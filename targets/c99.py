@@ -97,7 +97,7 @@ def c_name(onnx_name: str) -> str:
     return re.sub(r"\W", "_", onnx_name)
 
 
-def _optimised(src: Path, dst: Path) -> None:
+def _optimised(src: Path, dst: Path, rewrite=None) -> None:
     """Fold the traced graph's constant shape arithmetic, which emx-onnx-cgen rejects in part
     (e.g. an Expand to the empty shape of a scalar). Only constant folding: onnxscript's full
     optimize() also rewrites AdamW's `+ 1e-8` away as an addition of zero (then 0/0 = NaN for
@@ -106,11 +106,37 @@ def _optimised(src: Path, dst: Path) -> None:
     from onnxscript import optimizer
     model = onnx.load(str(src))
     optimizer.fold_constants(model)  # in place
+    if rewrite is not None:  # a host build's own graph rewrites (edgeprop.targets.cblas)
+        rewrite(model)
     optimizer.remove_unused_nodes(model)
     onnx.save(model, str(dst))
 
 
 _COMPILED: dict[str, tuple[str, GraphC]] = {}  # graph file sha256 -> generated C: a process compiles a graph once
+
+
+def emit_c(src: Path, c_file: Path, fn: str, rewrite=None) -> None:
+    """One ONNX graph -> C with emx-onnx-cgen, as the driver (and the native engine) call it;
+    `rewrite(model)` changes the folded graph in place first. An op it cannot compile is
+    named in the error."""
+    folded = c_file.with_name(f".{c_file.stem}.onnx")
+    _optimised(src, folded, rewrite)
+    try:
+        proc = subprocess.run([sys.executable, "-m", "emx_onnx_cgen", "compile", str(folded), str(c_file),
+                               "--model-name", fn,
+                               "--large-temp-threshold", "0",   # temporaries never on the heap
+                               "--large-weight-threshold", "0",  # constants inline, not in a file
+                               "--no-restrict-arrays",           # the driver aliases next.K with K
+                               "--color", "never"], capture_output=True, text=True)
+    finally:
+        folded.unlink(missing_ok=True)
+    if proc.returncode != 0:
+        text = proc.stdout + proc.stderr
+        op = re.search(r"Unsupported op (\S+)", text)
+        if op:
+            raise EdgepropError(f"graph {src.name}: emx-onnx-cgen cannot compile op {op.group(1).rstrip('.,:')}")
+        lines = text.strip().splitlines()
+        raise EdgepropError(f"emx-onnx-cgen could not compile graph {src.name}: {' '.join(lines[-2:])}")
 
 
 def compile_graphs(bundle: Bundle, keys: list[str], out: Path) -> dict[str, GraphC]:
@@ -120,24 +146,13 @@ def compile_graphs(bundle: Bundle, keys: list[str], out: Path) -> dict[str, Grap
     graphs.mkdir(parents=True, exist_ok=True)
     digest = {key: bundle.manifest["files"][bundle.graphs[key].file] for key in keys}
     todo = [key for key in keys if digest[key] not in _COMPILED]
-    for key in todo:
-        _optimised(bundle.graph_path(key), graphs / f".{key}.onnx")
 
     def emit(key):
-        return subprocess.run([sys.executable, "-m", "emx_onnx_cgen", "compile", str(graphs / f".{key}.onnx"),
-                               str(graphs / f"{key}.c"), "--model-name", f"ep_{key}",
-                               "--large-temp-threshold", "0",   # temporaries never on the heap
-                               "--large-weight-threshold", "0",  # constants inline, not in a file
-                               "--no-restrict-arrays",           # the driver aliases next.K with K
-                               "--color", "never"], capture_output=True, text=True)
+        emit_c(bundle.graph_path(key), graphs / f"{key}.c", f"ep_{key}")
 
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        done = dict(zip(todo, pool.map(emit, todo)))
-    for key, proc in done.items():
-        (graphs / f".{key}.onnx").unlink()
-        if proc.returncode != 0:
-            lines = (proc.stdout + proc.stderr).strip().splitlines()
-            raise EdgepropError(f"emx-onnx-cgen could not compile graph {key}: {' '.join(lines[-2:])}")
+        list(pool.map(emit, todo))
+    for key in todo:
         graph = bundle.graphs[key]
         _COMPILED[digest[key]] = plan_arena((graphs / f"{key}.c").read_text(), f"ep_{key}", key,
                                             [t.name for t in graph.inputs], [t.name for t in graph.outputs])
