@@ -39,6 +39,7 @@ DTYPES = {"float32": "float", "float64": "double", "int64": "int64_t", "int32": 
           "uint8": "uint8_t"}
 CODEGEN = ("targets/c99.py", "targets/cblas.py", "runtimes/native.py")  # a change rebuilds every library
 WRAPPER = """/* edgeprop's native engine: one graph, its scratch, and the two entry points ctypes calls. */
+extern unsigned char edgeprop_scratch[];  /* graph.c declares it only where it includes string.h */
 #include "graph.c"
 unsigned char edgeprop_scratch[{scratch} + 64] __attribute__((aligned(64)));
 __attribute__((visibility("default"))) void ep_run(void *const *io) {{ ep_graph_run(io); }}
@@ -51,10 +52,12 @@ def cache_root() -> Path:
 
 
 def find_compiler(cc: str | None = None) -> str:
-    for name in ([cc] if cc else [os.environ.get("CC"), "cc", "gcc", "clang"]):
-        if name and shutil.which(name):
+    """`cc`, else $CC, else the first of cc, gcc, clang on PATH."""
+    wanted = cc or os.environ.get("CC")
+    for name in [wanted] if wanted else ["cc", "gcc", "clang"]:
+        if shutil.which(name):
             return shutil.which(name)
-    raise EdgepropError(f"the native engine needs a C compiler{f' ({cc} not found)' if cc else ''}: "
+    raise EdgepropError(f"the native engine needs a C compiler{f' ({wanted} not found)' if wanted else ''}: "
                         "install gcc (apt install gcc) or set CC")
 
 
@@ -78,7 +81,7 @@ class Graph:
         self.lib = lib
         self.input_names = [t.name for t in spec.inputs]
         self.output_names = [t.name for t in spec.outputs]
-        self.blas = info["blas"]
+        self.info = info  # what went into the library (the cache's lib.json)
         taken = set(info["inputs"])
         self._inputs = [(t.name, np.dtype(t.dtype), tuple(t.shape)) for t in spec.inputs if t.name in taken]
         self._outputs = [(t.name, np.dtype(t.dtype), tuple(t.shape)) for t in spec.outputs]
@@ -118,12 +121,6 @@ class Engine:
     def __init__(self, threads: int = 1, provider: str = "cpu", cc: str | None = None, blas: bool = True):
         if provider != "cpu":
             raise EdgepropError(f"--provider {provider}: the native engine runs on the CPU only")
-        try:
-            import emx_onnx_cgen  # noqa: F401
-            import onnxscript  # noqa: F401
-        except ImportError as e:
-            raise EdgepropError(f"the native engine compiles graphs with emx-onnx-cgen: "
-                                f"pip install 'edgeprop[native]' ({e})") from None
         from edgeprop.targets.cblas import INSTALL_HINT, find_blas
         self.threads, self.cc = threads, find_compiler(cc)
         self.blas = find_blas() if blas else None
@@ -136,10 +133,14 @@ class Engine:
         self._compiler_id = version[0] if version else self.cc
 
     def _key(self, path: Path) -> str:
-        from importlib.metadata import version
+        from importlib.metadata import PackageNotFoundError, version
+        try:
+            generator = version("emx-onnx-cgen")
+        except PackageNotFoundError:
+            generator = None
         root = Path(__file__).resolve().parents[1]
         h = hashlib.sha256(path.read_bytes())
-        for part in (version("emx-onnx-cgen"), self._compiler_id, *self.flags, self.blas and self.blas.name):
+        for part in (generator, self._compiler_id, *self.flags, self.blas and self.blas.name):
             h.update(str(part).encode() + b"\0")
         for name in CODEGEN:
             source = root / name
@@ -148,6 +149,12 @@ class Engine:
 
     def _build(self, path: Path, spec, lib: Path) -> dict:
         """graph file -> lib (and lib.json: what went in), atomically: a half-built library is never loaded."""
+        try:
+            import emx_onnx_cgen  # noqa: F401
+            import onnxscript  # noqa: F401
+        except ImportError as e:
+            raise EdgepropError(f"the native engine compiles graphs with emx-onnx-cgen: "
+                                f"pip install 'edgeprop[native]' ({e})") from None
         from edgeprop.targets.c99 import emit_c, plan_arena
         from edgeprop.targets.cblas import fold_transposes, use_blas
         lib.parent.mkdir(parents=True, exist_ok=True)
@@ -176,8 +183,10 @@ class Engine:
                                     f"{proc.stderr.strip()[-1500:]}")
             info = {"graph": str(path), "inputs": graph.inputs, "scratch": graph.scratch,
                     "blas": self.blas.name if self.blas else None, "products_on_blas": products,
-                    "transposes_folded": folded, "compiler": self._compiler_id, "flags": self.flags}
+                    "transposes_folded": folded, "compiler": self._compiler_id, "flags": self.flags,
+                    "source": lib.with_suffix(".c").name}
             (work / "lib.json").write_text(json.dumps(info, indent=1) + "\n")
+            os.replace(work / "graph.c", lib.with_suffix(".c"))  # for reading, and for profiling
             os.replace(work / "lib.json", lib.with_suffix(".json"))
             os.replace(work / "lib.so", lib)  # last: its presence says the build is whole
         return info

@@ -132,9 +132,12 @@ def emit_c(src: Path, c_file: Path, fn: str, rewrite=None) -> None:
         folded.unlink(missing_ok=True)
     if proc.returncode != 0:
         text = proc.stdout + proc.stderr
-        op = re.search(r"Unsupported op (\S+)", text)
+        op = re.search(r"Unsupported op (?:ai\.onnx\.)?([\w.]+)|op_type=(\w+)", text)
         if op:
-            raise EdgepropError(f"graph {src.name}: emx-onnx-cgen cannot compile op {op.group(1).rstrip('.,:')}")
+            reason = re.search(r"Result: (.*?)(?: \(while lowering|$)", text, re.M)
+            raise EdgepropError(f"graph {src.name}: emx-onnx-cgen cannot compile op {op.group(1) or op.group(2)}"
+                                + (f" ({reason.group(1)})" if reason and "Unsupported op" not in reason.group(1)
+                                   else ""))
         lines = text.strip().splitlines()
         raise EdgepropError(f"emx-onnx-cgen could not compile graph {src.name}: {' '.join(lines[-2:])}")
 
