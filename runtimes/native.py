@@ -2,12 +2,14 @@
 
 At load, a graph goes through what `deploy --target c99` does for a microcontroller
 (emx-onnx-cgen, temporaries in one liveness-planned scratch area: edgeprop.targets.c99),
-its matrix products through OpenBLAS where this host has one (edgeprop.targets.cblas; the
-generated loops otherwise), then the host's C compiler (`$CC`, else cc/gcc/clang) with -O3
-for this CPU and without fast-math. The library is cached by the content hash of everything
-that went into it (graph, generator, compiler, flags, BLAS, edgeprop's code generators) under
-`$EDGEPROP_CACHE` (default ~/.cache/edgeprop)/native, written atomically, so a second load
-is a dlopen. A run passes numpy buffers by pointer: no copies in or out.
+its transposes folded into the products and the products through OpenBLAS where this host
+has one (edgeprop.targets.cblas; the generated loops otherwise), runs of element-wise nodes
+(the optimizer) fused into one loop each (edgeprop.targets.fuse), then the host's C
+compiler (`$CC`, else cc/gcc/clang) with -O3 for this CPU and without fast-math. The
+library is cached by the content hash of everything that went into it (graph, generator,
+compiler, flags, BLAS, edgeprop's code generators) under `$EDGEPROP_CACHE` (default
+~/.cache/edgeprop)/native, written atomically, so a second load is a dlopen. A run passes
+numpy buffers by pointer: no copies in or out.
 
 Needs emx-onnx-cgen and onnxscript (`pip install 'edgeprop[native]'`) and a C compiler.
 """
@@ -37,7 +39,8 @@ MEMORY = EngineMemory("native", 36_000_000, 0, 0, True,
                       "the generated C's static scratch, one per graph")
 DTYPES = {"float32": "float", "float64": "double", "int64": "int64_t", "int32": "int32_t", "bool": "bool",
           "uint8": "uint8_t"}
-CODEGEN = ("targets/c99.py", "targets/cblas.py", "runtimes/native.py")  # a change rebuilds every library
+# edgeprop's code generators: a change to one rebuilds every library
+CODEGEN = ("targets/c99.py", "targets/cblas.py", "targets/fuse.py", "runtimes/native.py")
 WRAPPER = """/* edgeprop's native engine: one graph, its scratch, and the two entry points ctypes calls. */
 extern unsigned char edgeprop_scratch[];  /* graph.c declares it only where it includes string.h */
 #include "graph.c"
@@ -157,6 +160,7 @@ class Engine:
                                 f"pip install 'edgeprop[native]' ({e})") from None
         from edgeprop.targets.c99 import emit_c, plan_arena
         from edgeprop.targets.cblas import fold_transposes, use_blas
+        from edgeprop.targets.fuse import fuse_elementwise
         lib.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=lib.parent, prefix=".build-") as tmp:
             work = Path(tmp)
@@ -169,6 +173,7 @@ class Engine:
             emit_c(path, work / "raw.c", "ep_graph", rewrite)
             text, graph = plan_arena((work / "raw.c").read_text(), "ep_graph", path.stem, graph_inputs(path, spec),
                                      [t.name for t in spec.outputs])
+            text, fused = fuse_elementwise(text, "ep_graph")
             products = 0
             if self.blas:
                 text, products = use_blas(text, self.blas.prefix)
@@ -183,7 +188,8 @@ class Engine:
                                     f"{proc.stderr.strip()[-1500:]}")
             info = {"graph": str(path), "inputs": graph.inputs, "scratch": graph.scratch,
                     "blas": self.blas.name if self.blas else None, "products_on_blas": products,
-                    "transposes_folded": folded, "compiler": self._compiler_id, "flags": self.flags,
+                    "transposes_folded": folded, "elementwise_fused": fused,
+                    "compiler": self._compiler_id, "flags": self.flags,
                     "source": lib.with_suffix(".c").name}
             (work / "lib.json").write_text(json.dumps(info, indent=1) + "\n")
             os.replace(work / "graph.c", lib.with_suffix(".c"))  # for reading, and for profiling
