@@ -123,16 +123,17 @@ def test_no_c_compiler_says_what_to_install(monkeypatch):
 # -- exported bundles against onnxruntime ---------------------------------------------------------
 
 torch_needed = pytest.mark.skipif(not __import__("importlib.util").util.find_spec("torch"), reason="export needs torch")
-BUNDLES = {"noprop-dt-b1": {"batch_size": 1}, "noprop-dt-b16": {}, "noprop-dt-sgd": {"optimizer": "sgd", "lr": 0.05},
-           "local": {"rule": "local"}, "forward-forward": {"rule": "forward-forward"},
-           "noprop-ct": {"rule": "noprop-ct"}, "cnn": {"model": "cnn", "width": 16, "batch_size": 4}}
+BUNDLES = {"noprop-dt-b1": {"blocks": 2, "batch_size": 1}, "noprop-dt-b16": {"blocks": 2},
+           "noprop-dt-sgd": {"blocks": 2, "optimizer": "sgd", "lr": 0.05}, "local": {"rule": "local", "depth": 2},
+           "forward-forward": {"rule": "forward-forward", "depth": 2}, "noprop-ct": {"rule": "noprop-ct", "blocks": 2},
+           "cnn": {"model": "cnn", "blocks": 2, "width": 16, "batch_size": 4}}
 
 
 @pytest.fixture(scope="module", params=sorted(BUNDLES))
 def bundle(request, tmp_path_factory):
     from edgeprop import bundle as bundles
     from edgeprop.exporters import export
-    options = {"blocks": 2, "width": 48, "batch_size": 16, "progress": False, **BUNDLES[request.param]}
+    options = {"width": 48, "batch_size": 16, "progress": False, **BUNDLES[request.param]}
     return bundles.load(export(tmp_path_factory.mktemp("native") / request.param, **options))
 
 
@@ -162,10 +163,17 @@ def test_every_graph_matches_onnxruntime(bundle):
     for key in sorted(bundle.graphs):
         feeds = _feeds(bundle, key, rng)
         want = bundle.load_graph(ort, key).run(feeds)
-        got = bundle.load_graph(nat, key).run(feeds)
+        graph = bundle.load_graph(nat, key)
+        got = graph.run(feeds)
         assert got.keys() == want.keys()
         for name in want:
             np.testing.assert_allclose(got[name], want[name], rtol=1e-4, atol=2e-5, err_msg=f"{key}: {name}")
+        # In place, as the trainer runs it: next.K written over K gives the same numbers.
+        state = {n[5:]: feeds[n[5:]].copy() for n in want if n.startswith("next.") and n[5:] in feeds}
+        inplace = graph.run({**feeds, **state}, out={f"next.{k}": v for k, v in state.items()})
+        for k, v in state.items():
+            assert inplace[f"next.{k}"] is v
+            np.testing.assert_array_equal(v, got[f"next.{k}"], err_msg=f"{key}: next.{k} in place")
 
 
 @torch_needed
