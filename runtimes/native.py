@@ -22,6 +22,7 @@ import os
 import platform
 import shutil
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -148,6 +149,8 @@ class Engine:
         self.blas = find_blas() if blas else None
         self.warning = None if self.blas or not blas else \
             f"native engine: no BLAS found, matrix products run as generated loops ({INSTALL_HINT})"
+        if self.warning:
+            print(self.warning, file=sys.stderr)
         self.flags = ["-O3", *arch_flags(), "-std=gnu11", "-ffp-contract=off",
                       "-fno-math-errno",  # sqrtf as one instruction; the same IEEE results
                       "-fPIC", "-shared", "-fvisibility=hidden", "-w"]

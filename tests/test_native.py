@@ -68,6 +68,14 @@ def test_products_and_folded_transposes_compute_what_numpy_does(tmp_path, cache)
         assert info["products_on_blas"] == 2 and "cblas_sgemm" in (cache / info["source"]).read_text()
 
 
+def test_no_blas_says_what_to_install(monkeypatch, capsys):
+    import edgeprop.targets.cblas as cblas
+    monkeypatch.setattr(cblas, "find_blas", lambda: None)
+    engine = get_engine("native")
+    assert engine.blas is None
+    assert "no BLAS found" in capsys.readouterr().err and "pip install scipy-openblas32" in engine.warning
+
+
 def test_without_blas_the_generated_loops_compute_the_same(tmp_path):
     path, spec = _products(tmp_path)
     rng = np.random.default_rng(1)
