@@ -6,8 +6,9 @@ samples per second, is batch / sum over units of (the step graph's products, eac
 with OpenBLAS's cblas_sgemm on its own shapes and transposes + AdamW as one fused loop over
 the unit's parameters: read param, m, v, gradient, write three), measured in this process
 with one thread, built with the native engine's compiler flags and BLAS. Each part is the
-fastest of 30 timings of `reps` repetitions: a floor, as a limit should be, and robust to a
-busy machine (which slows whole runs, not every short timing).
+median of 31 timings of `reps` repetitions, taken in the same run as the throughputs, so a
+busy machine slows the limit as it slows the engines. The operands stay in cache between
+repetitions, which the engines' (every unit's own weights) do not: a limit, not a forecast.
 
     from limit import practical_limit
     practical_limit("runs/digits")  # {"samples_per_s": ..., "gflops": ..., "units": {...}}
@@ -107,10 +108,11 @@ def _harness(folder: Path):
     return h, engine.blas.name
 
 
-def _best(f, reps: int, trials: int = 30) -> float:
-    """The fastest of many short timings: on a shared machine the others are preempted."""
+def _typical(f, reps: int, trials: int = 31) -> float:
+    """The median of many short timings, so that the limit sees the machine as loaded as the
+    throughput runs beside it do (the fastest timing would be an idle machine's)."""
     f(reps)  # warm: caches, BLAS buffers
-    return min(f(reps) for _ in range(trials))
+    return float(np.median([f(reps) for _ in range(trials)]))
 
 
 def practical_limit(bundle_path: str | Path, reps: int = 10) -> dict:
@@ -135,8 +137,8 @@ def practical_limit(bundle_path: str | Path, reps: int = 10) -> dict:
             def adamw(reps, n=u.n_params, p=p, m=m, v=v, g=g):
                 return h.ep_adamw(n, reps, p.ctypes.data, m.ctypes.data, v.ctypes.data, g.ctypes.data)
 
-            t_products = sum(_best(timer(shape), reps) for shape in found)
-            t_opt = _best(adamw, reps)
+            t_products = sum(_typical(timer(shape), reps) for shape in found)
+            t_opt = _typical(adamw, reps)
             unit_flops = sum(2 * m_ * n_ * k_ for _, _, m_, n_, k_ in per_graph[u.step_graph])
             units[u.name] = {"products": len(found), "mflop": unit_flops / 1e6, "products_us": t_products * 1e6,
                              "optimizer_us": t_opt * 1e6,
