@@ -81,10 +81,11 @@ def graph_inputs(path: Path, spec) -> list[str]:
 
 
 class Graph:
-    fills_outputs = True  # run(feeds, out=...) writes into the caller's arrays (the trainer's state)
-
     def __init__(self, lib: ctypes.CDLL, spec, info: dict):
         self.lib = lib
+        # run(feeds, out=...) writes into the caller's arrays, next.K over K: where the
+        # generated code writes next.K only after its last read of K (plan_arena's check)
+        self.fills_outputs = info["in_place"]
         self.input_names = [t.name for t in spec.inputs]
         self.output_names = [t.name for t in spec.outputs]
         self.info = info  # what went into the library (the cache's lib.json)
@@ -115,7 +116,7 @@ class Graph:
             io[i] = _address(a, keep)
         made = {}
         for j, (name, dtype, shape) in enumerate(self._outputs, len(self._inputs)):
-            a = out.get(name) if out else None
+            a = out.get(name) if out and self.fills_outputs else None
             if not (type(a) is np.ndarray and a.dtype == dtype and a.shape == shape and a.flags.c_contiguous
                     and a.flags.writeable):
                 a = np.empty(shape, dtype)
@@ -194,7 +195,7 @@ class Engine:
 
             emit_c(path, work / "raw.c", "ep_graph", rewrite)
             text, graph = plan_arena((work / "raw.c").read_text(), "ep_graph", path.stem, graph_inputs(path, spec),
-                                     [t.name for t in spec.outputs])
+                                     [t.name for t in spec.outputs], in_place=False)
             text, fused = fuse_elementwise(text, "ep_graph")
             products = 0
             if self.blas:
@@ -208,7 +209,7 @@ class Engine:
             if proc.returncode != 0:
                 raise EdgepropError(f"{path}: {Path(self.cc).name} could not build the native graph: "
                                     f"{proc.stderr.strip()[-1500:]}")
-            info = {"graph": str(path), "inputs": graph.inputs, "scratch": graph.scratch,
+            info = {"graph": str(path), "inputs": graph.inputs, "in_place": graph.in_place, "scratch": graph.scratch,
                     "blas": self.blas.name if self.blas else None, "products_on_blas": products,
                     "transposes_folded": folded, "elementwise_fused": fused,
                     "compiler": self._compiler_id, "flags": self.flags,

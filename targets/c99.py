@@ -91,6 +91,7 @@ class GraphC:
     temps: int               # temporaries in it
     unplanned: int           # bytes the temporaries take with one buffer each (emx-onnx-cgen's own)
     offsets: dict[str, int] = field(default_factory=dict)
+    in_place: bool = True    # every output next.K may be written over input K
 
 
 def c_name(onnx_name: str) -> str:
@@ -202,13 +203,15 @@ def _sink(calls, temps, inputs: list[str], outputs: list[str]):
     return calls
 
 
-def plan_arena(text: str, fn: str, key: str, inputs: list[str], outputs: list[str]) -> tuple[str, GraphC]:
+def plan_arena(text: str, fn: str, key: str, inputs: list[str], outputs: list[str],
+               in_place: bool = True) -> tuple[str, GraphC]:
     """Rewrite emx-onnx-cgen's model function: each temporary (a local array of its own, on the
     stack with --large-temp-threshold 0) becomes a view into the shared `edgeprop_scratch`, at
     an offset planned by liveness over the node calls, so temporaries that are never alive at
     once share bytes. Also checks that every output "next.K" can be written over input K
     (K's last read comes before next.K's first write), which lets a block step in place, and
-    makes the constants static (several graphs are linked into one program)."""
+    makes the constants static (several graphs are linked into one program). `in_place=False`:
+    a graph that cannot step in place is not an error; GraphC.in_place says which it is."""
     head = re.search(rf"^void {fn}\((.*)\) \{{$", text, re.M)
     if not head:
         raise EdgepropError(f"graph {key}: emx-onnx-cgen's output has no function {fn}")
@@ -244,15 +247,21 @@ def plan_arena(text: str, fn: str, key: str, inputs: list[str], outputs: list[st
     unused = [t for t in temps if t not in first]
     if unused:
         raise EdgepropError(f"graph {key}: temporaries {unused} are never used")
+    ops = {f"node{n}": op for n, op in re.findall(r"\* Node (\d+):\n \* OpType: (\w+)", text)}
+    steps_in_place = True
     for out in outputs:
         if out.startswith("next.") and out[5:] in inputs:
             src, dst = c_name(out[5:]), c_name(out)
-            if src in last and dst in first and last[src] >= first[dst]:
+            if src not in last or dst not in first or last[src] < first[dst]:
+                continue
+            if last[src] == first[dst] and ops.get(calls[last[src]][0].split("_")[0]) in IN_PLACE:
+                continue  # one element-wise node reads K[i] and then writes next.K[i] (SGD's last Sub)
+            if in_place:
                 raise EdgepropError(f"graph {key}: '{out}' is written (node {first[dst]}) before '{out[5:]}' is last "
                                     f"read (node {last[src]}); it cannot step in place")
+            steps_in_place = False
     # An element-wise node may write its output over an input of the same shape that dies at
     # that node (output[i] depends on input[i] alone): the two share one buffer.
-    ops = {f"node{n}": op for n, op in re.findall(r"\* Node (\d+):\n \* OpType: (\w+)", text)}
     group = {t: t for t in temps}  # temporary -> the one whose buffer it uses
     for i, (fn_name, used) in enumerate(calls):
         op = ops.get(fn_name.split("_")[0])
@@ -312,7 +321,7 @@ def plan_arena(text: str, fn: str, key: str, inputs: list[str], outputs: list[st
     top = re.sub(r"^const EMX_UNUSED ", "static const EMX_UNUSED ", top, flags=re.M)
     top = re.sub(r"^#include <string.h>\n", "#include <string.h>\n" + prologue, top, count=1, flags=re.M)
     info = GraphC(key, f"graphs/{key}.c", inputs, outputs, scratch, len(temps),
-                  sum(t.nbytes for t in temps.values()), offsets)
+                  sum(t.nbytes for t in temps.values()), offsets, steps_in_place)
     return top + body + rest + wrapper, info
 
 
