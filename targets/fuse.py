@@ -20,8 +20,11 @@ import re
 from dataclasses import dataclass
 
 CSIZE = {"float": 4, "double": 8, "bool": 1, "_Bool": 1, "int64_t": 8, "int32_t": 4, "uint8_t": 1}
-_FN = re.compile(r"^EMX_NODE_FN void (node\d+_\w+)\((.*?)\) \{\n    for \(idx_t i0 = 0; i0 < (\d+); \+\+i0\) \{\n"
-                 r"        (\w+)\[i0\] = ([^\n]*);\n    \}\n\}$", re.M)
+# A node function that is one loop nest writing its output element by element.
+_FN = re.compile(r"^EMX_NODE_FN void (node\d+_\w+)\((.*?)\) \{\n"
+                 r"((?: +for \(idx_t i\d+ = 0; i\d+ < \d+; \+\+i\d+\) \{\n)+)"
+                 r" +(\w+)((?:\[i\d+\])+) = ([^\n]*);\n(?: +\}\n)+\}$", re.M)
+_LOOP = re.compile(r"for \(idx_t (i\d+) = 0; \1 < (\d+);")
 _ANY_FN = re.compile(r"^EMX_NODE_FN void (node\d+_\w+)\((.*?)\) \{$", re.M)
 _PARAM = re.compile(r"^(?:const )?(\w+) (\w+)((?:\[\d+\])+)$")
 _CALL = re.compile(r"^    (node\d+_\w+)\((.*)\);$")
@@ -30,10 +33,11 @@ _VIEW = re.compile(r"^    \w+ \(?\*(\w+)\)?(?:\[\d+\])* = .*\(edgeprop_scratch \
 
 @dataclass
 class Node:
-    n: int              # loop length (1: a scalar node)
+    n: int              # elements (1: a scalar node)
     ctype: str          # the output's C type
     params: list[str]   # parameter names, the output last
-    expr: str           # the output element, in terms of params[k][i0] / params[k][0]
+    types: list[str]    # their C types
+    expr: str           # the output element, in terms of params[k][i0] (flat) / params[k][0] (a scalar)
 
 
 def _signatures(text: str) -> dict[str, list[tuple[str, str, int]]]:
@@ -56,15 +60,31 @@ def _signatures(text: str) -> dict[str, list[tuple[str, str, int]]]:
 
 
 def _elementwise(text: str, signatures) -> dict[str, Node]:
+    """Node functions whose loop nest reads each input at the output's own index (or reads a
+    one-element input): their element expression, rewritten over flat indices."""
     nodes = {}
     for m in _FN.finditer(text):
         params = signatures.get(m.group(1))
-        n = int(m.group(3))
-        if not params or params[-1][1] != m.group(4) or params[-1][2] != n or params[-1][0] not in CSIZE:
+        loops = _LOOP.findall(m.group(3))
+        index = "".join(f"[{i}]" for i, _ in loops)
+        n = 1
+        for _, d in loops:
+            n *= int(d)
+        if not params or params[-1][1] != m.group(4) or m.group(5) != index or params[-1][2] != n \
+                or params[-1][0] not in CSIZE or [i for i, _ in loops] != [f"i{k}" for k in range(len(loops))]:
             continue
-        if any(size not in (1, n) for _, _, size in params[:-1]):
-            continue
-        nodes[m.group(1)] = Node(n, params[-1][0], [p[1] for p in params], m.group(5))
+        expr = m.group(6)
+        for _, name, size in params[:-1]:
+            full = re.escape(name + index)
+            expr = re.sub(rf"\b{full}(?!\[)", f"{name}[i0]", expr) if size == n else expr
+            expr = re.sub(rf"\b{re.escape(name)}(?:\[0\])+(?!\[)", f"{name}[0]", expr) if size == 1 else expr
+        if n == 1:  # a scalar node's loop runs once: its i-indices are 0
+            expr = re.sub(r"\[i0\]", "[0]", expr)
+        names = [p[1] for p in params[:-1]]
+        refs = re.findall(rf"\b({'|'.join(map(re.escape, names))})\b((?:\[[^\]]*\])*)", expr) if names else []
+        if any(ref not in ("[i0]", "[0]") or (ref == "[i0]" and n == 1) for _, ref in refs):
+            continue  # reads an input some other way (broadcast along one axis, ...)
+        nodes[m.group(1)] = Node(n, params[-1][0], [p[1] for p in params], [p[0] for p in params], expr)
     return nodes
 
 
@@ -132,34 +152,36 @@ def _fuse(run, calls, nodes, offsets, sizes) -> list[str] | None:
                     not (offsets[r] == lo and sizes[r] == sizes[s]):
                 return None  # bytes it writes are still to be read at other indices
     local = {}     # produced value -> C local
+    loads = {}     # a one-element array read in the loop -> the local it is loaded into, once
     pre, body = [], []
     for k, (_, name, args) in enumerate(run):
         node = nodes[name]
         expr = node.expr
-        for param, arg in zip(node.params[:-1], args[:-1]):
-            def value(m, arg=arg, scalar=node.n == 1):
+        for param, ctype, arg in zip(node.params[:-1], node.types[:-1], args[:-1]):
+            def value(m, arg=arg, ctype=ctype, scalar=node.n == 1):
                 if arg in local:
                     return local[arg]
-                return f"{arg}[0]" if scalar or m.group(1) == "0" else f"{arg}[i0]"
+                if scalar:
+                    return f"((const {ctype} *)({arg}))[0]"
+                if m.group(1) == "0":
+                    if arg not in loads:
+                        loads[arg] = f"ep_s{len(loads)}"
+                        pre.insert(0, f"    const {ctype} {loads[arg]} = ((const {ctype} *)({arg}))[0];")
+                    return loads[arg]
+                return f"((const {ctype} *)({arg}))[i0]"
             expr = re.sub(rf"\b{param}\[(i0|0)\]", value, expr)
-        if re.search(rf"\b({'|'.join(node.params[:-1])})\b", expr) if node.params[:-1] else False:
-            return None  # the body reads its parameters in some other way
         var = f"ep_v{k}"
         local[args[-1]] = var
         line = f"const {node.ctype} {var} = {expr};"
+        store = f"(({node.ctype} *)({args[-1]}))"
         if node.n == 1:
             pre.append(f"    {line}")
             if args[-1] in stored:
-                pre.append(f"    {args[-1]}[0] = {var};")
+                pre.append(f"    {store}[0] = {var};")
         else:
             body.append(f"        {line}")
             if args[-1] in stored:
-                body.append(f"        {args[-1]}[i0] = {var};")
-    # Scalar arrays that vector elements read: loaded once, before any store.
-    loads = sorted({m for line in body for m in re.findall(r"\b(\w+)\[0\]", line)})
-    for a in loads:
-        pre.append(f"    const __typeof__({a}[0]) ep_s_{a} = {a}[0];")
-    body = [re.sub(r"\b(\w+)\[0\]", lambda m: f"ep_s_{m.group(1)}", line) for line in body]
+                body.append(f"        {store}[i0] = {var};")
     return ["    {  /* fused by edgeprop (targets/fuse.py): " + ", ".join(name for _, name, _ in run) + " */",
             *pre, "#pragma GCC ivdep", f"    for (idx_t i0 = 0; i0 < {n}; ++i0) {{", *body, "    }", "    }"]
 
