@@ -13,7 +13,8 @@ def add_quiet(p) -> None:
 
 def add_engine(p) -> None:
     """--engine, --threads, --provider: the engine that runs the bundle's graphs here."""
-    p.add_argument("--engine", default="onnxruntime", help="inference engine (default: onnxruntime)")
+    p.add_argument("--engine", default="onnxruntime",
+                   help="onnxruntime (default), litert, tflm, ort-training or native (compiled to C here)")
     p.add_argument("--threads", type=int, default=1, help="engine threads (default: 1)")
     p.add_argument("--provider", default="cpu", choices=["cpu", "cuda"],
                    help="onnxruntime execution provider: cuda runs the graphs on a GPU (onnxruntime-gpu)")

@@ -16,7 +16,7 @@ def add_arguments(v) -> None:
     shared.add_data(v)
     v.add_argument("--steps", type=int, default=50, help="optimizer steps per unit")
     v.add_argument("--reference-device", default="cpu", help="cpu or cuda")
-    v.add_argument("--engine", default="onnxruntime", help="the runtime's engine: onnxruntime, litert or tflm")
+    v.add_argument("--engine", default="onnxruntime", help="the runtime's engine: onnxruntime, litert, tflm or native")
     v.add_argument("--provider", default="cpu", choices=["cpu", "cuda"], help="the runtime's onnxruntime provider")
     v.add_argument("--tol", type=float, default=1e-4, help="largest allowed absolute weight difference")
     v.add_argument("--seed", type=int, default=0)

@@ -20,6 +20,8 @@ import numpy as np
 class LoadedGraph(Protocol):
     input_names: list[str]
     output_names: list[str]
+    # Optional, `fills_outputs = True`: run(feeds, out={name: array}) writes those outputs
+    # into the given arrays, next.K possibly over the fed K itself (the native engine).
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
 

@@ -254,13 +254,21 @@ class Trainer:
         else:
             feeds = {**state, **self.rule.feeds(unit_index, epoch, batch),
                      "lr": np.array(lr, np.float32), "step": np.array(n, np.float32)}
-            out = self.graphs[unit.step_graph].run(feeds)
+            graph = self.graphs[unit.step_graph]
+            if getattr(graph, "fills_outputs", False):
+                # The engine writes next.K straight over K (native): no output buffers, no copies.
+                # A diverging step then leaves its state in memory; the run stops on it below,
+                # and the last checkpoint on disk is the last good one.
+                out = graph.run(feeds, out={f"next.{key}": value for key, value in state.items()})
+            else:
+                out = graph.run(feeds)
             updated = {key: out[f"next.{key}"] for key in state}
         loss = float(out["loss"])
         if np.isfinite(loss):
             # In place: the engine's output buffers go back to it, and no old state lingers.
             for key, value in updated.items():
-                state[key][...] = value
+                if value is not state[key]:
+                    state[key][...] = value
             self.rule.observe(unit_index, epoch, batch, out)
         return loss
 

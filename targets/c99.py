@@ -91,13 +91,14 @@ class GraphC:
     temps: int               # temporaries in it
     unplanned: int           # bytes the temporaries take with one buffer each (emx-onnx-cgen's own)
     offsets: dict[str, int] = field(default_factory=dict)
+    in_place: bool = True    # every output next.K may be written over input K
 
 
 def c_name(onnx_name: str) -> str:
     return re.sub(r"\W", "_", onnx_name)
 
 
-def _optimised(src: Path, dst: Path) -> None:
+def _optimised(src: Path, dst: Path, rewrite=None) -> None:
     """Fold the traced graph's constant shape arithmetic, which emx-onnx-cgen rejects in part
     (e.g. an Expand to the empty shape of a scalar). Only constant folding: onnxscript's full
     optimize() also rewrites AdamW's `+ 1e-8` away as an addition of zero (then 0/0 = NaN for
@@ -106,11 +107,40 @@ def _optimised(src: Path, dst: Path) -> None:
     from onnxscript import optimizer
     model = onnx.load(str(src))
     optimizer.fold_constants(model)  # in place
+    if rewrite is not None:  # a host build's own graph rewrites (edgeprop.targets.cblas)
+        rewrite(model)
     optimizer.remove_unused_nodes(model)
     onnx.save(model, str(dst))
 
 
 _COMPILED: dict[str, tuple[str, GraphC]] = {}  # graph file sha256 -> generated C: a process compiles a graph once
+
+
+def emit_c(src: Path, c_file: Path, fn: str, rewrite=None) -> None:
+    """One ONNX graph -> C with emx-onnx-cgen, as the driver (and the native engine) call it;
+    `rewrite(model)` changes the folded graph in place first. An op it cannot compile is
+    named in the error."""
+    folded = c_file.with_name(f".{c_file.stem}.onnx")
+    _optimised(src, folded, rewrite)
+    try:
+        proc = subprocess.run([sys.executable, "-m", "emx_onnx_cgen", "compile", str(folded), str(c_file),
+                               "--model-name", fn,
+                               "--large-temp-threshold", "0",   # temporaries never on the heap
+                               "--large-weight-threshold", "0",  # constants inline, not in a file
+                               "--no-restrict-arrays",           # the driver aliases next.K with K
+                               "--color", "never"], capture_output=True, text=True)
+    finally:
+        folded.unlink(missing_ok=True)
+    if proc.returncode != 0:
+        text = proc.stdout + proc.stderr
+        op = re.search(r"Unsupported op (?:ai\.onnx\.)?([\w.]+)|op_type=(\w+)", text)
+        if op:
+            reason = re.search(r"Result: (.*?)(?: \(while lowering|$)", text, re.M)
+            raise EdgepropError(f"graph {src.name}: emx-onnx-cgen cannot compile op {op.group(1) or op.group(2)}"
+                                + (f" ({reason.group(1)})" if reason and "Unsupported op" not in reason.group(1)
+                                   else ""))
+        lines = text.strip().splitlines()
+        raise EdgepropError(f"emx-onnx-cgen could not compile graph {src.name}: {' '.join(lines[-2:])}")
 
 
 def compile_graphs(bundle: Bundle, keys: list[str], out: Path) -> dict[str, GraphC]:
@@ -120,24 +150,13 @@ def compile_graphs(bundle: Bundle, keys: list[str], out: Path) -> dict[str, Grap
     graphs.mkdir(parents=True, exist_ok=True)
     digest = {key: bundle.manifest["files"][bundle.graphs[key].file] for key in keys}
     todo = [key for key in keys if digest[key] not in _COMPILED]
-    for key in todo:
-        _optimised(bundle.graph_path(key), graphs / f".{key}.onnx")
 
     def emit(key):
-        return subprocess.run([sys.executable, "-m", "emx_onnx_cgen", "compile", str(graphs / f".{key}.onnx"),
-                               str(graphs / f"{key}.c"), "--model-name", f"ep_{key}",
-                               "--large-temp-threshold", "0",   # temporaries never on the heap
-                               "--large-weight-threshold", "0",  # constants inline, not in a file
-                               "--no-restrict-arrays",           # the driver aliases next.K with K
-                               "--color", "never"], capture_output=True, text=True)
+        emit_c(bundle.graph_path(key), graphs / f"{key}.c", f"ep_{key}")
 
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        done = dict(zip(todo, pool.map(emit, todo)))
-    for key, proc in done.items():
-        (graphs / f".{key}.onnx").unlink()
-        if proc.returncode != 0:
-            lines = (proc.stdout + proc.stderr).strip().splitlines()
-            raise EdgepropError(f"emx-onnx-cgen could not compile graph {key}: {' '.join(lines[-2:])}")
+        list(pool.map(emit, todo))
+    for key in todo:
         graph = bundle.graphs[key]
         _COMPILED[digest[key]] = plan_arena((graphs / f"{key}.c").read_text(), f"ep_{key}", key,
                                             [t.name for t in graph.inputs], [t.name for t in graph.outputs])
@@ -184,13 +203,15 @@ def _sink(calls, temps, inputs: list[str], outputs: list[str]):
     return calls
 
 
-def plan_arena(text: str, fn: str, key: str, inputs: list[str], outputs: list[str]) -> tuple[str, GraphC]:
+def plan_arena(text: str, fn: str, key: str, inputs: list[str], outputs: list[str],
+               in_place: bool = True) -> tuple[str, GraphC]:
     """Rewrite emx-onnx-cgen's model function: each temporary (a local array of its own, on the
     stack with --large-temp-threshold 0) becomes a view into the shared `edgeprop_scratch`, at
     an offset planned by liveness over the node calls, so temporaries that are never alive at
     once share bytes. Also checks that every output "next.K" can be written over input K
     (K's last read comes before next.K's first write), which lets a block step in place, and
-    makes the constants static (several graphs are linked into one program)."""
+    makes the constants static (several graphs are linked into one program). `in_place=False`:
+    a graph that cannot step in place is not an error; GraphC.in_place says which it is."""
     head = re.search(rf"^void {fn}\((.*)\) \{{$", text, re.M)
     if not head:
         raise EdgepropError(f"graph {key}: emx-onnx-cgen's output has no function {fn}")
@@ -226,15 +247,21 @@ def plan_arena(text: str, fn: str, key: str, inputs: list[str], outputs: list[st
     unused = [t for t in temps if t not in first]
     if unused:
         raise EdgepropError(f"graph {key}: temporaries {unused} are never used")
+    ops = {f"node{n}": op for n, op in re.findall(r"\* Node (\d+):\n \* OpType: (\w+)", text)}
+    steps_in_place = True
     for out in outputs:
         if out.startswith("next.") and out[5:] in inputs:
             src, dst = c_name(out[5:]), c_name(out)
-            if src in last and dst in first and last[src] >= first[dst]:
+            if src not in last or dst not in first or last[src] < first[dst]:
+                continue
+            if last[src] == first[dst] and ops.get(calls[last[src]][0].split("_")[0]) in IN_PLACE:
+                continue  # one element-wise node reads K[i] and then writes next.K[i] (SGD's last Sub)
+            if in_place:
                 raise EdgepropError(f"graph {key}: '{out}' is written (node {first[dst]}) before '{out[5:]}' is last "
                                     f"read (node {last[src]}); it cannot step in place")
+            steps_in_place = False
     # An element-wise node may write its output over an input of the same shape that dies at
     # that node (output[i] depends on input[i] alone): the two share one buffer.
-    ops = {f"node{n}": op for n, op in re.findall(r"\* Node (\d+):\n \* OpType: (\w+)", text)}
     group = {t: t for t in temps}  # temporary -> the one whose buffer it uses
     for i, (fn_name, used) in enumerate(calls):
         op = ops.get(fn_name.split("_")[0])
@@ -294,7 +321,7 @@ def plan_arena(text: str, fn: str, key: str, inputs: list[str], outputs: list[st
     top = re.sub(r"^const EMX_UNUSED ", "static const EMX_UNUSED ", top, flags=re.M)
     top = re.sub(r"^#include <string.h>\n", "#include <string.h>\n" + prologue, top, count=1, flags=re.M)
     info = GraphC(key, f"graphs/{key}.c", inputs, outputs, scratch, len(temps),
-                  sum(t.nbytes for t in temps.values()), offsets)
+                  sum(t.nbytes for t in temps.values()), offsets, steps_in_place)
     return top + body + rest + wrapper, info
 
 

@@ -1,5 +1,5 @@
 """One bundle, every engine: 50 free-running steps of each unit from the same initial state
-and seed, on onnxruntime, litert and ort-training, against the torch reference.
+and seed, on onnxruntime, litert, native and ort-training, against the torch reference.
 
 Free-running, float rounding differences pile up (AdamW turns a near-zero gradient's last
 bit into a ±lr step), so the bundle is a small one where they stay below 1e-4 in 50 steps;
@@ -45,7 +45,7 @@ def test_every_engine_trains_like_torch(engines_bundle, tmp_path):
     reference.run(limit)
     want = reference.params()
     got = {}
-    for engine in ("onnxruntime", "litert"):
+    for engine in ("onnxruntime", "litert", "native"):
         trainer = Trainer(b, get_engine(engine), data, config)
         trainer.run(limit=limit, progress=False, checkpoints=False)
         got[engine] = {u: trainer.state[u]["param"] for u in trainer.state}
