@@ -1,7 +1,7 @@
 """Which units each sampled client trains this round.
 
     all        every client trains every unit
-    blocks:K   each client K units, dealt round-robin from a cursor that moves every round,
+    blocks:K   each client K units, dealt round-robin from a start that moves every round,
                so every unit is trained each round when clients x K >= units
     by-memory  each client as many units as its device's memory plan holds (it reports that
                number with its first reply; until then it is offered all units and trims)
@@ -45,9 +45,9 @@ def assign(policy: Policy, nodes: list[int], n_units: int, server_round: int,
     capacity = capacity or {}
     sizes = [min(policy.k, n_units) if policy.kind == "blocks" else min(capacity.get(n, n_units), n_units)
              for n in nodes]
-    # The cursor starts where last round's deal would have ended, so over rounds a client
-    # meets different units and each unit different clients.
-    cursor = ((server_round - 1) * sum(sizes)) % n_units
+    # The deal starts one unit further each round, so over rounds a client meets different
+    # units and each unit different clients.
+    cursor = (server_round - 1) % n_units
     out = {}
     for node, size in zip(sorted(nodes), sizes):
         out[node] = sorted({(cursor + j) % n_units for j in range(size)})

@@ -148,3 +148,18 @@ def client_app(resolve: Callable[[Context], Setup], engine_options: dict | None 
                        reply_to=msg)
 
     return app
+
+
+def setup_from_node(context: Context) -> Setup:
+    """A real SuperNode's client, from its --node-config: data=PATH (required; its training
+    split), device=PROFILE, bundle=PATH (default: the run config's), client=N (a label for
+    reports), engine=NAME."""
+    from edgeprop import bundle as bundles
+    from edgeprop.devices import load_profile
+    node, run = dict(context.node_config), dict(context.run_config)
+    if "data" not in node:
+        raise EdgepropError("this SuperNode has no data: start it with --node-config \"data='PATH'\"")
+    bundle = bundles.load(str(node.get("bundle", run.get("bundle", ""))))
+    device = load_profile(str(node["device"])) if node.get("device") else None
+    return Setup(bundle, datasets.load(str(node["data"]), "train"), int(node.get("client", -1)), device,
+                 str(node.get("engine", "onnxruntime")))

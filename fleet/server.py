@@ -10,6 +10,7 @@ the fleet's model and a killed server resumes from its last finished round.
 """
 from __future__ import annotations
 
+import logging
 import random
 import sys
 import time
@@ -88,13 +89,13 @@ def strategy(s: Settings):
     return FedAvg(**common)
 
 
-def merge(bundle: Bundle, global_arrays: dict, replies: list[Message]) -> tuple[dict, dict]:
-    """Each unit's arrays averaged over the replies that carry it, weighted by num-examples;
-    a unit no reply carries keeps its global arrays. Also the samples behind each unit."""
+def merge(global_arrays: dict, results: list[tuple[float, dict]]) -> tuple[dict, dict]:
+    """Each unit's arrays averaged over the results (num-examples, arrays) that carry it,
+    weighted by num-examples; a unit no result carries keeps its global arrays. Also the
+    samples behind each unit."""
     sums, weights = {}, {}
-    for reply in replies:
-        n = float(reply.content["metrics"]["num-examples"])
-        for key, value in records.from_record(reply.content["arrays"]).items():
+    for n, arrays in results:
+        for key, value in arrays.items():
             sums[key] = sums.get(key, 0.0) + n * value.astype(np.float64)
             weights[key] = weights.get(key, 0.0) + n
     merged = {k: (sums[k] / weights[k]).astype(np.float32) if k in sums else v for k, v in global_arrays.items()}
@@ -195,9 +196,13 @@ class Fleet:
         current = self.global_arrays()
         messages, sent = self._messages(grid, server_round, current)
         replies = list(grid.send_and_receive(messages, timeout=self.settings.round_timeout))
-        ok, clients, failed = [], [], []
+        # An error reply may come from the SuperLink (a node that stopped sending heartbeats):
+        # the message it answers names the node.
+        sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
+        ok, clients, failed, answered = [], [], [], set()
         for r in replies:
-            node = r.metadata.src_node_id
+            node = sent_to.get(r.metadata.reply_to_message_id, r.metadata.src_node_id)
+            answered.add(node)
             if r.has_error():
                 failed.append({"node": node, "error": r.error.reason})
                 self.log(f"round {server_round}: node {node} left out: {r.error.reason}")
@@ -217,7 +222,6 @@ class Fleet:
                             "received": r.content["arrays"].count_bytes(), "samples": int(metrics["num-examples"]),
                             "units": sorted({records.unit_of(k) for k in r.content["arrays"]}),
                             "loss": float(metrics["loss"]), "seconds": float(metrics["seconds"])})
-        answered = {r.metadata.src_node_id for r in replies}
         for node in sent:
             if node not in answered:
                 failed.append({"node": node, "error": f"no reply within {self.settings.round_timeout:g} s"})
@@ -239,11 +243,17 @@ class Fleet:
     def _aggregate(self, server_round: int, current: dict, replies: list[Message]) -> None:
         """Average each unit over its clients, then let the strategy take its server step
         (FedAdam: Adam on the averaged update; FedAvg, FedProx: the average itself)."""
-        merged, _ = merge(self.bundle, current, replies)
+        merged, _ = merge(current, [(float(r.content["metrics"]["num-examples"]), records.from_record(
+            r.content["arrays"])) for r in replies])
         one = Message(RecordDict({"arrays": records.to_record(merged),
                                   "metrics": MetricRecord({"num-examples": 1})}),
                       dst_node_id=0, message_type=MessageType.TRAIN)
-        arrays, _ = self.strategy.aggregate_train(server_round, [one])
+        quiet = logging.getLogger("flwr")  # it would log "Received 1 results" for this one message
+        level, _ = quiet.level, quiet.setLevel(logging.WARNING)
+        try:
+            arrays, _ = self.strategy.aggregate_train(server_round, [one])
+        finally:
+            quiet.setLevel(level)
         result = records.from_record(arrays)
         for key, value in result.items():
             # Running statistics are averages, not gradients' products: never a server step.
