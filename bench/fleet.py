@@ -3,7 +3,7 @@
     python bench/fleet.py [--data digits,fashion] [--rules noprop-dt,local] [--clients 100]
                           [--fraction 0.1] [--rounds 30] [--local-epochs 2]
                           [--partitions iid,dirichlet:0.5,dirichlet:0.1] [--assign all,blocks]
-                          [--out bench/results/fleet.json]
+                          [--slots keep] [--out bench/results/fleet.json]
 
 For each data set and rule: export once (torch), then
   central    `edgeprop train` on the whole training split for the same total sample-epochs
@@ -11,13 +11,15 @@ For each data set and rule: export once (torch), then
   fleet      `edgeprop fleet simulate` per partition and assignment, torch-free; `blocks`
              deals ceil(units / clients per round) units to each client, the least that
              covers every unit each round
-and records the final test accuracy, the gap to central in points, the mean upload per
+(`--slots keep,reset` also compares keeping each client's optimizer slots between rounds
+with resetting them) and records the final test accuracy, the gap to central in points, the mean upload per
 client per round (array payload bytes) against `all`'s, and wall time. Fashion-MNIST comes
 from Debian's dataset-fashion-mnist package; without it those rows are skipped.
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -57,13 +59,13 @@ def central(bundle: Path, data: str, epochs: int, tmp: Path) -> dict:
     return {"accuracy": json.loads(report)["accuracy"], "epochs": epochs, "seconds": seconds}
 
 
-def fleet(bundle: Path, data: str, args, partition: str, assign: str, tmp: Path) -> dict:
+def fleet(bundle: Path, data: str, args, partition: str, assign: str, slots: str, tmp: Path) -> dict:
     copy, out = tmp / "fleet", tmp / "fleet.json"
     shutil.rmtree(copy, ignore_errors=True)
     shutil.copytree(bundle, copy)
     _, seconds = edgeprop("fleet", "simulate", copy, "--data", data, "--clients", args.clients, "--rounds",
                           args.rounds, "--fraction", args.fraction, "--local-epochs", args.local_epochs,
-                          "--partition", partition, "--assign", assign, "--json", out)
+                          "--partition", partition, "--assign", assign, "--slots", slots, "--json", out)
     r = json.loads(out.read_text())
     uploads = [c["received"] for e in r["history"] for c in e["clients"]]
     downloads = [c["sent"] for e in r["history"] for c in e["clients"]]
@@ -83,6 +85,7 @@ def main() -> int:
     p.add_argument("--local-epochs", type=int, default=2)
     p.add_argument("--partitions", default="iid,dirichlet:0.5,dirichlet:0.1")
     p.add_argument("--assign", default="all,blocks")
+    p.add_argument("--slots", default="keep")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "fleet.json"))
     args = p.parse_args()
     per_round = max(int(args.clients * args.fraction), 1)
@@ -104,26 +107,27 @@ def main() -> int:
                 print(f"{data:8s} {rule:10s} central {central_epochs} epochs: {ref['accuracy']:.4f} "
                       f"({ref['seconds']:.0f} s)", flush=True)
                 rows.append({"data": data, "rule": rule, "kind": "central", "units": units, **ref})
-                for partition in args.partitions.split(","):
-                    for assign in args.assign.split(","):
-                        policy = f"blocks:{math.ceil(units / per_round)}" if assign == "blocks" else assign
-                        row = {"data": data, "rule": rule, "kind": "fleet", "units": units, "partition": partition,
-                               "assign": policy}
-                        try:
-                            row.update(fleet(bundle, source, args, partition, policy, tmp))
-                        except RuntimeError as e:  # a setting that fails is a result too
-                            row["error"] = str(e)
-                            print(f"{data:8s} {rule:10s} {partition:15s} {policy:9s} FAILED: {e}", flush=True)
-                            rows.append(row)
-                            continue
-                        row["vs_central_pp"] = round(100 * (row["accuracy"] - ref["accuracy"]), 2)
+                for partition, assign, slots in itertools.product(*(getattr(args, k).split(",") for k in
+                                                                     ("partitions", "assign", "slots"))):
+                    policy = f"blocks:{math.ceil(units / per_round)}" if assign == "blocks" else assign
+                    row = {"data": data, "rule": rule, "kind": "fleet", "units": units, "partition": partition,
+                           "assign": policy, "slots": slots}
+                    name = f"{data:8s} {rule:10s} {partition:15s} {policy:9s} slots {slots:5s}"
+                    try:
+                        row.update(fleet(bundle, source, args, partition, policy, slots, tmp))
+                    except RuntimeError as e:  # a setting that fails is a result too
+                        row["error"] = str(e)
+                        print(f"{name} FAILED: {e}", flush=True)
                         rows.append(row)
-                        print(f"{data:8s} {rule:10s} {partition:15s} {policy:9s} acc {row['accuracy']:.4f} "
-                              f"({row['vs_central_pp']:+.2f} pp)  upload/client/round "
-                              f"{row['upload_per_client_round'] / 1024:8.1f} KiB  {row['seconds']:.0f} s", flush=True)
+                        continue
+                    row["vs_central_pp"] = round(100 * (row["accuracy"] - ref["accuracy"]), 2)
+                    rows.append(row)
+                    print(f"{name} acc {row['accuracy']:.4f} ({row['vs_central_pp']:+.2f} pp)  upload/client/round "
+                          f"{row['upload_per_client_round'] / 1024:8.1f} KiB  {row['seconds']:.0f} s", flush=True)
     for r in rows:  # upload relative to `all` with the same data, rule and partition
         full = next((a for a in rows if a.get("assign") == "all" and "error" not in a and
-                     (a["data"], a["rule"], a["partition"]) == (r["data"], r["rule"], r.get("partition"))), None)
+                     (a["data"], a["rule"], a["partition"], a["slots"]) ==
+                     (r["data"], r["rule"], r.get("partition"), r.get("slots"))), None)
         if full and "error" not in r:
             r["upload_vs_all"] = r["upload_per_client_round"] / full["upload_per_client_round"]
     out = Path(args.out)
