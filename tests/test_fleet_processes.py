@@ -1,5 +1,6 @@
 """A real fleet on loopback: Flower's stock flower-superlink, flower-supernode and flwr run,
-each a separate process, the clients torch-free. One SuperNode is killed mid-round (the round
+each a separate process, the clients torch-free; one client's data have the wrong feature
+count (left out every round with a one-line error). One SuperNode is killed mid-round (the round
 completes without it, and it rejoins); the SuperLink is killed after round 2 (restarted, the
 run resumes from round 2's checkpoint); the final global state evaluates."""
 import os
@@ -96,9 +97,9 @@ class Fleet:
         wait(lambda: socket.socket().connect_ex(("127.0.0.1", self.port)) == 0, 60, "the SuperLink to listen")
         return proc
 
-    def supernode(self, i: int) -> subprocess.Popen:
+    def supernode(self, i: int, data: str = "shard") -> subprocess.Popen:
         return self.start(f"node{i}", "flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{self.port}",
-                          "--port", free_port(), "--node-config", f"data='{self.tmp / f'shard{i}.npz'}' client={i}")
+                          "--port", free_port(), "--node-config", f"data='{self.tmp / f'{data}{i}.npz'}' client={i}")
 
     def stop(self) -> None:
         for proc in self.procs:  # those that exited may have left Flower's processes behind
@@ -124,8 +125,9 @@ def test_superlink_and_supernodes_survive_kill_9(bundle_copy, tmp_path):
     train = datasets.load("digits", "train")
     for i, part in enumerate(partition(train.y, NODES, "shard:2", seed=0)):  # two classes' shards each
         np.savez(tmp_path / f"shard{i}.npz", x=train.x[part], y=train.y[part])
+    np.savez(tmp_path / f"narrow{NODES}.npz", x=train.x[:100, :32], y=train.y[:100])  # 32 features, not 64
     app = tmp_path / "app"
-    edgeprop("fleet", "app", bundle_copy, "--out", app, "--rounds", "3", "--min-clients", NODES,
+    edgeprop("fleet", "app", bundle_copy, "--out", app, "--rounds", "3", "--min-clients", NODES + 1,
              "--local-epochs", "4", "--round-timeout", "120", "--test-data", "digits")
     stub = tmp_path / "blocked" / "torch"
     stub.mkdir(parents=True)
@@ -139,7 +141,7 @@ def test_superlink_and_supernodes_survive_kill_9(bundle_copy, tmp_path):
                                       f'address = "127.0.0.1:{fleet.port}"\ninsecure = true\n')
     try:
         link = fleet.superlink()
-        nodes = [fleet.supernode(i) for i in range(NODES)]
+        nodes = [fleet.supernode(i) for i in range(NODES)] + [fleet.supernode(NODES, "narrow")]
         run = fleet.start("run1", "flwr", "run", app, "fleet", "--stream")
         wait(lambda: fleet_round(bundle_copy) >= 1, 300, "round 1")
         kill_9(nodes[4])                       # mid-round 2
@@ -157,7 +159,10 @@ def test_superlink_and_supernodes_survive_kill_9(bundle_copy, tmp_path):
     _, meta = load_arrays(bundle_copy / "checkpoints" / "last.npz")
     history = meta["fleet"]["history"]
     assert [e["round"] for e in history] == [1, 2, 3]
-    assert len(history[0]["clients"]) == NODES
+    assert len(history[0]["clients"]) == NODES  # the client with the wrong data is left out, in one line:
+    assert [f["error"] for f in history[0]["failed"]] == [
+        f"{tmp_path / f'narrow{NODES}.npz'}:train: samples have 32 features (shape [32]); the model expects 64 "
+        f"(input shape [64])"]
     assert len(history[1]["clients"]) >= NODES - 1 and history[1]["failed"]  # the killed node left out
     assert 4 in {c["client"] for c in history[2]["clients"]}  # it rejoined
     assert "resumed from round 2" in (tmp_path / "run2.log").read_text()
