@@ -3,7 +3,7 @@
     python bench/fleet.py [--data digits,fashion] [--rules noprop-dt,local] [--clients 100]
                           [--fraction 0.1] [--rounds 30] [--local-epochs 2]
                           [--partitions iid,dirichlet:0.5,dirichlet:0.1] [--assign all,blocks]
-                          [--slots keep] [--out bench/results/fleet.json]
+                          [--slots reset] [--out bench/results/fleet.json]
 
 For each data set and rule: export once (torch), then
   central    `edgeprop train` on the whole training split for the same total sample-epochs
@@ -85,7 +85,7 @@ def main() -> int:
     p.add_argument("--local-epochs", type=int, default=2)
     p.add_argument("--partitions", default="iid,dirichlet:0.5,dirichlet:0.1")
     p.add_argument("--assign", default="all,blocks")
-    p.add_argument("--slots", default="keep")
+    p.add_argument("--slots", default="reset")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "fleet.json"))
     args = p.parse_args()
     per_round = max(int(args.clients * args.fraction), 1)

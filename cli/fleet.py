@@ -26,8 +26,9 @@ def _settings_arguments(p) -> None:
     p.add_argument("--strategy", default="fedavg", choices=["fedavg", "fedprox", "fedadam"])
     p.add_argument("--mu", type=float, default=0.01, help="FedProx's proximal weight (default: 0.01)")
     p.add_argument("--server-lr", type=float, default=0.01, help="FedAdam's server learning rate (default: 0.01)")
-    p.add_argument("--slots", default="keep", choices=["keep", "reset"],
-                   help="each client's optimizer slots between rounds (default: keep)")
+    p.add_argument("--slots", default="reset", choices=["keep", "reset"],
+                   help="each client's optimizer slots between rounds: zero each round (default; measured "
+                        "better) or kept from its last round")
     p.add_argument("--order", default="interleaved", choices=["interleaved", "block-sequential"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--round-timeout", type=float, default=600.0,

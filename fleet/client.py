@@ -74,7 +74,7 @@ def train(setup: Setup, engine, arrays: dict[str, np.ndarray], config: dict, mem
     cfg = TrainConfig(epochs=int(config.get("local-epochs", 1)), order=str(config.get("order", "interleaved")),
                       seed=seed, units=tuple(units))
     trainer = Trainer(b, engine, setup.data, cfg)
-    keep = config.get("slots", "keep") == "keep"
+    keep = config.get("slots") == "keep"
     for name in units:
         state = trainer.state[name]
         for key in records.SHARED:
@@ -138,9 +138,10 @@ def client_app(resolve: Callable[[Context], Setup], engine_options: dict | None 
             from edgeprop.runtimes import get_engine
             engine = get_engine(setup.engine, **(engine_options or {"threads": 1}))
             memory = _memory_from(context)
-            arrays, metrics = train(setup, engine, records.from_record(msg.content["arrays"]),
-                                    dict(msg.content["config"]), memory)
-            _memory_to(context, memory)
+            config = dict(msg.content["config"])
+            arrays, metrics = train(setup, engine, records.from_record(msg.content["arrays"]), config, memory)
+            if config.get("slots") == "keep":  # else nothing need be held between rounds
+                _memory_to(context, memory)
         except (EdgepropError, OSError) as e:
             print(f"edgeprop fleet client: error: {e}", file=sys.stderr)
             return Message(Error(CLIENT_ERROR, f"{e}"), reply_to=msg)
