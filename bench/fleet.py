@@ -32,8 +32,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-FASHION = Path("/usr/share/datasets/fashion-mnist")
-DATA = {"digits": "digits", "fashion": str(FASHION)}
+DATA = {"digits": "digits", "fashion": "/usr/share/datasets/fashion-mnist"}
 # A device-side command: torch and onnx cannot be imported in it (tests/conftest.py's guard).
 DEVICE = ("import sys; sys.modules.update(torch=None, onnx=None); from edgeprop.cli import main; "
           "sys.exit(main(sys.argv[1:]))")
@@ -92,11 +91,12 @@ def main() -> int:
     central_epochs = max(1, round(args.rounds * args.fraction * args.local_epochs))
     rows, skipped = [], []
     for data in args.data.split(","):
-        if data == "fashion" and not FASHION.is_dir():
-            skipped.append(f"fashion: {FASHION} not found (apt install dataset-fashion-mnist)")
+        source = DATA.get(data, data)
+        if source != "digits" and not Path(source).exists():  # Fashion-MNIST: Debian's package
+            hint = " (apt install dataset-fashion-mnist)" if data == "fashion" else ""
+            skipped.append(f"{data}: {source} not found{hint}")
             print(f"skip: {skipped[-1]}", file=sys.stderr)
             continue
-        source = DATA.get(data, data)
         for rule in args.rules.split(","):
             with tempfile.TemporaryDirectory() as tmp:
                 tmp = Path(tmp)
