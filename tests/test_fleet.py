@@ -215,3 +215,21 @@ def test_fleet_modules_import_without_torch():
             "assert not {'torch', 'onnx'} & {m for m, v in sys.modules.items() if v is not None}")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.slow  # two simulations
+@pytest.mark.parametrize("strategy", ["fedprox", "fedadam"])
+def test_flowers_other_strategies_train_and_checkpoint_their_state(bundle_copy, strategy):
+    for rounds in ("1", "2"):
+        proc = edgeprop("fleet", "simulate", bundle_copy, "--data", "digits", "--clients", "3", "--rounds", rounds,
+                        "--strategy", strategy, timeout=300)
+        assert f"round {rounds}/{rounds}" in proc.stdout
+    arrays, meta = load_arrays(bundle_copy / "checkpoints" / "last.npz")
+    assert meta["fleet"]["round"] == 2 and meta["fleet"]["settings"]["strategy"] == strategy
+    b = bundles.load(bundle_copy)
+    init, _ = b.initial_state()
+    assert not np.allclose(arrays["block1/param"], init["block1"]["param"])
+    moments = {k for k in arrays if k.startswith("server/")}  # FedAdam's m_t and v_t, kept for a resume
+    assert (moments == set()) == (strategy == "fedprox")
+    if strategy == "fedadam":
+        assert {f"server/{m}/head/param" for m in ("m_t", "v_t")} <= moments
