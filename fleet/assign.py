@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from edgeprop.errors import EdgepropError
+from edgeprop.sizes import format_size
 
 POLICIES = ("all", "blocks:K", "by-memory")
 
@@ -82,6 +83,7 @@ def units_that_fit(bundle, device, engine_name: str, data_bytes: int) -> int:
         fits += 1
     if fits == 0:
         smallest = min(need([u]) for u in units)
-        raise EdgepropError(f"device {device.name} ({device.budget} bytes for training) cannot hold even one unit of "
-                            f"{bundle.root} (the smallest needs {smallest} bytes with the runtime and data)")
+        raise EdgepropError(f"device {device.name} ({format_size(device.budget)} for training) cannot hold even one "
+                            f"unit of {bundle.root} (the smallest needs {format_size(smallest)} with the runtime and "
+                            f"data)")
     return fits

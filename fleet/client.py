@@ -41,6 +41,7 @@ class Setup:
     client: int = -1        # a label for reports (simulation: the partition id)
     device: object = None   # edgeprop.device_profile.Profile, or None: no memory limit
     engine: str = "onnxruntime"
+    capacity: int = 0       # units this device holds in one round (set by check)
 
     def check(self) -> Setup:
         """The data must fit the model, and the device at least one unit: before any round."""
@@ -66,7 +67,7 @@ def train(setup: Setup, engine, arrays: dict[str, np.ndarray], config: dict, mem
                             f"({b.root}); deploy the same bundle to both")
     units = [u for u in str(config.get("units", "")).split(",") if u]
     units = units[:setup.capacity]  # by-memory: as many as this device holds
-    records.check_arrays(b, {k: v for k, v in arrays.items()}, "the server's arrays")
+    records.check_arrays(b, arrays, "the server's arrays")
     missing = [u for u in units if f"{u}/param" not in arrays]
     if missing:
         raise EdgepropError(f"the server assigned {', '.join(missing)} but sent no weights for them")

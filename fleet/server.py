@@ -110,6 +110,7 @@ class Fleet:
         self.bundle, self.settings, self.log = bundle, settings.check(), log
         self.test = datasets.load(settings.test_data, "test")
         datasets.check(self.test, bundle.input_shape, bundle.num_classes)
+        datasets.check_scale(self.test, *bundle.input_norm)
         self.state, _ = bundle.initial_state()
         self.round, self.history, self.capacity = 0, [], {}
         self.strategy = strategy(settings)
