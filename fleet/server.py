@@ -25,7 +25,7 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
 from edgeprop import bundle as bundles
 from edgeprop import datasets
 from edgeprop.bundle import STATS, Bundle, flat_items
-from edgeprop.errors import EdgepropError
+from edgeprop.errors import BundleError, EdgepropError
 from edgeprop.storage import open_arrays, save_arrays
 from edgeprop.trainer import evaluate
 
@@ -112,7 +112,8 @@ class Fleet:
         datasets.check(self.test, bundle.input_shape, bundle.num_classes)
         datasets.check_scale(self.test, *bundle.input_norm)
         self.state, _ = bundle.initial_state()
-        self.round, self.history, self.capacity = 0, [], {}
+        self.round, self.history = 0, []
+        self.capacity = {}  # units each node's device holds, from its replies (by-memory)
         self.strategy = strategy(settings)
         self._resume()
 
@@ -134,10 +135,13 @@ class Fleet:
             if fleet.get("settings") != self._settings_record():
                 raise EdgepropError(f"{path}: fleet checkpoint was written with {fleet.get('settings')}, this run has "
                                     f"{self._settings_record()}; resume with the same settings or pass --restart")
+            done, history = fleet.get("round"), fleet.get("history")
+            if not (isinstance(done, int) and 0 <= done and isinstance(history, list) and len(history) == done):
+                raise BundleError(f"{path}: fleet checkpoint's 'round' and 'history' do not agree; the file is not "
+                                  f"one edgeprop wrote")
             self.state = bundles.split_state(self.bundle, arrays, str(path))
             server = {k[len("server/"):]: arrays[k] for k in arrays if k.startswith("server/")}
-        self.round, self.history = int(fleet["round"]), list(fleet["history"])
-        self.capacity = {int(k): int(v) for k, v in fleet.get("capacity", {}).items()}
+        self.round, self.history = done, history
         for slot in ("m_t", "v_t"):  # FedAdam's server moments
             moments = {k.split("/", 1)[1]: v for k, v in server.items() if k.startswith(slot + "/")}
             if moments and hasattr(self.strategy, slot):
@@ -145,6 +149,10 @@ class Fleet:
         self.log(f"resumed from round {self.round} ({path})")
 
     def save(self) -> None:
+        for unit, tensors in self.state.items():  # a diverged global state never replaces a good one
+            if not all(np.all(np.isfinite(v)) for v in tensors.values()):
+                raise EdgepropError(f"the global state diverged: {unit} holds NaN or inf after round {self.round}; "
+                                    f"the checkpoint of the round before is kept")
         extra = {}
         for slot in ("m_t", "v_t"):
             for key, value in (getattr(self.strategy, slot, None) or {}).items():
@@ -153,7 +161,7 @@ class Fleet:
         meta = {"bundle": self.bundle.id, "done": 0, "total": 0, "steps": {u: 0 for u in units}, "losses": {},
                 "history": {u: [] for u in units},
                 "fleet": {"round": self.round, "rounds": self.settings.rounds, "settings": self._settings_record(),
-                          "history": self.history, "capacity": {str(k): v for k, v in self.capacity.items()}}}
+                          "history": self.history}}
         save_arrays(self.bundle.checkpoint_path(), [*flat_items(self.state), *extra.items()], meta)
 
     # -- rounds ---------------------------------------------------------------------------------

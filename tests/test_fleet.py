@@ -205,6 +205,23 @@ def test_a_train_checkpoint_is_never_replaced_by_a_fleet(bundle_copy):
     assert (bundle_copy / "checkpoints" / "last.npz").read_bytes() == before
 
 
+def test_a_forged_fleet_checkpoint_is_refused_in_one_line_and_kept(bundle_copy):
+    from edgeprop.errors import BundleError
+    from edgeprop.fleet.server import Fleet, Settings
+    from edgeprop.storage import save_arrays
+    b = bundles.load(bundle_copy)
+    state, _ = b.initial_state()
+    fleet = Fleet(b, Settings())
+    record = {"round": 3, "history": [], "settings": fleet._settings_record()}
+    path = bundle_copy / "checkpoints" / "last.npz"
+    arrays = {f"{u}/{k}": v for u, t in state.items() for k, v in t.items()}
+    save_arrays(path, arrays, {"bundle": b.id, "fleet": record})
+    before = path.read_bytes()
+    with pytest.raises(BundleError, match="do not agree") as e:
+        Fleet(b, Settings())
+    assert "\n" not in str(e.value) and path.read_bytes() == before
+
+
 def test_fleet_modules_import_without_torch():
     import subprocess
     import sys
