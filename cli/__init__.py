@@ -13,7 +13,7 @@ from edgeprop.errors import EdgepropError
 
 # One module per command (edgeprop.cli.<name>): its HELP, add_arguments(parser) and run(args).
 # The order is the order of `edgeprop --help`.
-COMMANDS = ("export", "validate", "train", "eval", "plot", "devices", "profile", "deploy", "info")
+COMMANDS = ("export", "validate", "train", "eval", "plot", "devices", "profile", "deploy", "fleet", "info")
 
 
 def parser() -> argparse.ArgumentParser:

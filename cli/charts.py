@@ -122,3 +122,22 @@ def memory_bars(plan, verdict, out: Path, title: str = "") -> Path:
     out = _save(fig, out)
     plt.close(fig)
     return out
+
+
+def accuracy_per_round(report: dict, out: Path) -> Path:
+    """A fleet's test accuracy after each round (`edgeprop fleet simulate --plot`)."""
+    _check_png(out)
+    plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    rounds = [e["round"] for e in report["history"]]
+    ax.plot(rounds, [e["accuracy"] for e in report["history"]], marker="o")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("round")
+    ax.set_ylabel("test accuracy (global state)")
+    s = report["settings"]
+    ax.set_title(f"{report['rule']}: {report['clients']} clients, {s['assign']}, {s['strategy']}")
+    ax.grid(alpha=0.3)
+    out = _save(fig, out)
+    plt.close(fig)
+    return out

@@ -20,6 +20,8 @@ def add_arguments(dp) -> None:
     dp.add_argument("--python", default=None, help="the device's Python, e.g. 3.11 (default: the profile's)")
     dp.add_argument("--edgeprop-wheel", default=None, help="ship this edgeprop wheel instead of building one")
     dp.add_argument("--force", action="store_true", help="replace an existing --out folder")
+    dp.add_argument("--fleet", action="store_true",
+                    help="python target: also Flower's wheels and a `supernode` script (docs/fleet.md)")
     dp.add_argument("--target", choices=("python", "c99"), default="python",
                     help="python: a folder for a Linux device; c99: firmware sources for a microcontroller")
     mcu = dp.add_argument_group("--target c99", "the firmware trains block by block on a data subset in flash")
@@ -34,6 +36,8 @@ def add_arguments(dp) -> None:
 def target(args):
     from edgeprop.targets import get_target
     if args.target == "c99":  # a microcontroller: C sources, a linker script and a Makefile
+        if args.fleet:
+            raise EdgepropError("--fleet needs the python target: a microcontroller cannot run a Flower SuperNode")
         try:
             return get_target("c99", data=args.data, train_samples=args.train_samples,
                               test_samples=args.test_samples, epochs=args.epochs, seed=args.seed,
@@ -42,7 +46,7 @@ def target(args):
             raise EdgepropError(f"--target c99 runs on the desktop and needs the mcu extra "
                                 f"(pip install 'edgeprop[mcu]'): {e}") from None
     return get_target("python", engine=args.engine, engine_version=args.engine_version, python=args.python,
-                      edgeprop_wheel=args.edgeprop_wheel)
+                      edgeprop_wheel=args.edgeprop_wheel, fleet=args.fleet)
 
 
 def run(args) -> int:

@@ -59,6 +59,9 @@ class TrainConfig:
     # ... or bytes the whole process may take on a device: the working set gets what is left
     # once the trainer has measured the runtime and data (its baseline)
     device_budget: int | None = None
+    # Names of the units this run trains (None: all). A fleet client trains the units the
+    # server assigned it; the others keep their weights (chained rules read their outputs).
+    units: tuple[str, ...] | None = None
 
     def check(self) -> TrainConfig:
         if self.order not in ORDERS:
@@ -122,7 +125,8 @@ class Trainer:
             raise EdgepropError(f"--order {config.order}: rule {bundle.rule} trains in "
                                 f"{' or '.join(self.rule.orders)} order only")
         self._infer = {}  # inference graphs, loaded when a rule needs one during training
-        self.plan = Plan(len(bundle.units), self.rule.n_batches, config.epochs, config.order)
+        self.trained = self._trained_units()  # bundle unit indices, in the order they step
+        self.plan = Plan(len(self.trained), self.rule.n_batches, config.epochs, config.order)
         self.lr = base_learning_rates(bundle, config)
         self.done = 0
         self.steps = {u.name: 0 for u in bundle.units}
@@ -130,6 +134,15 @@ class Trainer:
         # Per unit, per epoch: [sum of losses, updates]; one weighted loss per block to watch.
         self.history: dict[str, list[list[float]]] = {u.name: [] for u in bundle.units}
         self.saved = None  # work items done at the last checkpoint this run wrote or resumed from
+
+    def _trained_units(self) -> list[int]:
+        names = [u.name for u in self.bundle.units]
+        if self.config.units is None:
+            return list(range(len(names)))
+        unknown = sorted(set(self.config.units) - set(names))
+        if unknown or not self.config.units:
+            raise EdgepropError(f"units to train must be some of {', '.join(names)}; got {list(self.config.units)}")
+        return sorted(names.index(n) for n in set(self.config.units))
 
     def _initial_state(self):
         with open_arrays(self.bundle.path(INIT_STATE)) as (arrays, _):
@@ -226,7 +239,8 @@ class Trainer:
 
     # -- training ----------------------------------------------------------------------------
     def step(self, i: int) -> float:
-        unit_index, epoch, batch = self.plan.item(i)
+        k, epoch, batch = self.plan.item(i)
+        unit_index = self.trained[k]
         unit = self.bundle.units[unit_index]
         state = self.state[unit.name]
         n = self.steps[unit.name] + 1
@@ -291,8 +305,8 @@ class Trainer:
                 if checkpoints and (due or self.done == end):
                     self.save()
                     last_save = time.monotonic()
-                unit, epoch, _ = self.plan.item(self.done - 1)
-                bar.update(self.done, f"epoch {epoch + 1}/{self.plan.epochs} {self.bundle.units[unit].name}")
+                k, epoch, _ = self.plan.item(self.done - 1)
+                bar.update(self.done, f"epoch {epoch + 1}/{self.plan.epochs} {self.bundle.units[self.trained[k]].name}")
         finally:
             bar.close()
 

@@ -7,6 +7,8 @@ internet and no torch.
       wheels/          edgeprop, numpy and the engine, built for the device's CPU and Python
       setup            offline: check the checksums, make .venv, install from wheels/
       train, eval      run edgeprop from .venv on bundle/ (train with --device device.toml)
+      supernode        with --fleet: join a fleet as a Flower SuperNode (flwr and its
+                       dependencies are in wheels/; docs/fleet.md)
       SHA256SUMS       every file above
 
 Wheels come from `pip download --platform ... --only-binary=:all:`, so a device whose Python
@@ -47,7 +49,7 @@ set -e
 cd "$(dirname "$0")"
 sha256sum -c --quiet SHA256SUMS
 python3 -m venv .venv
-.venv/bin/pip install --quiet --no-index --find-links wheels edgeprop
+.venv/bin/pip install --quiet --no-index --find-links wheels '{package}'
 .venv/bin/edgeprop profile bundle --device device.toml
 """
 
@@ -56,6 +58,20 @@ RUN = """#!/bin/sh
 here="$(cd "$(dirname "$0")" && pwd)"
 exec "$here/.venv/bin/edgeprop" {command} "$here/bundle" {options}"$@"
 """
+
+SUPERNODE = """#!/bin/sh
+# Join a fleet (after ./setup): ./supernode SUPERLINK_HOST:PORT DATA [flower-supernode options],
+# e.g. ./supernode server:8000 my_data.npz --root-certificates ca.crt (docs/fleet.md).
+# This device trains the units the server assigns on DATA, within device.toml's memory.
+set -e
+here="$(cd "$(dirname "$0")" && pwd)"
+[ $# -ge 2 ] || { echo "usage: $0 SUPERLINK_HOST:PORT DATA [flower-supernode options]" >&2; exit 2; }
+superlink="$1"; data="$2"; shift 2
+export FLWR_TELEMETRY_ENABLED=0  # nothing leaves the fleet
+exec "$here/.venv/bin/flower-supernode" --superlink "$superlink" \\
+    --node-config "bundle='$here/bundle' device='$here/device.toml' data='$data'" "$@"
+"""
+FLWR = "flwr>=1.42,<2"  # as edgeprop's fleet extra
 
 
 def _version(text: str) -> tuple[int, ...]:
@@ -132,9 +148,9 @@ class Target:
     name = "python"
 
     def __init__(self, engine: str = "onnxruntime", engine_version: str | None = None, python: str | None = None,
-                 edgeprop_wheel: str | None = None):
+                 edgeprop_wheel: str | None = None, fleet: bool = False):
         self.engine, self.engine_version = engine, engine_version
-        self.python, self.edgeprop_wheel = python, edgeprop_wheel
+        self.python, self.edgeprop_wheel, self.fleet = python, edgeprop_wheel, fleet
 
     def check(self, bundle: Bundle, device: Profile) -> dict:
         """What the folder will hold for `device`: its Python and the wheels' requirements;
@@ -156,6 +172,10 @@ class Target:
         requirements = [engine_requirement(self.engine, self.engine_version), "numpy"]  # the engine first: pip names it
         if _version(python) < (3, 11):
             requirements.append("tomli")
+        if self.fleet:
+            if _version(python) < (3, 10):
+                raise EdgepropError(f"--fleet: Flower needs Python 3.10 or newer; {device.name} has {python}")
+            requirements.append(FLWR)
         return {"python": python, "requirements": requirements}
 
     def write(self, bundle: Bundle, device: Profile, out: str | Path, force: bool = False) -> Path:
@@ -169,8 +189,11 @@ class Target:
             wheels.mkdir()
             fetch_wheels(wheels, plan["requirements"], device.arch, plan["python"])
             edgeprop_wheel(wheels, self.edgeprop_wheel)
-            scripts = {"setup": SETUP, "eval": RUN.format(what="Evaluate", command="eval", options=""),
+            scripts = {"setup": SETUP.format(package="edgeprop[fleet]" if self.fleet else "edgeprop"),
+                       "eval": RUN.format(what="Evaluate", command="eval", options=""),
                        "train": RUN.format(what="Train", command="train", options='--device "$here/device.toml" ')}
+            if self.fleet:
+                scripts["supernode"] = SUPERNODE
             for name, text in scripts.items():
                 (tmp / name).write_text(text)
                 (tmp / name).chmod(0o755)

@@ -146,3 +146,20 @@ def test_setup_and_train_scripts_run_offline_on_an_x86_64_device(small_bundle, t
     assert evaluate.returncode == 0 and '"accuracy"' in evaluate.stdout, evaluate.stderr
     installed = {p.name.split("-")[0].lower() for p in (folder / ".venv").glob("lib/python*/site-packages/*.dist-info")}
     assert {"edgeprop", "numpy", "onnxruntime"} <= installed and "torch" not in installed
+
+
+def test_fleet_deploy_adds_flower_wheels_and_a_supernode_script(small_bundle, tmp_path):
+    out = tmp_path / "fleet"
+    edgeprop("deploy", small_bundle, "--device", "rpi5", "--out", out, "--engine-version", ENGINE_UNDER_QEMU, "--fleet")
+    wheels = {p.name.split("-")[0].lower() for p in (out / "wheels").iterdir()}
+    assert {"edgeprop", "onnxruntime", "flwr", "grpcio", "protobuf"} <= wheels and "torch" not in wheels
+    assert "ray" not in wheels  # a SuperNode needs no simulation engine
+    assert all("aarch64" in w.name or w.name.endswith("-none-any.whl") for w in (out / "wheels").iterdir())
+    assert "'edgeprop[fleet]'" in (out / "setup").read_text()
+    script = (out / "supernode").read_text()
+    assert "flower-supernode" in script and "FLWR_TELEMETRY_ENABLED=0" in script and "device.toml" in script
+    assert (out / "supernode").stat().st_mode & 0o111
+    check_checksums(out)
+    proc = edgeprop("deploy", small_bundle, "--device", "stm32f746", "--out", tmp_path / "mcu", "--target", "c99",
+                    "--fleet", check=False)
+    assert proc.returncode == 2 and "--fleet needs the python target" in proc.stderr

@@ -24,7 +24,7 @@ def test_folders_are_installed_only_inside_the_edgeprop_namespace(wheel):
     for module in ("edgeprop/runtimes/onnxruntime.py", "edgeprop/exporters/trace.py", "edgeprop/devices/__init__.py",
                    "edgeprop/devices/rpi-zero-2w.toml", "edgeprop/data/digits.npz", "edgeprop/cli/__init__.py",
                    "edgeprop/cli/train.py", "edgeprop/targets/python.py", "edgeprop/targets/c99.py",
-                   "edgeprop/targets/c99/driver.c", "edgeprop/targets/c99/link.ld.in"):
+                   "edgeprop/targets/c99/driver.c", "edgeprop/targets/c99/link.ld.in", "edgeprop/fleet/client.py"):
         assert module in names, module
     top_level = {n.split("/")[0] for n in names if not n.startswith("edgeprop-")}
     assert top_level == {"edgeprop"}, top_level

@@ -1,0 +1,309 @@
+"""The fleet's ServerApp: samples clients, assigns units, averages each unit over the clients
+that trained it, evaluates the global state on a test split and checkpoints it every round.
+
+Flower's strategies do the sampling and the aggregation: FedAvg (weighted by samples),
+FedProx (its mu goes to the clients, which pull each unit back towards the global weights
+after every step) and FedAdam (a server-side Adam step on the averaged update). A unit
+trained by no client this round keeps its weights. The global state is
+BUNDLE/checkpoints/last.npz, written atomically after every round, so `edgeprop eval` reads
+the fleet's model and a killed server resumes from its last finished round.
+"""
+from __future__ import annotations
+
+import logging
+import random
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
+
+from edgeprop import bundle as bundles
+from edgeprop import datasets
+from edgeprop.bundle import STATS, Bundle, flat_items
+from edgeprop.errors import BundleError, EdgepropError
+from edgeprop.storage import open_arrays, save_arrays
+from edgeprop.trainer import evaluate
+
+from . import records
+from .assign import Policy, assign
+from .assign import parse as parse_policy
+from .client import SLOT_POLICIES
+
+STRATEGIES = ("fedavg", "fedprox", "fedadam")
+RESUMABLE = ("strategy", "assign", "local_epochs", "order", "slots", "seed", "mu", "server_lr")  # must match to resume
+
+
+@dataclass
+class Settings:
+    rounds: int = 3
+    fraction: float = 1.0       # share of the connected clients sampled each round
+    min_clients: int = 1        # clients sampled each round at least
+    wait_for: int = 0           # a round starts once this many clients are connected (0: min_clients)
+    local_epochs: int = 1
+    assign: str = "all"
+    strategy: str = "fedavg"
+    mu: float = 0.01            # FedProx's proximal weight
+    server_lr: float = 0.01     # FedAdam's server learning rate (eta)
+    slots: str = "reset"        # optimizer slots between rounds on each client (reset: measured better,
+                                # docs/results.md; keep: a client's slots from its last round)
+    order: str = "interleaved"
+    seed: int = 0
+    round_timeout: float = 600.0  # seconds a round waits for replies; late clients are left out
+    test_data: str = "digits"
+    restart: bool = False       # start over although the bundle holds a fleet checkpoint
+
+    def check(self) -> Settings:
+        if self.rounds < 1:
+            raise EdgepropError("--rounds must be at least 1")
+        if not 0 < self.fraction <= 1:
+            raise EdgepropError(f"--fraction must be in (0, 1], got {self.fraction}")
+        if self.local_epochs < 1:
+            raise EdgepropError("--local-epochs must be at least 1")
+        if self.min_clients < 1:
+            raise EdgepropError("--min-clients must be at least 1")
+        if self.strategy not in STRATEGIES:
+            raise EdgepropError(f"--strategy must be one of {', '.join(STRATEGIES)}")
+        if self.slots not in SLOT_POLICIES:
+            raise EdgepropError(f"--slots must be one of {', '.join(SLOT_POLICIES)}")
+        if not self.mu >= 0 or not self.server_lr > 0 or not self.round_timeout > 0:
+            raise EdgepropError("--mu must be >= 0, --server-lr and --round-timeout positive")
+        parse_policy(self.assign)
+        return self
+
+    @property
+    def policy(self) -> Policy:
+        return parse_policy(self.assign)
+
+
+def strategy(s: Settings):
+    common = {"fraction_train": s.fraction, "fraction_evaluate": 0.0, "min_train_nodes": s.min_clients,
+              "min_available_nodes": max(s.min_clients, s.wait_for)}
+    if s.strategy == "fedprox":
+        return FedProx(**common, proximal_mu=s.mu)
+    if s.strategy == "fedadam":
+        return FedAdam(**common, eta=s.server_lr)
+    return FedAvg(**common)
+
+
+def merge(global_arrays: dict, results: list[tuple[float, dict]]) -> tuple[dict, dict]:
+    """Each unit's arrays averaged over the results (num-examples, arrays) that carry it,
+    weighted by num-examples; a unit no result carries keeps its global arrays. Also the
+    samples behind each unit."""
+    sums, weights = {}, {}
+    for n, arrays in results:
+        for key, value in arrays.items():
+            sums[key] = sums.get(key, 0.0) + n * value.astype(np.float64)
+            weights[key] = weights.get(key, 0.0) + n
+    merged = {k: (sums[k] / weights[k]).astype(np.float32) if k in sums else v for k, v in global_arrays.items()}
+    return merged, {records.unit_of(k): int(w) for k, w in weights.items()}
+
+
+class Fleet:
+    """One federated run of a bundle: its global state, its history, its checkpoint."""
+
+    def __init__(self, bundle: Bundle, settings: Settings, log: Callable[[str], None] = print):
+        self.bundle, self.settings, self.log = bundle, settings.check(), log
+        self.test = datasets.load(settings.test_data, "test")
+        datasets.check(self.test, bundle.input_shape, bundle.num_classes)
+        datasets.check_scale(self.test, *bundle.input_norm)
+        self.state, _ = bundle.initial_state()
+        self.round, self.history = 0, []
+        self.capacity = {}  # units each node's device holds, from its replies (by-memory)
+        self.strategy = strategy(settings)
+        self._resume()
+
+    # -- checkpoint ---------------------------------------------------------------------------
+    def _settings_record(self) -> dict:
+        return {k: v for k, v in asdict(self.settings).items() if k in RESUMABLE}
+
+    def _resume(self) -> None:
+        path = self.bundle.checkpoint_path()
+        if not path.is_file() or self.settings.restart:
+            return
+        with open_arrays(path) as (arrays, meta):
+            fleet = meta.get("fleet")
+            if meta.get("bundle") != self.bundle.id:
+                raise EdgepropError(f"{path}: checkpoint belongs to a different bundle")
+            if not isinstance(fleet, dict):
+                raise EdgepropError(f"{path} holds a checkpoint of `edgeprop train`; a fleet run would replace it: "
+                                    f"run the fleet on a copy of the bundle, or pass --restart")
+            if fleet.get("settings") != self._settings_record():
+                raise EdgepropError(f"{path}: fleet checkpoint was written with {fleet.get('settings')}, this run has "
+                                    f"{self._settings_record()}; resume with the same settings or pass --restart")
+            done, history = fleet.get("round"), fleet.get("history")
+            if not (isinstance(done, int) and 0 <= done and isinstance(history, list) and len(history) == done):
+                raise BundleError(f"{path}: fleet checkpoint's 'round' and 'history' do not agree; the file is not "
+                                  f"one edgeprop wrote")
+            self.state = bundles.split_state(self.bundle, arrays, str(path))
+            server = {k[len("server/"):]: arrays[k] for k in arrays if k.startswith("server/")}
+        self.round, self.history = done, history
+        for slot in ("m_t", "v_t"):  # FedAdam's server moments
+            moments = {k.split("/", 1)[1]: v for k, v in server.items() if k.startswith(slot + "/")}
+            if moments and hasattr(self.strategy, slot):
+                setattr(self.strategy, slot, moments)
+        self.log(f"resumed from round {self.round} ({path})")
+
+    def save(self) -> None:
+        for unit, tensors in self.state.items():  # a diverged global state never replaces a good one
+            if not all(np.all(np.isfinite(v)) for v in tensors.values()):
+                raise EdgepropError(f"the global state diverged: {unit} holds NaN or inf after round {self.round}; "
+                                    f"the checkpoint of the round before is kept")
+        extra = {}
+        for slot in ("m_t", "v_t"):
+            for key, value in (getattr(self.strategy, slot, None) or {}).items():
+                extra[f"server/{slot}/{key}"] = value
+        units = [u.name for u in self.bundle.units]
+        meta = {"bundle": self.bundle.id, "done": 0, "total": 0, "steps": {u: 0 for u in units}, "losses": {},
+                "history": {u: [] for u in units},
+                "fleet": {"round": self.round, "rounds": self.settings.rounds, "settings": self._settings_record(),
+                          "history": self.history}}
+        save_arrays(self.bundle.checkpoint_path(), [*flat_items(self.state), *extra.items()], meta)
+
+    # -- rounds ---------------------------------------------------------------------------------
+    def global_arrays(self) -> dict[str, np.ndarray]:
+        return records.shared_arrays(self.bundle, self.state)
+
+    def evaluate(self) -> float:
+        from edgeprop.runtimes import get_engine
+        return float(evaluate(self.bundle, get_engine("onnxruntime", threads=1), self.test, self.state)["accuracy"])
+
+    def _wait_for_clients(self, grid: Grid) -> None:
+        """Flower's strategies size the sample from the clients connected at that moment:
+        wait (up to the round timeout) until `wait_for` have connected."""
+        need, deadline = max(self.settings.wait_for, self.settings.min_clients), time.monotonic() + \
+            self.settings.round_timeout
+        while len(list(grid.get_node_ids())) < need and time.monotonic() < deadline:
+            time.sleep(0.2)
+
+    def _messages(self, grid: Grid, server_round: int, current: dict) -> tuple[list[Message], dict]:
+        s = self.settings
+        self._wait_for_clients(grid)
+        random.seed(s.seed * 1_000_003 + server_round)  # Flower samples nodes with `random`
+        config = ConfigRecord({"bundle-id": self.bundle.id, "local-epochs": s.local_epochs, "order": s.order,
+                               "slots": s.slots, "seed": s.seed})
+        sampled = list(self.strategy.configure_train(server_round, records.to_record(current), config, grid))
+        nodes = [m.metadata.dst_node_id for m in sampled]
+        units = assign(s.policy, nodes, len(self.bundle.units), server_round, self.capacity)
+        names = [u.name for u in self.bundle.units]
+        messages, sent = [], {}
+        for m in sampled:
+            node = m.metadata.dst_node_id
+            mine = [names[i] for i in units[node]]
+            cfg = ConfigRecord({**dict(m.content["config"]), "units": ",".join(mine)})
+            arrays = records.to_record(records.shared_arrays(self.bundle, self.state, mine))
+            sent[node] = arrays.count_bytes()
+            messages.append(Message(RecordDict({"arrays": arrays, "config": cfg}), dst_node_id=node,
+                                    message_type=MessageType.TRAIN))
+        return messages, sent
+
+    def run_round(self, grid: Grid) -> dict:
+        server_round, started = self.round + 1, time.monotonic()
+        current = self.global_arrays()
+        messages, sent = self._messages(grid, server_round, current)
+        replies = list(grid.send_and_receive(messages, timeout=self.settings.round_timeout))
+        # An error reply may come from the SuperLink (a node that stopped sending heartbeats):
+        # the message it answers names the node.
+        sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
+        ok, clients, failed, answered = [], [], [], set()
+        for r in replies:
+            node = sent_to.get(r.metadata.reply_to_message_id, r.metadata.src_node_id)
+            answered.add(node)
+            if r.has_error():
+                failed.append({"node": node, "error": r.error.reason})
+                self.log(f"round {server_round}: node {node} left out: {r.error.reason}")
+                continue
+            try:
+                records.check_arrays(self.bundle, records.from_record(r.content["arrays"]), f"node {node}'s reply")
+                metrics = r.content["metrics"]
+                if not float(metrics["num-examples"]) > 0:
+                    raise EdgepropError(f"node {node}'s reply: num-examples must be positive")
+            except (EdgepropError, KeyError, TypeError, ValueError) as e:
+                failed.append({"node": node, "error": str(e)})
+                self.log(f"round {server_round}: node {node} left out: {e}")
+                continue
+            ok.append(r)
+            self.capacity[node] = int(metrics["capacity"])
+            clients.append({"node": node, "client": int(metrics["client"]), "sent": sent.get(node, 0),
+                            "received": r.content["arrays"].count_bytes(), "samples": int(metrics["num-examples"]),
+                            "units": sorted({records.unit_of(k) for k in r.content["arrays"]}),
+                            "loss": float(metrics["loss"]), "seconds": float(metrics["seconds"])})
+        for node in sent:
+            if node not in answered:
+                failed.append({"node": node, "error": f"no reply within {self.settings.round_timeout:g} s"})
+                self.log(f"round {server_round}: node {node} left out: no reply in time")
+        if ok:
+            self._aggregate(server_round, current, ok)
+        else:
+            self.log(f"round {server_round}: no client answered; the global state is unchanged")
+        accuracy = self.evaluate()
+        self.round = server_round
+        entry = {"round": server_round, "accuracy": accuracy, "clients": clients, "failed": failed,
+                 "seconds": time.monotonic() - started}
+        self.history.append(entry)
+        self.save()
+        self.log(f"round {server_round}/{self.settings.rounds}: accuracy {accuracy:.4f}, {len(ok)} clients, "
+                 f"{len(failed)} left out, {entry['seconds']:.1f} s")
+        return entry
+
+    def _aggregate(self, server_round: int, current: dict, replies: list[Message]) -> None:
+        """Average each unit over its clients, then let the strategy take its server step
+        (FedAdam: Adam on the averaged update; FedAvg, FedProx: the average itself)."""
+        merged, _ = merge(current, [(float(r.content["metrics"]["num-examples"]), records.from_record(
+            r.content["arrays"])) for r in replies])
+        one = Message(RecordDict({"arrays": records.to_record(merged),
+                                  "metrics": MetricRecord({"num-examples": 1})}),
+                      dst_node_id=0, message_type=MessageType.TRAIN)
+        quiet = logging.getLogger("flwr")  # it would log "Received 1 results" for this one message
+        level, _ = quiet.level, quiet.setLevel(logging.WARNING)
+        try:
+            arrays, _ = self.strategy.aggregate_train(server_round, [one])
+        finally:
+            quiet.setLevel(level)
+        result = records.from_record(arrays)
+        for key, value in result.items():
+            # Running statistics are averages, not gradients' products: never a server step.
+            value = merged[key] if key.endswith("/" + STATS) else value
+            self.state[records.unit_of(key)][key.rsplit("/", 1)[1]][...] = value
+
+    def run(self, grid: Grid) -> list[dict]:
+        while self.round < self.settings.rounds:
+            self.run_round(grid)
+        return self.history
+
+
+def settings_from(run_config: dict) -> tuple[str, Settings]:
+    """(bundle path, Settings) from a Flower run config (the App's pyproject [tool.flwr.app.config])."""
+    known = {k.replace("_", "-"): k for k in Settings.__dataclass_fields__}
+    values = {known[k]: v for k, v in run_config.items() if k in known}
+    if "bundle" not in run_config:
+        raise EdgepropError("the run config has no 'bundle' (the bundle's folder on the server)")
+    return str(run_config["bundle"]), Settings(**values)
+
+
+def server_app(fleet: Fleet | None = None) -> ServerApp:
+    """A ServerApp that runs `fleet` (simulation: made and checked before Flower starts), or
+    one made from the run config (the App's pyproject [tool.flwr.app.config])."""
+    app = ServerApp()
+
+    @app.main()
+    def _main(grid: Grid, context: Context) -> None:
+        if fleet is not None:
+            fleet.run(grid)
+            return
+        from edgeprop import lock
+        try:
+            path, settings = settings_from(dict(context.run_config))
+            bundle = bundles.load(path)
+            bundle.check_writable()
+            with lock.held(bundle.root, "run a fleet on it"):
+                Fleet(bundle, settings).run(grid)
+        except (EdgepropError, OSError) as e:
+            print(f"edgeprop fleet server: error: {e}", file=sys.stderr)
+            raise SystemExit(2) from None
+
+    return app

@@ -1,0 +1,252 @@
+"""Federated training on Flower (edgeprop.fleet): partitions, assignment, the client's
+round, the server's per-unit averaging and checkpoint, and `edgeprop fleet simulate`."""
+import json
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+pytest.importorskip("flwr")
+
+from conftest import ROOT, edgeprop  # noqa: E402
+from edgeprop import bundle as bundles  # noqa: E402
+from edgeprop import datasets  # noqa: E402
+from edgeprop.datasets import Dataset  # noqa: E402
+from edgeprop.device_profile import Profile  # noqa: E402
+from edgeprop.errors import DataError, EdgepropError  # noqa: E402
+from edgeprop.fleet import assign, partition, records  # noqa: E402
+from edgeprop.fleet.client import Setup, train  # noqa: E402
+from edgeprop.fleet.server import merge  # noqa: E402
+from edgeprop.runtimes import get_engine  # noqa: E402
+from edgeprop.storage import load_arrays  # noqa: E402
+
+Y = np.repeat(np.arange(10), 40)  # 40 shards of 10: each shard one class
+
+
+@pytest.mark.parametrize("how", ["iid", "dirichlet:0.5", "dirichlet:0.1", "shard:2"])
+def test_partitions_cover_every_sample_once_and_leave_no_client_empty(how):
+    parts = partition.partition(Y, 20, how, seed=3)
+    together = np.concatenate(parts)
+    assert len(parts) == 20 and min(len(p) for p in parts) > 0
+    assert sorted(together.tolist()) == list(range(len(Y)))
+    assert [p.tolist() for p in partition.partition(Y, 20, how, seed=3)] == [p.tolist() for p in parts]
+
+
+def test_label_skew_grows_as_alpha_shrinks_and_shards_hold_few_classes():
+    def classes(how):
+        return np.mean([len(np.unique(Y[p])) for p in partition.partition(Y, 20, how, seed=0)])
+    assert classes("iid") > classes("dirichlet:1") > classes("dirichlet:0.05")
+    assert classes("shard:2") <= 2
+
+
+@pytest.mark.parametrize("text", ["dirichlet", "dirichlet:0", "dirichlet:-1", "shard:0", "shard:x", "random", "iid:2"])
+def test_bad_partition_is_one_clear_error(text):
+    with pytest.raises(EdgepropError, match="--partition"):
+        partition.parse(text)
+
+
+def test_blocks_round_robin_covers_every_unit_each_round_and_rotates():
+    policy = assign.parse("blocks:1")
+    seen = {}
+    for rnd in (1, 2, 3):
+        deal = assign.assign(policy, [7, 3, 5, 1, 9, 4, 2, 8, 6, 0, 11], 11, rnd)
+        assert sorted(u for units in deal.values() for u in units) == list(range(11))
+        seen[rnd] = deal[0]
+    assert len({tuple(v) for v in seen.values()}) > 1  # a client meets different units over rounds
+    with pytest.raises(EdgepropError, match="cover fewer"):
+        assign.check_coverage(assign.parse("blocks:2"), 5, 11)
+
+
+def test_by_memory_deals_each_client_what_it_holds_and_all_gives_everything():
+    deal = assign.assign(assign.parse("by-memory"), [1, 2, 3], 11, 1, {1: 2, 2: 11})
+    assert [len(deal[n]) for n in (1, 2, 3)] == [2, 11, 11]  # node 3 unknown yet: offered all
+    assert assign.assign(assign.parse("all"), [4, 5], 3, 9) == {4: [0, 1, 2], 5: [0, 1, 2]}
+    for bad in ("blocks:0", "blocks", "memory", "all:1"):
+        with pytest.raises(EdgepropError, match="--assign"):
+            assign.parse(bad)
+
+
+def profile(ram: int) -> Profile:
+    return Profile("tiny", "tiny", "linux", "aarch64", 1, ram, 1 << 30, 1.0, ("fp32",), ("onnxruntime",))
+
+
+def test_by_memory_capacity_follows_the_plan_and_refuses_a_device_too_small(digits_bundle):
+    b = bundles.load(digits_bundle)
+    counts = []
+    for mib in range(40, 400, 4):
+        try:
+            counts.append(assign.units_that_fit(b, profile(mib << 20), "onnxruntime", 1 << 20))
+        except EdgepropError as e:
+            assert "cannot hold even one unit" in str(e)
+            counts.append(0)
+    assert counts == sorted(counts) and counts[0] == 0 and counts[-1] == len(b.units)
+    assert any(0 < c < len(b.units) for c in counts)
+
+
+@pytest.fixture(scope="module")
+def client(digits_bundle):
+    b = bundles.load(digits_bundle)
+    data = datasets.load("digits", "train")
+    return Setup(b, Dataset(data.x[:200], data.y[:200], "digits:train[:200]"), client=0).check()
+
+
+def config(b, **over):
+    return {"bundle-id": b.id, "units": "block3,head", "local-epochs": 1, "seed": 0, "server-round": 1,
+            "slots": "keep", **over}
+
+
+def test_client_trains_only_its_units_and_keeps_its_slots_between_rounds(client):
+    b, engine = client.bundle, get_engine("onnxruntime")
+    state, _ = b.initial_state()
+    sent = records.shared_arrays(b, state)
+    memory = {}
+    arrays, metrics = train(client, engine, sent, config(b), memory)
+    assert sorted(arrays) == ["block3/param", "head/param"]  # only what it trained goes back
+    assert not np.allclose(arrays["block3/param"], sent["block3/param"])
+    assert metrics["num-examples"] == 200 and np.isfinite(metrics["loss"]) and metrics["capacity"] == len(b.units)
+    steps = -(-200 // b.batch_size)
+    assert set(memory) == {"block3", "head"} and memory["head"][1] == steps  # slots kept
+    again, _ = train(client, engine, sent, config(b, **{"server-round": 2}), memory)
+    assert memory["head"][1] == 2 * steps  # the step count (Adam's bias correction) continues
+    reset, _ = train(client, engine, sent, config(b, **{"server-round": 2, "slots": "reset"}), {})
+    assert not np.allclose(again["head/param"], reset["head/param"])
+
+
+def test_fedprox_pulls_the_trained_weights_towards_the_global_ones(client):
+    b, engine = client.bundle, get_engine("onnxruntime")
+    state, _ = b.initial_state()
+    sent = records.shared_arrays(b, state)
+    free, _ = train(client, engine, sent, config(b, units="block1"), {})
+    prox, _ = train(client, engine, sent, config(b, units="block1", **{"proximal-mu": 5.0}), {})
+    drift = [np.linalg.norm(a["block1/param"] - sent["block1/param"]) for a in (free, prox)]
+    assert drift[1] < drift[0]
+
+
+def test_client_refuses_another_bundle_and_bad_data_in_one_line(client):
+    b = client.bundle
+    state, _ = b.initial_state()
+    with pytest.raises(EdgepropError, match="the server trains bundle 0000") as e:
+        train(client, get_engine("onnxruntime"), records.shared_arrays(b, state),
+              config(b, **{"bundle-id": "0000"}), {})
+    assert "\n" not in str(e.value)
+    data = datasets.load("digits", "train")
+    with pytest.raises(DataError, match="features"):
+        Setup(b, Dataset(data.x[:50, :32], data.y[:50], "narrow")).check()
+    with pytest.raises(DataError, match="outside the model's 10 classes"):
+        Setup(b, Dataset(data.x[:50], data.y[:50] + 5, "labels")).check()
+    with pytest.raises(EdgepropError, match="cannot hold even one unit"):
+        replace(client, device=profile(1 << 20)).check()
+
+
+def test_server_averages_each_unit_over_the_clients_that_trained_it():
+    def reply(n, **arrays):
+        return n, {k.replace("_", "/"): np.full(2, v, np.float32) for k, v in arrays.items()}
+
+    current = {"a/param": np.zeros(2, np.float32), "b/param": np.zeros(2, np.float32),
+               "c/param": np.full(2, 7, np.float32)}
+    merged, samples = merge(current, [reply(1, a_param=1.0, b_param=4.0), reply(3, a_param=5.0)])
+    assert merged["a/param"].tolist() == [4.0, 4.0]     # (1*1 + 3*5) / 4
+    assert merged["b/param"].tolist() == [4.0, 4.0]     # only the first client trained b
+    assert merged["c/param"].tolist() == [7.0, 7.0]     # nobody trained c: unchanged
+    assert samples == {"a": 4, "b": 1}
+
+
+def block_torch(tmp_path, monkeypatch) -> None:
+    """Every process started from here on (Ray's workers, Flower's app processes) finds a
+    `torch` that refuses to import: the fleet's device side must never need it."""
+    stub = tmp_path / "blocked" / "torch"
+    stub.mkdir(parents=True)
+    (stub / "__init__.py").write_text("raise ImportError('torch is blocked: the device side must not import it')\n")
+    monkeypatch.setenv("PYTHONPATH", str(stub.parent))
+
+
+@pytest.mark.slow  # Ray's start-up and two simulations: about a minute
+def test_simulate_20_clients_3_rounds_then_resume_and_evaluate(bundle_copy, tmp_path, monkeypatch):
+    """Flower's simulation engine, 20 torch-free clients: blocks:1 uploads one unit per
+    client; a second run with more rounds resumes from the checkpoint; eval reads it."""
+    block_torch(tmp_path, monkeypatch)
+    report = tmp_path / "fleet.json"
+    proc = edgeprop("fleet", "simulate", bundle_copy, "--data", "digits", "--clients", "20", "--rounds", "2",
+                    "--fraction", "0.6", "--local-epochs", "3", "--partition", "dirichlet:0.5", "--assign", "blocks:1",
+                    "--json", report, timeout=300)
+    assert "round 2/2" in proc.stdout
+    r = json.loads(report.read_text())
+    b = bundles.load(bundle_copy)
+    assert len(r["history"]) == 2 and len(r["accuracy"]) == 2 and r["clients"] == 20
+    for entry in r["history"]:
+        assert len(entry["clients"]) == 12 and not entry["failed"]
+        trained = [u for c in entry["clients"] for u in c["units"]]
+        assert len(trained) == 12 and set(trained) == {u.name for u in b.units}  # 12 x 1 unit covers all 11
+        assert all(0 < c["received"] < 0.2 * sum(4 * u.n_params for u in b.units) for c in entry["clients"])
+    proc = edgeprop("fleet", "simulate", bundle_copy, "--data", "digits", "--clients", "20", "--rounds", "3",
+                    "--fraction", "0.6", "--local-epochs", "3", "--partition", "dirichlet:0.5", "--assign", "blocks:1",
+                    "--json", report, timeout=300)
+    assert "resumed from round 2" in proc.stdout and "round 3/3" in proc.stdout
+    _, meta = load_arrays(bundle_copy / "checkpoints" / "last.npz")
+    assert meta["fleet"]["round"] == 3 and len(json.loads(report.read_text())["history"]) == 3
+    out = edgeprop("eval", bundle_copy, "--data", "digits").stdout
+    assert f"{json.loads(report.read_text())['final_accuracy']:.4f}" in out
+
+
+def test_simulate_refuses_bad_settings_before_flower_starts(bundle_copy):
+    for args, message in ((["--assign", "blocks:1", "--clients", "5"], "cover fewer"),
+                          (["--partition", "dirichlet:0"], "--partition"),
+                          (["--fraction", "0"], "--fraction"),
+                          (["--device", "nope"], "unknown device")):
+        proc = edgeprop("fleet", "simulate", bundle_copy, "--data", "digits", *args, check=False)
+        assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and message in proc.stderr, proc.stderr
+
+
+def test_a_train_checkpoint_is_never_replaced_by_a_fleet(bundle_copy):
+    edgeprop("train", bundle_copy, "--epochs", "1", "--quiet")
+    before = (bundle_copy / "checkpoints" / "last.npz").read_bytes()
+    proc = edgeprop("fleet", "simulate", bundle_copy, "--data", "digits", "--clients", "2", check=False)
+    assert proc.returncode == 2 and "checkpoint of `edgeprop train`" in proc.stderr
+    assert (bundle_copy / "checkpoints" / "last.npz").read_bytes() == before
+
+
+def test_a_forged_fleet_checkpoint_is_refused_in_one_line_and_kept(bundle_copy):
+    from edgeprop.errors import BundleError
+    from edgeprop.fleet.server import Fleet, Settings
+    from edgeprop.storage import save_arrays
+    b = bundles.load(bundle_copy)
+    state, _ = b.initial_state()
+    fleet = Fleet(b, Settings())
+    record = {"round": 3, "history": [], "settings": fleet._settings_record()}
+    path = bundle_copy / "checkpoints" / "last.npz"
+    arrays = {f"{u}/{k}": v for u, t in state.items() for k, v in t.items()}
+    save_arrays(path, arrays, {"bundle": b.id, "fleet": record})
+    before = path.read_bytes()
+    with pytest.raises(BundleError, match="do not agree") as e:
+        Fleet(b, Settings())
+    assert "\n" not in str(e.value) and path.read_bytes() == before
+
+
+def test_fleet_modules_import_without_torch():
+    import subprocess
+    import sys
+    code = ("import sys, pkgutil, importlib; sys.modules.update(torch=None, onnx=None)\n"
+            "import edgeprop.fleet\n"
+            "for m in pkgutil.iter_modules(edgeprop.fleet.__path__, 'edgeprop.fleet.'):\n"
+            "    importlib.import_module(m.name)\n"
+            "assert not {'torch', 'onnx'} & {m for m, v in sys.modules.items() if v is not None}")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.slow  # two simulations
+@pytest.mark.parametrize("strategy", ["fedprox", "fedadam"])
+def test_flowers_other_strategies_train_and_checkpoint_their_state(bundle_copy, strategy):
+    for rounds in ("1", "2"):
+        proc = edgeprop("fleet", "simulate", bundle_copy, "--data", "digits", "--clients", "3", "--rounds", rounds,
+                        "--strategy", strategy, timeout=300)
+        assert f"round {rounds}/{rounds}" in proc.stdout
+    arrays, meta = load_arrays(bundle_copy / "checkpoints" / "last.npz")
+    assert meta["fleet"]["round"] == 2 and meta["fleet"]["settings"]["strategy"] == strategy
+    b = bundles.load(bundle_copy)
+    init, _ = b.initial_state()
+    assert not np.allclose(arrays["block1/param"], init["block1"]["param"])
+    moments = {k for k in arrays if k.startswith("server/")}  # FedAdam's m_t and v_t, kept for a resume
+    assert (moments == set()) == (strategy == "fedprox")
+    if strategy == "fedadam":
+        assert {f"server/{m}/head/param" for m in ("m_t", "v_t")} <= moments
