@@ -108,3 +108,39 @@ def _max_pool2d_with_indices_backward(grad_out, x, kernel_size, stride, padding,
 
 DECOMPOSITIONS = {aten.convolution_backward.default: _convolution_backward,
                   aten.max_pool2d_with_indices_backward.default: _max_pool2d_with_indices_backward}
+
+
+def avg_pool2d_grad(grad_out, x, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override):
+    """grad_input of y = avg_pool2d(x, ...): average pooling is a depthwise convolution with
+    a uniform kernel, so its gradient is that convolution transposed (`transposed`). Exact when
+    every window divides by the kernel's area: no padding, or padding counted (torch's
+    default); other cases are refused when the model is captured (capture.check_ops)."""
+    if x.dim() != 4 or ceil_mode or (any(padding) and not count_include_pad):
+        raise NotImplementedError("edgeprop decomposes the gradient of 2-D average pooling without ceil_mode, "
+                                  "with padding counted in the average")
+    def pair(v):
+        return tuple(v) * 2 if len(v) == 1 else tuple(v)
+    (kh, kw), c = pair(kernel_size), x.shape[1]
+    area = divisor_override or kh * kw
+    kernel = torch.full((c, 1, kh, kw), 1.0 / area, dtype=x.dtype)
+    return transposed(grad_out, kernel, pair(stride or kernel_size), pair(padding), (1, 1), c, x.shape[2:])
+
+
+DECOMPOSITIONS[aten.avg_pool2d_backward.default] = avg_pool2d_grad
+
+
+def _torch_decompositions(ops):
+    from torch._decomp import get_decompositions
+    return get_decompositions(ops)
+
+
+# The forward pass of a captured model (exporters/capture.py) in elementary ops, so that
+# every gradient is made of ops each engine has (no HardSwishGrad, LayerNormGrad, ...).
+FORWARD_DECOMPOSITIONS = _torch_decompositions([
+    aten.hardswish, aten.hardsigmoid, aten.silu, aten.gelu, aten.native_layer_norm, aten._softmax,
+    aten._log_softmax, aten.hardtanh, aten.mish, aten.native_batch_norm, aten.elu])
+# ... and the gradients of elementary ops that have no lowering of their own.
+STEP_DECOMPOSITIONS = {**DECOMPOSITIONS, **_torch_decompositions([
+    aten.sigmoid_backward, aten.tanh_backward, aten.hardtanh_backward, aten.leaky_relu_backward,
+    aten._softmax_backward_data, aten._log_softmax_backward_data, aten.native_layer_norm_backward,
+    aten.gelu_backward, aten.silu_backward, aten.hardswish_backward, aten.hardsigmoid_backward])}
