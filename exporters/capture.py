@@ -38,22 +38,18 @@ from .conv_grad import FORWARD_DECOMPOSITIONS
 aten = torch.ops.aten
 
 # Forward ops whose forward and gradient export (tested layer by layer).
-SUPPORTED = {
-    "aten.convolution.default", "aten.addmm.default", "aten.mm.default", "aten.bmm.default", "aten.t.default",
-    "aten.permute.default", "aten.transpose.int", "aten.view.default", "aten._unsafe_view.default",
-    "aten.reshape.default", "aten.clone.default", "aten.expand.default", "aten.unsqueeze.default",
-    "aten.squeeze.dim", "aten.squeeze.dims", "aten.cat.default", "aten.split.Tensor", "aten.split_with_sizes.default",
-    "aten.slice.Tensor", "aten.select.int", "aten.add.Tensor", "aten.sub.Tensor", "aten.mul.Tensor",
-    "aten.div.Tensor", "aten.neg.default", "aten.relu.default", "aten.hardtanh.default", "aten.clamp.default",
-    "aten.clamp_min.default", "aten.clamp_max.default", "aten.sigmoid.default", "aten.tanh.default",
-    "aten.exp.default", "aten.log.default", "aten.sqrt.default", "aten.rsqrt.default", "aten.pow.Tensor_Scalar",
-    "aten.erf.default", "aten.mean.dim", "aten.mean.default", "aten.sum.dim_IntList", "aten.sum.default", "aten.var.correction", "aten.amax.default",
-    "aten.max_pool2d_with_indices.default", "aten.avg_pool2d.default", "aten.leaky_relu.default",
-    "aten.where.self", "aten.gt.Scalar", "aten.lt.Scalar", "aten.ge.Scalar", "aten.le.Scalar",
-    "aten.minimum.default", "aten.maximum.default", "aten.detach.default", "aten.alias.default",
-    "aten._to_copy.default", "aten.scalar_tensor.default", "aten.full.default", "aten.zeros.default",
-    "aten.ones.default", "aten.lift_fresh_copy.default", "aten.copy.default", "aten.flatten.using_ints",
-    "getitem"}
+SUPPORTED = {f"aten.{op}" for op in """
+    _to_copy.default _unsafe_view.default add.Tensor addmm.default alias.default amax.default
+    avg_pool2d.default bmm.default cat.default clamp.default clamp_max.default clamp_min.default clone.default
+    convolution.default copy.default detach.default div.Tensor erf.default exp.default expand.default
+    flatten.using_ints full.default ge.Scalar gt.Scalar hardtanh.default le.Scalar leaky_relu.default
+    lift_fresh_copy.default log.default lt.Scalar max_pool2d_with_indices.default maximum.default mean.default
+    mean.dim minimum.default mm.default mul.Tensor neg.default ones.default permute.default pow.Tensor_Scalar
+    relu.default reshape.default rsqrt.default scalar_tensor.default select.int sigmoid.default slice.Tensor
+    split.Tensor split_with_sizes.default sqrt.default squeeze.dim squeeze.dims sub.Tensor sum.default
+    sum.dim_IntList t.default tanh.default transpose.int unsqueeze.default var.correction view.default
+    where.self zeros.default
+""".split()} | {"getitem"}
 
 
 def op_name(target) -> str:
@@ -86,19 +82,25 @@ class TrackedBatchNorm(nn.Module):
     running statistics collected (torch's momentum update, unbiased variance); the running
     ones otherwise. With every mask 1 it is torch's BatchNorm in train mode (tested)."""
 
-    def __init__(self, bn: nn.BatchNorm1d | nn.BatchNorm2d, path: str):
+    def __init__(self, bn: nn.BatchNorm1d | nn.BatchNorm2d, path: str, frozen: bool = False):
         super().__init__()
         self.path, self.features, self.eps, self.momentum = path, bn.num_features, bn.eps, bn.momentum
-        self.weight, self.bias = bn.weight, bn.bias
+        self.weight, self.bias, self.frozen = bn.weight, bn.bias, frozen
+        if frozen:  # eval-mode BatchNorm: its running statistics are constants
+            self.register_buffer("running_mean", bn.running_mean)
+            self.register_buffer("running_var", bn.running_var)
 
     def forward(self, h):
         ctx = _CONTEXT[-1]
-        running = ctx.stats[self.path]
         n = self.features
-        running_mean, running_var = running[:n], running[n:]
+        if self.frozen:
+            running_mean, running_var = self.running_mean, self.running_var
+        else:
+            running = ctx.stats[self.path]
+            running_mean, running_var = running[:n], running[n:]
         axes = [0] + list(range(2, h.dim()))
         shape = [1, n] + [1] * (h.dim() - 2)
-        if ctx.sample_mask is None:
+        if ctx.sample_mask is None or self.frozen:
             mean, var = running_mean, running_var
         else:
             m = ctx.sample_mask.reshape([-1] + [1] * (h.dim() - 1))
@@ -193,15 +195,18 @@ def prepare(model: nn.Module, example: torch.Tensor, trainable="all") -> Prepare
     p = Prepared(model, [], [])
     for path, m in list(model.named_modules()):
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and type(m) in (nn.BatchNorm1d, nn.BatchNorm2d):
-            tracks = m.weight is None and trainable in (None, "all") or \
-                any(f"{path}.{n}" in chosen for n, _ in m.named_parameters())
+            # Batch statistics where the scale trains (all, bn, last:K); a frozen scale
+            # (bias-only fine-tuning included) keeps the pretrained statistics.
+            tracks = f"{path}.weight" in chosen if m.weight is not None else trainable in (None, "all")
+            if not tracks and m.running_mean is None:
+                raise EdgepropError(f"{path}: a frozen BatchNorm needs running statistics (track_running_stats=True)")
             if tracks:
                 if m.momentum is None or not m.track_running_stats:
                     raise EdgepropError(f"{path}: BatchNorm with momentum=None or without running statistics "
                                         "is not supported")
                 p.stats[path] = m.num_features
                 p.running[path] = torch.cat([m.running_mean, m.running_var]).detach().float()
-                _replace(model, path, TrackedBatchNorm(m, path))
+            _replace(model, path, TrackedBatchNorm(m, path, frozen=not tracks))
         elif type(m) in (nn.Dropout, nn.Dropout1d, nn.Dropout2d) and m.p > 0:
             if type(m) is not nn.Dropout:
                 raise EdgepropError(f"{path}: {type(m).__name__} is not supported (nn.Dropout is)")
@@ -247,7 +252,6 @@ def trace(p: Prepared, example: torch.Tensor, train: bool) -> Captured:
         roles += [f"drop:{d}" for d in p.dropout] + ["mask"]
     stack: list[str] = []
     tags: dict[str, tuple[str, ...]] = {}
-    events = []
 
     def enter(path):
         def hook(mod, args):
@@ -292,7 +296,6 @@ def trace(p: Prepared, example: torch.Tensor, train: bool) -> Captured:
     finally:
         for h in hooks:
             h.remove()
-    del events
     outputs = ["out"] + ([f"stats:{s}" for s in p.stats] if train else [])
     return Captured(gm, tags, roles, outputs)
 
@@ -328,7 +331,19 @@ def check_ops(c: Captured) -> None:
         if node.op != "call_function":
             continue
         name = op_name(node.target)
+        if name == "aten.avg_pool2d.default":
+            _check_avg_pool(node, c.modules.get(node.name) or ("<top level>",))
         if name not in SUPPORTED:
             where = c.modules.get(node.name) or ()
             raise EdgepropError(f"{name} (from module {where[-1] if where else '<top level>'!r}) has no lowering in "
                                 f"edgeprop; supported ops: {', '.join(sorted(SUPPORTED))}")
+
+
+def _check_avg_pool(node, where) -> None:
+    """Average pooling whose gradient edgeprop writes as forward ops (conv_grad.avg_pool2d_grad)."""
+    args = list(node.args) + [None] * 7
+    padding, ceil_mode = args[3] or [0], bool(args[4])
+    count_include_pad = True if args[5] is None else bool(args[5])
+    if ceil_mode or (any(padding) and not count_include_pad):
+        raise EdgepropError(f"{where[-1]}: AvgPool2d with ceil_mode=True or count_include_pad=False is not supported "
+                            "(its gradient has no lowering); use ceil_mode=False and count_include_pad=True")

@@ -139,6 +139,20 @@ def _torch_decompositions(ops):
 FORWARD_DECOMPOSITIONS = _torch_decompositions([
     aten.hardswish, aten.hardsigmoid, aten.silu, aten.gelu, aten.native_layer_norm, aten._softmax,
     aten._log_softmax, aten.hardtanh, aten.mish, aten.native_batch_norm, aten.elu])
+
+
+def _var_mean(x, dim=None, *, correction=None, keepdim=False):
+    """LayerNorm's statistics in elementary ops (torch's own decomposition ends in prims.var)."""
+    dims = list(range(x.dim())) if dim is None else list(dim)
+    n = 1
+    for d in dims:
+        n *= x.shape[d]
+    mean = x.mean(dims, keepdim=True)
+    var = ((x - mean) ** 2).sum(dims, keepdim=keepdim) / max(n - (1 if correction is None else correction), 1)
+    return var, mean if keepdim else mean.squeeze(dims)
+
+
+FORWARD_DECOMPOSITIONS[aten.var_mean.correction] = _var_mean
 # ... and the gradients of elementary ops that have no lowering of their own.
 STEP_DECOMPOSITIONS = {**DECOMPOSITIONS, **_torch_decompositions([
     aten.sigmoid_backward, aten.tanh_backward, aten.hardtanh_backward, aten.leaky_relu_backward,

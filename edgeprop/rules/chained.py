@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .. import prng
 from .base import Rule, RunUnit, normalise, padded
 
 
@@ -33,7 +34,20 @@ class Chained(Rule):
 
     def feeds(self, index: int, epoch: int, batch: int) -> dict[str, np.ndarray]:
         idx, mask = self.batch(epoch, batch)
-        return {"x": self._input(index, epoch, batch, idx), "target": self.onehot[self.y[idx]], "mask": mask}
+        return {"x": self._input(index, epoch, batch, idx), "target": self.onehot[self.y[idx]], "mask": mask,
+                **self._dropout(index, epoch, batch, len(idx))}
+
+    def _dropout(self, index: int, epoch: int, batch: int, size: int) -> dict[str, np.ndarray]:
+        """A captured model's dropout masks for this step (manifest model.units[i].dropout:
+        [module, shape, p] per site): 0, or 1/(1-p) for kept elements."""
+        units = self.bundle.model.get("units")
+        if not units:
+            return {}
+        masks = {}
+        for k, (_, shape, p) in enumerate(units[index]["dropout"]):
+            draw = prng.uniform(prng.key(self.seed, prng.DROPOUT, epoch, batch, index, k), (size, *shape))
+            masks[f"drop{k + 1}"] = ((draw >= p) / np.float32(1 - p)).astype(np.float32)
+        return masks
 
     def observe(self, index: int, epoch: int, batch: int, outputs: dict) -> None:
         if index + 1 < len(self.bundle.units):
