@@ -213,3 +213,76 @@ def test_exported_units_train_like_torch_on_onnxruntime_and_litert(rule, options
         assert report["lockstep"]["max_abs_diff"] <= 1e-4, (engine, report["lockstep"])
     state = np.load(out / "state" / "init.npz")
     assert "network/opt.buf" in state or rule == "zeroth-order" or len(state["block1/opt.buf"])
+
+
+MODEL_FILE = '''
+import torch
+from torch import nn
+
+
+def build():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                         nn.Flatten(), nn.Linear(4, CLASSES))
+
+
+def not_a_model():
+    return 3
+'''
+
+
+@pytest.fixture
+def model_file(tmp_path):
+    path = tmp_path / "mine.py"
+    path.write_text(MODEL_FILE.replace("CLASSES", "10"))
+    return path
+
+
+def _cli_error(capsys, *args) -> str:
+    from edgeprop.cli import main
+    assert main(["export", "--data", "digits", "--quiet", *map(str, args)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "Traceback" not in err
+    return err
+
+
+def test_cli_refuses_bad_models_and_weights(model_file, tmp_path, capsys):
+    out = tmp_path / "b"
+    assert "no function 'nope'" in _cli_error(capsys, "--model", f"{model_file}:nope", "--out", out)
+    assert "not a torch.nn.Module" in _cli_error(capsys, "--model", f"{model_file}:not_a_model", "--out", out)
+    assert "mlp, cnn, FILE.py:FUNCTION or FILE.pt2" in _cli_error(capsys, "--model", "resnet", "--out", out)
+    pickled = tmp_path / "code.pt"
+    torch.save({"fn": print}, pickled)  # a pickled function: weights_only refuses it
+    assert "weights_only=True" in _cli_error(capsys, "--model", f"{model_file}:build", "--weights", pickled,
+                                             "--out", out, "--rule", "backprop")
+    wrong = tmp_path / "wrong.pt"
+    torch.save({"0.weight": torch.zeros(2)}, wrong)
+    assert "does not fit the model" in _cli_error(capsys, "--model", f"{model_file}:build", "--weights", wrong,
+                                                  "--out", out, "--rule", "backprop")
+    five = tmp_path / "five.py"
+    five.write_text(MODEL_FILE.replace("CLASSES", "5"))
+    assert "5 class scores but the data has 10" in _cli_error(capsys, "--model", f"{five}:build", "--out", out,
+                                                              "--rule", "backprop")
+    assert not out.exists()
+
+
+@pytest.mark.slow  # exports, then trains in a torch-free process
+def test_cli_fine_tunes_pretrained_weights_biases_only(model_file, tmp_path):
+    from conftest import edgeprop
+    from edgeprop.exporters import user_model
+    pretrained = user_model.load(f"{model_file}:build")
+    with torch.no_grad():
+        for p in pretrained.parameters():
+            p.add_(0.5)
+    weights = tmp_path / "sd.pt"
+    torch.save(pretrained.state_dict(), weights)
+    out = tmp_path / "b"
+    edgeprop("export", "--model", f"{model_file}:build", "--weights", weights, "--trainable", "bias", "--rule",
+             "backprop", "--data", "digits", "--out", out, "--quiet", torch_allowed=True)
+    from edgeprop import bundle as bundles
+    b = bundles.load(out)
+    assert [v.name for v in b.units[0].layout] == ["body.0.bias", "body.1.bias", "body.5.bias"]
+    init = np.load(out / "state" / "init.npz")
+    assert np.allclose(init["network/param"][:4], pretrained[0].bias.detach().numpy())
+    edgeprop("train", out, "--data", "digits", "--epochs", "1")
+    assert "accuracy" in edgeprop("eval", out, "--data", "digits").stdout
