@@ -46,7 +46,7 @@ SUPPORTED = {f"aten.{op}" for op in """
     lift_fresh_copy.default log.default lt.Scalar max_pool2d_with_indices.default maximum.default mean.default
     mean.dim minimum.default mm.default mul.Tensor neg.default ones.default permute.default pow.Tensor_Scalar
     relu.default reshape.default rsqrt.default scalar_tensor.default select.int sigmoid.default slice.Tensor
-    split.Tensor split_with_sizes.default sqrt.default squeeze.dim squeeze.dims sub.Tensor sum.default
+    sqrt.default squeeze.dim squeeze.dims sub.Tensor sum.default
     sum.dim_IntList t.default tanh.default transpose.int unsqueeze.default var.correction view.default
     where.self zeros.default
 """.split()} | {"getitem"}
@@ -296,6 +296,7 @@ def trace(p: Prepared, example: torch.Tensor, train: bool) -> Captured:
     finally:
         for h in hooks:
             h.remove()
+    gm.graph.eliminate_dead_code()  # e.g. the log-sum-exp an attention kernel returns unused
     outputs = ["out"] + ([f"stats:{s}" for s in p.stats] if train else [])
     return Captured(gm, tags, roles, outputs)
 

@@ -153,6 +153,37 @@ def _var_mean(x, dim=None, *, correction=None, keepdim=False):
 
 
 FORWARD_DECOMPOSITIONS[aten.var_mean.correction] = _var_mean
+
+
+def _attention(query, key, value, dropout_p=0.0, is_causal=False, *, attn_mask=None, scale=None):
+    """Scaled dot-product attention (a ViT's) as matrix products and a softmax: torch's fused
+    CPU kernel has no lowering. Returns (output, log-sum-exp) as the kernel does."""
+    if dropout_p or is_causal or attn_mask is not None:
+        raise NotImplementedError("edgeprop writes attention without dropout, causal or explicit masks")
+    scale = scale if scale is not None else query.shape[-1] ** -0.5
+    scores = query @ key.transpose(-2, -1) * scale
+    top = scores.amax(dim=-1, keepdim=True)
+    lse = (top + torch.log(torch.exp(scores - top).sum(dim=-1, keepdim=True))).squeeze(-1)
+    return torch.softmax(scores, dim=-1) @ value, lse
+
+
+FORWARD_DECOMPOSITIONS[aten._scaled_dot_product_flash_attention_for_cpu.default] = _attention
+
+
+def _split_with_sizes(x, sizes, dim=0):
+    """Pieces of `x` as slices: torch.onnx lowers a split to a tensor sequence, whose shapes
+    ONNX's shape inference leaves unknown (the planner needs them), and chunk() is a split."""
+    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    return [aten.slice.Tensor(x, dim, a, a + n) for a, n in zip(starts, sizes)]
+
+
+def _split(x, size, dim=0):
+    n = x.shape[dim]
+    return _split_with_sizes(x, [min(size, n - a) for a in range(0, n, size)], dim)
+
+
+FORWARD_DECOMPOSITIONS[aten.split.Tensor] = _split
+FORWARD_DECOMPOSITIONS[aten.split_with_sizes.default] = _split_with_sizes
 # ... and the gradients of elementary ops that have no lowering of their own.
 STEP_DECOMPOSITIONS = {**DECOMPOSITIONS, **_torch_decompositions([
     aten.sigmoid_backward, aten.tanh_backward, aten.hardtanh_backward, aten.leaky_relu_backward,
