@@ -56,6 +56,10 @@ def op_name(target) -> str:
     return "getitem" if target is operator.getitem else str(target)
 
 
+class InputShapeError(EdgepropError):
+    """The model's forward pass fails on inputs of the shape it was given."""
+
+
 class _Context:
     """What the traced forward reads beside its parameters: the sample mask (training),
     each tracked BatchNorm's running statistics and each dropout site's mask, by module path."""
@@ -187,7 +191,7 @@ def prepare(model: nn.Module, example: torch.Tensor, trainable="all") -> Prepare
     try:
         order = execution_order(model, example)
     except Exception as e:  # noqa: BLE001 - the user's forward: say what failed, in one line
-        raise EdgepropError(f"the model cannot run on inputs of shape {list(example.shape[1:])}: "
+        raise InputShapeError(f"the model cannot run on inputs of shape {list(example.shape[1:])}: "
                             f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
     chosen = _choose(model, trainable, order)
     if not chosen:

@@ -132,10 +132,9 @@ def create(o, train, head_kind: str, names_for) -> Spec:
     """The units of `o.model` (a torch.nn.Module) for a chained rule. `names_for(n)`: the
     units' names when there are n."""
     classes = int(train.y.max()) + 1
-    shape = o.extra.get("input_shape") or _input_shape(train.x.shape[1:])
-    example = torch.zeros(2, *shape)
     trainable = o.extra.get("trainable", "all")
-    prepared = capture.prepare(o.model, example, trainable)
+    shape, prepared = _prepared(o, train.x.shape[1:], trainable)
+    example = torch.zeros(2, *shape)
     steps = capture.trace(prepared, example, train=True)
     infers = capture.trace(prepared, example, train=False)
     capture.check_ops(steps)
@@ -193,6 +192,25 @@ def _blocks(blocks, head_kind) -> list[str]:
         raise EdgepropError(f"--blocks {blocks!r}: for a model that is not a plain Sequential, name the modules "
                             "where units start, e.g. layer2,layer3,fc")
     return blocks
+
+
+def _prepared(o, sample_shape, trainable) -> tuple[list[int], capture.Prepared]:
+    """The model's input shape (example_input's, else the data's as images, else flat) and
+    the model prepared for capture."""
+    if o.extra.get("input_shape"):
+        shape = o.extra["input_shape"]
+        return shape, capture.prepare(o.model, torch.zeros(2, *shape), trainable)
+    flat = [int(np.prod(sample_shape))]
+    try:
+        image = _input_shape(sample_shape)
+    except EdgepropError:
+        image = flat
+    try:
+        return image, capture.prepare(o.model, torch.zeros(2, *image), trainable)
+    except capture.InputShapeError:
+        if image == flat:
+            raise
+        return flat, capture.prepare(o.model, torch.zeros(2, *flat), trainable)  # an MLP's first Linear
 
 
 def _input_shape(sample_shape) -> list[int]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 from .. import prng
+from ..errors import EdgepropError
 from .base import Rule, RunUnit, normalise, padded
 
 
@@ -53,8 +54,14 @@ class Chained(Rule):
         if index + 1 < len(self.bundle.units):
             self._carry = ((epoch, batch, index), np.asarray(outputs["h"]))
 
-    def evaluate(self, x, y, run_unit: RunUnit, seed: int = 0, runs: int = 1) -> dict:
-        """Deterministic: the last unit's class scores; also each unit's own classifier."""
+    eval_options = ("predict_with",)
+
+    def evaluate(self, x, y, run_unit: RunUnit, seed: int = 0, runs: int = 1, predict_with: str = "last") -> dict:
+        """Deterministic: the class scores of the last unit (or of unit K, `predict_with`,
+        1-based: an earlier unit's classifier is sometimes the better one); also every
+        unit's own classifier."""
+        units = len(self.bundle.units)
+        chosen = units if predict_with in (None, "last") else _unit_number(predict_with, units)
         B = self.bundle.batch_size
         per_unit = np.zeros(len(self.bundle.units))
         for start in range(0, len(x), B):
@@ -64,9 +71,20 @@ class Chained(Rule):
                 h = out.get("h")
                 per_unit[k] += np.sum(np.argmax(out["logits"][:n], axis=1) == y[start:start + n])
         per_unit /= len(x)
-        return {"accuracy": float(per_unit[-1]), "accuracy_runs": [float(per_unit[-1])],
+        accuracy = float(per_unit[chosen - 1])
+        return {"accuracy": accuracy, "accuracy_runs": [accuracy], "predicted_by_unit": chosen,
                 "per_unit_accuracy": [round(float(a), 4) for a in per_unit],
                 "per_unit_note": "each unit's own classifier"}
+
+
+def _unit_number(text, units: int) -> int:
+    try:
+        k = int(text)
+    except (TypeError, ValueError):
+        k = 0
+    if not 1 <= k <= units:
+        raise EdgepropError(f"--predict-with {text}: last or a unit number 1..{units}")
+    return k
 
 
 RULES = {"local": Chained, "mono-forward": Chained, "backprop": Chained}

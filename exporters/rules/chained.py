@@ -100,6 +100,9 @@ def create(o, train) -> Spec:
         first = next(d["type"] for d in L.describe(model) if d["type"] in L.TRAINABLE)
         kind = "mlp" if first == "Linear" else "cnn"
         input_shape = o.extra.get("input_shape") or model_input_shape(kind, train.x.shape[1:])
+    elif o.model == "mlp" and "trainable" in o.extra:
+        raise EdgepropError("--trainable applies to your own model (--model FILE.py:FUNCTION); the built-in mlp "
+                            "trains every parameter")
     elif o.model == "mlp":
         source, input_shape = "mlp", [int(np.prod(train.x.shape[1:]))]
         torch.manual_seed(o.seed)
