@@ -184,8 +184,33 @@ def _split(x, size, dim=0):
 
 FORWARD_DECOMPOSITIONS[aten.split.Tensor] = _split
 FORWARD_DECOMPOSITIONS[aten.split_with_sizes.default] = _split_with_sizes
+def _pad_along(t, dim: int, before: int, after: int):
+    pads = []
+    for d in reversed(range(t.dim())):
+        pads += [before, after] if d == dim else [0, 0]
+    return aten.constant_pad_nd.default(t, pads, 0.0)
+
+
+def _slice_backward(grad, input_sizes, dim, start, end, step):
+    """A slice's gradient as zero padding (torch.onnx lowers slice_backward with a Range whose
+    length ONNX shape inference cannot know)."""
+    if step != 1:
+        raise NotImplementedError("edgeprop writes the gradient of unit-step slices only")
+    dim, size = dim % len(input_sizes), input_sizes[dim]
+    start = min(max(start + size if start < 0 else start, 0), size)
+    end = min(max(end + size if end < 0 else end, start), size)
+    return _pad_along(grad, dim, start, size - end)
+
+
+def _select_backward(grad, input_sizes, dim, index):
+    dim = dim % len(input_sizes)
+    index = index % input_sizes[dim]
+    return _pad_along(grad.unsqueeze(dim), dim, index, input_sizes[dim] - index - 1)
+
+
 # ... and the gradients of elementary ops that have no lowering of their own.
 STEP_DECOMPOSITIONS = {**DECOMPOSITIONS, **_torch_decompositions([
     aten.sigmoid_backward, aten.tanh_backward, aten.hardtanh_backward, aten.leaky_relu_backward,
     aten._softmax_backward_data, aten._log_softmax_backward_data, aten.native_layer_norm_backward,
-    aten.gelu_backward, aten.silu_backward, aten.hardswish_backward, aten.hardsigmoid_backward])}
+    aten.gelu_backward, aten.silu_backward, aten.hardswish_backward, aten.hardsigmoid_backward]),
+    aten.slice_backward.default: _slice_backward, aten.select_backward.default: _select_backward}

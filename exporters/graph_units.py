@@ -135,9 +135,9 @@ def unit_graph(c: Captured, members: set[str], output_of_unit: str | None) -> di
                       "module": where[-1]})
     produced = output_of_unit or outs[0].name
     result = [names[produced]]
-    for role, o in zip(["out"] + [f"stats:{p}" for p in [r[6:] for r in c.inputs if r.startswith("stats:")]], outs):
-        if role.startswith("stats:") and o.name in members:
-            result.append(names[o.name])
+    # updated running statistics, in the order the unit reads them (its "stats" buffer's layout)
+    updated = {role: o.name for role, o in zip(c.outputs, outs) if role.startswith("stats:") and o.name in members}
+    result += [names[updated[role]] for role in inputs if role in updated]
     return {"inputs": inputs, "nodes": nodes, "outputs": result}
 
 
@@ -184,7 +184,6 @@ class GraphUnit(nn.Module):
             path, _, leaf = name.rpartition(".")
             value = constants[name] if constants is not None else torch.zeros(shape)
             _holder(self, path).register_buffer(leaf, value.reshape(shape).clone())
-        self._tensors = {n for n, _ in spec["params"]} | {n for n, _ in spec["constants"]}
 
     @property
     def has_stats(self) -> bool:
@@ -208,12 +207,6 @@ class GraphUnit(nn.Module):
         if mask is None or not self.has_stats:
             return out[0]
         return out[0], torch.cat(out[1:])
-
-
-def initial_stats(spec: dict, running: dict[str, torch.Tensor]):
-    if not spec["stats"]:
-        return None
-    return torch.cat([running[path] for path, _ in spec["stats"]])
 
 
 def constants_of(spec: dict, tensors: dict[str, torch.Tensor]) -> torch.Tensor:

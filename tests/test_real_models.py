@@ -286,3 +286,35 @@ def test_cli_fine_tunes_pretrained_weights_biases_only(model_file, tmp_path):
     assert np.allclose(init["network/param"][:4], pretrained[0].bias.detach().numpy())
     edgeprop("train", out, "--data", "digits", "--epochs", "1")
     assert "accuracy" in edgeprop("eval", out, "--data", "digits").stdout
+
+
+ZOO_BLOCKS = {"mobilenet_v2": ["features.7", "features.14", "classifier"], "resnet18": ["layer2", "layer3", "fc"],
+              "mobilenet_v3_small": ["features.4", "features.9", "classifier"],
+              "squeezenet1_1": ["features.6", "features.9", "classifier"],
+              "efficientnet_b0": ["features.3", "features.6", "classifier"],
+              "shufflenet_v2_x1_0": ["stage3", "stage4", "fc"], "vit": ["encoder.layers.2", "heads"]}
+
+
+@pytest.mark.slow  # traces seven torchvision models
+@pytest.mark.parametrize("name", list(ZOO_BLOCKS))
+def test_torchvision_models_are_captured_and_cut_at_their_stages(name):
+    """Each model's recorded units, chained, compute what the model computes (eval mode, 32×32)."""
+    from edgeprop.exporters import zoo
+    torch.manual_seed(0)
+    model = zoo.VisionTransformer(32, 4, 64, 4, 4, 128, 10) if name == "vit" else zoo.create(name, num_classes=10)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    p = capture.prepare(model, x, "all")
+    for train in (True, False):
+        capture.check_ops(capture.trace(p, x, train))
+    c = capture.trace(p, x, train=False)
+    units, outs = cut(c, ZOO_BLOCKS[name])
+    named = {**dict(p.module.named_parameters()), **dict(p.module.named_buffers())}
+    h = x
+    for members, out in zip(units, outs):
+        g = unit_graph(c, members, out)
+        feeds = {"x": h, **{r: named[r.split(":", 1)[1]] for r in g["inputs"] if r.startswith(("param:", "const:"))},
+                 **{r: p.running[r.split(":", 1)[1]] for r in g["inputs"] if r.startswith("stats:")}}
+        h = run_graph(g, feeds)[0]
+    with torch.no_grad():
+        want = model.eval()(x)
+    assert torch.allclose(h, want, atol=1e-4 * max(1.0, float(want.abs().max())))
