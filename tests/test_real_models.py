@@ -94,19 +94,25 @@ def test_tracked_batchnorm_is_torch_batchnorm_in_train_mode():
 def test_recorded_units_compute_the_model():
     """The units' JSON graphs, chained, give the model's eval-mode output."""
     model = small()
-    p = capture.prepare(model, X, "all")
-    c = capture.trace(p, X, train=False)
-    units, outs = cut(c, ["layer1", "layer2", "fc"])
-    assert len(units) == 4
+    h, units = _run_units(capture.prepare(model, X, "all"), X, ["layer1", "layer2", "fc"])
+    assert units == 4
+    with torch.no_grad():
+        assert torch.allclose(h, model.eval()(X), atol=1e-5)
+
+
+def _run_units(p, x, blocks):
+    """The prepared model's inference graph cut at `blocks`, each unit's recorded graph run
+    on the previous one's output: (the last unit's output, the number of units)."""
+    c = capture.trace(p, x, train=False)
+    units, outs = cut(c, blocks)
     named = {**dict(p.module.named_parameters()), **dict(p.module.named_buffers())}
-    h = X
+    h = x
     for members, out in zip(units, outs):
         g = unit_graph(c, members, out)
         feeds = {"x": h, **{r: named[r.split(":", 1)[1]] for r in g["inputs"] if r.startswith(("param:", "const:"))},
                  **{r: p.running[r.split(":", 1)[1]] for r in g["inputs"] if r.startswith("stats:")}}
         h = run_graph(g, feeds)[0]
-    with torch.no_grad():
-        assert torch.allclose(h, model.eval()(X), atol=1e-5)
+    return h, len(units)
 
 
 def _step_graph(model, trainable):
@@ -306,15 +312,7 @@ def test_torchvision_models_are_captured_and_cut_at_their_stages(name):
     p = capture.prepare(model, x, "all")
     for train in (True, False):
         capture.check_ops(capture.trace(p, x, train))
-    c = capture.trace(p, x, train=False)
-    units, outs = cut(c, ZOO_BLOCKS[name])
-    named = {**dict(p.module.named_parameters()), **dict(p.module.named_buffers())}
-    h = x
-    for members, out in zip(units, outs):
-        g = unit_graph(c, members, out)
-        feeds = {"x": h, **{r: named[r.split(":", 1)[1]] for r in g["inputs"] if r.startswith(("param:", "const:"))},
-                 **{r: p.running[r.split(":", 1)[1]] for r in g["inputs"] if r.startswith("stats:")}}
-        h = run_graph(g, feeds)[0]
+    h, _ = _run_units(p, x, ZOO_BLOCKS[name])
     with torch.no_grad():
         want = model.eval()(x)
     assert torch.allclose(h, want, atol=1e-4 * max(1.0, float(want.abs().max())))

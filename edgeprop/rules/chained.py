@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 from .. import prng
-from ..errors import EdgepropError
+from ..errors import BundleError, EdgepropError
 from .base import Rule, RunUnit, normalise, padded
 
 
@@ -24,6 +24,7 @@ class Chained(Rule):
     def __init__(self, bundle, data, seed, run_unit=None):
         super().__init__(bundle, data, seed, run_unit)
         self._carry = None  # ((epoch, batch, unit index), that unit's output h)
+        self._dropout_sites = _dropout_sites(bundle)
 
     def _input(self, index: int, epoch: int, batch: int, idx: np.ndarray) -> np.ndarray:
         if self._carry is not None and self._carry[0] == (epoch, batch, index - 1):
@@ -41,11 +42,8 @@ class Chained(Rule):
     def _dropout(self, index: int, epoch: int, batch: int, size: int) -> dict[str, np.ndarray]:
         """A captured model's dropout masks for this step (manifest model.units[i].dropout:
         [module, shape, p] per site): 0, or 1/(1-p) for kept elements."""
-        units = self.bundle.model.get("units")
-        if not units:
-            return {}
         masks = {}
-        for k, (_, shape, p) in enumerate(units[index]["dropout"]):
+        for k, (shape, p) in enumerate(self._dropout_sites[index]):
             draw = prng.uniform(prng.key(self.seed, prng.DROPOUT, epoch, batch, index, k), (size, *shape))
             masks[f"drop{k + 1}"] = ((draw >= p) / np.float32(1 - p)).astype(np.float32)
         return masks
@@ -75,6 +73,22 @@ class Chained(Rule):
         return {"accuracy": accuracy, "accuracy_runs": [accuracy], "predicted_by_unit": chosen,
                 "per_unit_accuracy": [round(float(a), 4) for a in per_unit],
                 "per_unit_note": "each unit's own classifier"}
+
+
+def _dropout_sites(bundle) -> list[list[tuple[tuple[int, ...], float]]]:
+    """Each unit's dropout sites (a captured model's manifest model.units[i].dropout, entries
+    [module, shape, p]) as (shape, p), checked before any step."""
+    units = bundle.model.get("units")
+    if units is None:
+        return [[] for _ in bundle.units]
+    try:
+        sites = [[(tuple(int(d) for d in shape), float(p)) for _, shape, p in u["dropout"]] for u in units]
+    except (KeyError, TypeError, ValueError) as e:
+        raise BundleError(f"{bundle.root}/manifest.json: model.units[].dropout is malformed ({e!r})") from None
+    if len(sites) != len(bundle.units) or any(not 0 <= p < 1 or min(s, default=1) < 1 for u in sites for s, p in u):
+        raise BundleError(f"{bundle.root}/manifest.json: model.units[].dropout needs one list per unit of "
+                          "[module, shape, p] with p in [0, 1)")
+    return sites
 
 
 def _unit_number(text, units: int) -> int:
