@@ -122,6 +122,12 @@ def avg_pool2d_grad(grad_out, x, kernel_size, stride, padding, ceil_mode, count_
         return tuple(v) * 2 if len(v) == 1 else tuple(v)
     (kh, kw), c = pair(kernel_size), x.shape[1]
     area = divisor_override or kh * kw
+    if pair(stride or kernel_size) == (kh, kw) and not any(padding):
+        # Windows that tile the input (AvgPool2d(k)): each output's gradient spreads evenly
+        # over its window, a nearest-neighbour upsampling (LiteRT's layout pass mishandles
+        # a broadcast feeding the transposed convolution below).
+        up = F.interpolate(grad_out / area, scale_factor=(kh, kw), mode="nearest")
+        return F.pad(up, (0, x.shape[3] - up.shape[3], 0, x.shape[2] - up.shape[2]))
     kernel = torch.full((c, 1, kh, kw), 1.0 / area, dtype=x.dtype)
     return transposed(grad_out, kernel, pair(stride or kernel_size), pair(padding), (1, 1), c, x.shape[2:])
 

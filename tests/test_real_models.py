@@ -91,6 +91,17 @@ def test_tracked_batchnorm_is_torch_batchnorm_in_train_mode():
     assert torch.allclose(ctx.new["bn"], torch.cat([bn.running_mean, bn.running_var]), atol=1e-6)
 
 
+@pytest.mark.parametrize("kernel, stride, padding, size", [(2, 2, 0, 8), (2, 2, 0, 7), (3, 2, 1, 8), (3, 1, 1, 5)])
+def test_average_pooling_gradient_in_forward_ops_is_torchs(kernel, stride, padding, size):
+    from edgeprop.exporters.conv_grad import avg_pool2d_grad
+    x = torch.randn(2, 3, size, size, requires_grad=True)
+    y = F.avg_pool2d(x, kernel, stride, padding)
+    g = torch.randn_like(y)
+    (want,) = torch.autograd.grad(y, x, g)
+    got = avg_pool2d_grad(g, x.detach(), [kernel], [stride], [padding], False, True, None)
+    assert torch.allclose(got, want, atol=1e-6)
+
+
 def test_recorded_units_compute_the_model():
     """The units' JSON graphs, chained, give the model's eval-mode output."""
     model = small()
