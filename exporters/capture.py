@@ -186,7 +186,9 @@ def execution_order(model: nn.Module, example: torch.Tensor) -> list[str]:
     return list(dict.fromkeys(order))
 
 
-def prepare(model: nn.Module, example: torch.Tensor, trainable="all") -> Prepared:
+def prepare(model: nn.Module, example: torch.Tensor, trainable="all", batch_statistics: bool = True) -> Prepared:
+    """`batch_statistics=False`: every BatchNorm keeps its running statistics as constants
+    (zeroth-order runs inference graphs only: no batch statistics to learn from)."""
     model = copy.deepcopy(model).eval()
     try:
         order = execution_order(model, example)
@@ -201,7 +203,8 @@ def prepare(model: nn.Module, example: torch.Tensor, trainable="all") -> Prepare
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and type(m) in (nn.BatchNorm1d, nn.BatchNorm2d):
             # Batch statistics where the scale trains (all, bn, last:K); a frozen scale
             # (bias-only fine-tuning included) keeps the pretrained statistics.
-            tracks = f"{path}.weight" in chosen if m.weight is not None else trainable in (None, "all")
+            tracks = batch_statistics and (f"{path}.weight" in chosen if m.weight is not None
+                                           else trainable in (None, "all"))
             if not tracks and m.running_mean is None:
                 raise EdgepropError(f"{path}: a frozen BatchNorm needs running statistics (track_running_stats=True)")
             if tracks:

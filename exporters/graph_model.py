@@ -197,20 +197,22 @@ def _blocks(blocks, head_kind) -> list[str]:
 def _prepared(o, sample_shape, trainable) -> tuple[list[int], capture.Prepared]:
     """The model's input shape (example_input's, else the data's as images, else flat) and
     the model prepared for capture."""
+    def prepare(shape):
+        return capture.prepare(o.model, torch.zeros(2, *shape), trainable, o.extra.get("batch_statistics", True))
     if o.extra.get("input_shape"):
         shape = o.extra["input_shape"]
-        return shape, capture.prepare(o.model, torch.zeros(2, *shape), trainable)
+        return shape, prepare(shape)
     flat = [int(np.prod(sample_shape))]
     try:
         image = _input_shape(sample_shape)
     except EdgepropError:
         image = flat
     try:
-        return image, capture.prepare(o.model, torch.zeros(2, *image), trainable)
+        return image, prepare(image)
     except capture.InputShapeError:
         if image == flat:
             raise
-        return flat, capture.prepare(o.model, torch.zeros(2, *flat), trainable)  # an MLP's first Linear
+        return flat, prepare(flat)  # an MLP's first Linear
 
 
 def _input_shape(sample_shape) -> list[int]:

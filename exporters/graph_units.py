@@ -183,7 +183,7 @@ class GraphUnit(nn.Module):
         for name, shape in spec["constants"]:
             path, _, leaf = name.rpartition(".")
             value = constants[name] if constants is not None else torch.zeros(shape)
-            _holder(self, path).register_buffer(leaf, value.reshape(shape).clone())
+            _holder(self, path).register_buffer(leaf, value.detach().reshape(shape).clone())
 
     @property
     def has_stats(self) -> bool:

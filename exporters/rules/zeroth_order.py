@@ -115,7 +115,8 @@ def create(o, train) -> Spec:
     if o.blocks not in (None, "none"):
         raise EdgepropError("--rule zeroth-order trains the whole model as one unit; leave --blocks out")
     # The network is back-prop's: one unit, the whole model, its last layer the class scores.
-    spec = chained_rule.create(replace(o, rule="backprop"), train)
+    # Inference graphs only: a captured model's BatchNorm keeps its running statistics.
+    spec = chained_rule.create(replace(o, rule="backprop", extra={**x, "batch_statistics": False}), train)
     spec.model["unit_names"] = ["model"]
     unit = replace(spec.units[0], name="model", role="model", graph="model")
     views = layout(unit.module)
