@@ -20,10 +20,15 @@ from edgeprop.exporters import export, zoo
 from edgeprop.exporters.validate import validate
 
 RESULTS = Path(__file__).parent / "results" / "real_models.json"
-MODELS = {"mobilenet_v2_0.35": ("mobilenet_v2", {"width_mult": 0.35}, ["features.7", "features.14", "classifier"]),
-          "resnet18": ("resnet18", {}, ["layer2", "layer3", "fc"]),
-          "mobilenet_v3_small": ("mobilenet_v3_small", {}, ["features.4", "features.9", "classifier"]),
-          "squeezenet1_1": ("squeezenet1_1", {}, ["features.6", "features.9", "classifier"])}
+# name -> (builder, where local's units start)
+MODELS = {"mobilenet_v2_0.35": (lambda: zoo.create("mobilenet_v2", 10, width_mult=0.35),
+                                ["features.7", "features.14", "classifier"]),
+          "resnet18": (lambda: zoo.create("resnet18", 10), ["layer2", "layer3", "fc"]),
+          "mobilenet_v3_small": (lambda: zoo.create("mobilenet_v3_small", 10),
+                                 ["features.4", "features.9", "classifier"]),
+          "squeezenet1_1": (lambda: zoo.create("squeezenet1_1", 10), ["features.6", "features.9", "classifier"]),
+          # patch 8, dim 16, depth 1, 2 heads, MLP 32: the ViT design at its smallest
+          "vit_tiny": (lambda: zoo.VisionTransformer(32, 8, 16, 1, 2, 32, 10), ["encoder.layers.0", "heads"])}
 METHODS = {"backprop": {"rule": "backprop"}, "local": {"rule": "local"},
            "zeroth-order": {"rule": "zeroth-order"},
            "backprop+bias": {"rule": "backprop", "trainable": "bias"},
@@ -39,9 +44,9 @@ def data(folder: Path) -> Path:
 
 
 def run(name: str, method: str, folder: Path, steps: int) -> dict:
-    arch, options, blocks = MODELS[name]
+    build, blocks = MODELS[name]
     torch.manual_seed(0)
-    model = zoo.create(arch, num_classes=10, **options)
+    model = build()
     kw = dict(METHODS[method])
     if kw["rule"] == "local":
         kw["blocks"] = blocks
