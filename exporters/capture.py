@@ -37,7 +37,9 @@ from .conv_grad import FORWARD_DECOMPOSITIONS
 
 aten = torch.ops.aten
 
-# Forward ops whose forward and gradient export (tested layer by layer).
+# Forward ops a recorded graph may hold: each lowers, gradient included, to onnxruntime and
+# LiteRT builtins as far as the models of tests/test_real_models.py and bench/real_models.py
+# exercise them (an op they never reach is listed because it is an elementary op those use).
 SUPPORTED = {f"aten.{op}" for op in """
     _to_copy.default _unsafe_view.default add.Tensor addmm.default alias.default amax.default
     avg_pool2d.default bmm.default cat.default clamp.default clamp_max.default clamp_min.default clone.default
