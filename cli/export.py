@@ -9,20 +9,30 @@ HELP = "export a model as a bundle of per-block training graphs (desktop)"
 
 # Rule-specific flags (dest names): passed to the exporter only when given.
 RULE_OPTIONS: list[str] = ["threshold", "zo_eps", "zo_directions", "zo_layers", "init", "inference_steps", "dropout",
-                           "batchnorm", "temperature"]
+                           "batchnorm", "temperature", "trainable"]
 
 
 def add_arguments(e) -> None:
     e.add_argument("--rule", default="noprop-dt",
                    help="noprop-dt (default), local, mono-forward, backprop, forward-forward, zeroth-order, "
                         "noprop-ct, noprop-fm")
-    e.add_argument("--model", default="mlp", choices=["mlp", "cnn"],
-                   help="mlp (flat inputs) or cnn (NoProp-DT: the paper's conv block, for images)")
+    e.add_argument("--model", default="mlp",
+                   help="mlp (flat inputs), cnn (NoProp-DT: the paper's conv block, for images), or your own "
+                        "model: FILE.py:FUNCTION (FUNCTION() returns a torch.nn.Module) or FILE.pt2 "
+                        "(an ExportedProgram) for local, backprop and zeroth-order")
+    e.add_argument("--weights", default=None, metavar="STATE_DICT.pt",
+                   help="pretrained weights for --model FILE.py:FUNCTION (a state dict; loaded with "
+                        "torch.load(weights_only=True))")
+    e.add_argument("--trainable", default=None,
+                   help="your own model: what trains: all (default), bias, bn (BatchNorm affine), last:K (the "
+                        "last K layers with parameters), or comma-separated globs of parameter names; the rest "
+                        "are constants with no gradient and no optimizer state")
     e.add_argument("--data", default="digits", help="digits, an .npz file, or an IDX folder")
     e.add_argument("--out", required=True)
     e.add_argument("--blocks", default=None,
                    help="noprop-dt: T, the number of blocks (default 10); local: every-layer (default), none, "
-                        "or the layer indices where blocks start, e.g. 0,2")
+                        "or the layer indices where blocks start, e.g. 0,2; your own model: the modules where "
+                        "units start, e.g. layer2,layer3,fc")
     e.add_argument("--width", type=int, default=None, help="hidden width (default: 128 for mlp, 256 for cnn)")
     e.add_argument("--depth", type=int, default=2, help="hidden layers of the mlp for sequential rules (default: 2)")
     e.add_argument("--embedding", default="one-hot", choices=["one-hot", "orthogonal", "learned", "prototype"],
@@ -75,6 +85,8 @@ def blocks(text: str | None):
     try:
         values = [int(v) for v in text.split(",")]
     except ValueError:
+        if all(part.strip() for part in text.split(",")):
+            return [part.strip() for part in text.split(",")]  # module names
         raise EdgepropError(f"--blocks {text}: a number, every-layer, none, or comma-separated layer indices") from None
     return values[0] if len(values) == 1 and "," not in text else values
 
@@ -86,7 +98,16 @@ def run(args) -> int:
     units = blocks(args.blocks)
     if args.rule != "noprop-dt" and isinstance(units, int):
         units = [units]  # one index: where the second block starts
-    out = exporters.export(args.out, rule=args.rule, model=args.model, data=args.data, blocks=units,
+    model = args.model
+    if model not in ("mlp", "cnn"):
+        from edgeprop.exporters import user_model
+        if not user_model.is_user_model(model):
+            raise EdgepropError(f"--model {model}: mlp, cnn, FILE.py:FUNCTION or FILE.pt2")
+        model = user_model.load(model, args.weights)
+    elif args.weights is not None:
+        raise EdgepropError("--weights loads a state dict into --model FILE.py:FUNCTION; the built-in models "
+                            "start from random weights")
+    out = exporters.export(args.out, rule=args.rule, model=model, data=args.data, blocks=units,
                            width=args.width, depth=args.depth, embedding=args.embedding, embed_dim=args.embed_dim,
                            batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr, head_lr=args.head_lr,
                            weight_decay=args.weight_decay, eta=args.eta, seed=args.seed, tflite=args.tflite,

@@ -24,10 +24,13 @@ def run(args) -> int:
     if "layers" in model:
         layers = " ".join(d["type"] for d in model["layers"])
         print(f"model      sequential ({model['source']}): {layers}; blocks {model['blocks']}")
+    elif model.get("kind") == "graph":
+        units = ", ".join(f"{u['name']} ({len(u['train']['nodes'])} ops)" for u in model["units"])
+        print(f"model      your own ({model['source']}), trainable {model['trainable']}: units {units}")
     else:
         print(f"model      {model['kind']} width {model.get('width')}, {model.get('embedding')} embedding "
               f"(d={model.get('embed_dim')})")
-    print(f"           input {bundle.input_shape}, {bundle.num_classes} classes, {n_params:,} parameters")
+    print(f"           input {bundle.input_shape}, {bundle.num_classes} classes, {n_params:,} trained parameters")
     lrs = ", ".join(sorted({f"{u.role} {u.lr:g}" for u in bundle.units}))
     print(f"training   batch {bundle.batch_size}, {bundle.optimizer['name']} lr {lrs}")
     if bundle.schedule is not None:

@@ -146,7 +146,7 @@ def export(model_or_out=None, /, *, out: str | Path | None = None, rule: str = "
             arrays.update({f"{u.name}/opt.{s}": np.zeros_like(flat) for s in slots})
             state = [{"name": key, "shape": [len(flat)], "dtype": "float32"}
                      for key in ["param"] + [f"opt.{s}" for s in slots]]
-            stats = initial_stats(u.module)
+            stats = u.module.initial_stats() if hasattr(u.module, "initial_stats") else initial_stats(u.module)
             if len(stats):  # BatchNorm's running statistics: state that steps update, not the optimizer
                 arrays[f"{u.name}/stats"] = stats
                 state.append({"name": "stats", "shape": [len(stats)], "dtype": "float32"})

@@ -108,3 +108,115 @@ def _max_pool2d_with_indices_backward(grad_out, x, kernel_size, stride, padding,
 
 DECOMPOSITIONS = {aten.convolution_backward.default: _convolution_backward,
                   aten.max_pool2d_with_indices_backward.default: _max_pool2d_with_indices_backward}
+
+
+def avg_pool2d_grad(grad_out, x, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override):
+    """grad_input of y = avg_pool2d(x, ...): average pooling is a depthwise convolution with
+    a uniform kernel, so its gradient is that convolution transposed (`transposed`). Exact when
+    every window divides by the kernel's area: no padding, or padding counted (torch's
+    default); other cases are refused when the model is captured (capture.check_ops)."""
+    if x.dim() != 4 or ceil_mode or (any(padding) and not count_include_pad):
+        raise NotImplementedError("edgeprop decomposes the gradient of 2-D average pooling without ceil_mode, "
+                                  "with padding counted in the average")
+    def pair(v):
+        return tuple(v) * 2 if len(v) == 1 else tuple(v)
+    (kh, kw), c = pair(kernel_size), x.shape[1]
+    area = divisor_override or kh * kw
+    if pair(stride or kernel_size) == (kh, kw) and not any(padding):
+        # Windows that tile the input (AvgPool2d(k)): each output's gradient spreads evenly
+        # over its window, a nearest-neighbour upsampling (LiteRT's layout pass mishandles
+        # a broadcast feeding the transposed convolution below).
+        up = F.interpolate(grad_out / area, scale_factor=(kh, kw), mode="nearest")
+        return F.pad(up, (0, x.shape[3] - up.shape[3], 0, x.shape[2] - up.shape[2]))
+    kernel = torch.full((c, 1, kh, kw), 1.0 / area, dtype=x.dtype)
+    return transposed(grad_out, kernel, pair(stride or kernel_size), pair(padding), (1, 1), c, x.shape[2:])
+
+
+DECOMPOSITIONS[aten.avg_pool2d_backward.default] = avg_pool2d_grad
+
+
+def _torch_decompositions(ops):
+    from torch._decomp import get_decompositions
+    return get_decompositions(ops)
+
+
+# The forward pass of a captured model (exporters/capture.py) in elementary ops, so that
+# every gradient is made of ops each engine has (no HardSwishGrad, LayerNormGrad, ...).
+FORWARD_DECOMPOSITIONS = _torch_decompositions([
+    aten.hardswish, aten.hardsigmoid, aten.silu, aten.gelu, aten.native_layer_norm, aten._softmax,
+    aten._log_softmax, aten.hardtanh, aten.mish, aten.native_batch_norm, aten.elu])
+
+
+def _var_mean(x, dim=None, *, correction=None, keepdim=False):
+    """LayerNorm's statistics in elementary ops (torch's own decomposition ends in prims.var)."""
+    dims = list(range(x.dim())) if dim is None else list(dim)
+    n = 1
+    for d in dims:
+        n *= x.shape[d]
+    mean = x.mean(dims, keepdim=True)
+    var = ((x - mean) ** 2).sum(dims, keepdim=keepdim) / max(n - (1 if correction is None else correction), 1)
+    return var, mean if keepdim else mean.squeeze(dims)
+
+
+FORWARD_DECOMPOSITIONS[aten.var_mean.correction] = _var_mean
+
+
+def _attention(query, key, value, dropout_p=0.0, is_causal=False, *, attn_mask=None, scale=None):
+    """Scaled dot-product attention (a ViT's) as matrix products and a softmax: torch's fused
+    CPU kernel has no lowering. Returns (output, log-sum-exp) as the kernel does."""
+    if dropout_p or is_causal or attn_mask is not None:
+        raise NotImplementedError("edgeprop writes attention without dropout, causal or explicit masks")
+    scale = scale if scale is not None else query.shape[-1] ** -0.5
+    scores = query @ key.transpose(-2, -1) * scale
+    top = scores.amax(dim=-1, keepdim=True)
+    lse = (top + torch.log(torch.exp(scores - top).sum(dim=-1, keepdim=True))).squeeze(-1)
+    return torch.softmax(scores, dim=-1) @ value, lse
+
+
+FORWARD_DECOMPOSITIONS[aten._scaled_dot_product_flash_attention_for_cpu.default] = _attention
+
+
+def _split_with_sizes(x, sizes, dim=0):
+    """Pieces of `x` as slices: torch.onnx lowers a split to a tensor sequence, whose shapes
+    ONNX's shape inference leaves unknown (the planner needs them), and chunk() is a split."""
+    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    return [aten.slice.Tensor(x, dim, a, a + n) for a, n in zip(starts, sizes)]
+
+
+def _split(x, size, dim=0):
+    n = x.shape[dim]
+    return _split_with_sizes(x, [min(size, n - a) for a in range(0, n, size)], dim)
+
+
+FORWARD_DECOMPOSITIONS[aten.split.Tensor] = _split
+FORWARD_DECOMPOSITIONS[aten.split_with_sizes.default] = _split_with_sizes
+def _pad_along(t, dim: int, before: int, after: int):
+    pads = []
+    for d in reversed(range(t.dim())):
+        pads += [before, after] if d == dim else [0, 0]
+    return aten.constant_pad_nd.default(t, pads, 0.0)
+
+
+def _slice_backward(grad, input_sizes, dim, start, end, step):
+    """A slice's gradient as zero padding (torch.onnx lowers slice_backward with a Range whose
+    length ONNX shape inference cannot know)."""
+    if step != 1:
+        raise NotImplementedError("edgeprop writes the gradient of unit-step slices only")
+    dim, size = dim % len(input_sizes), input_sizes[dim]
+    start = min(max(start + size if start < 0 else start, 0), size)
+    end = min(max(end + size if end < 0 else end, start), size)
+    return _pad_along(grad, dim, start, size - end)
+
+
+def _select_backward(grad, input_sizes, dim, index):
+    dim = dim % len(input_sizes)
+    index = index % input_sizes[dim]
+    return _pad_along(grad.unsqueeze(dim), dim, index, input_sizes[dim] - index - 1)
+
+
+# ... and the gradients of elementary ops that have no lowering of their own.
+STEP_DECOMPOSITIONS = {**DECOMPOSITIONS, **_torch_decompositions([
+    aten.sigmoid_backward, aten.tanh_backward, aten.hardtanh_backward, aten.leaky_relu_backward,
+    aten._softmax_backward_data, aten._log_softmax_backward_data, aten.native_layer_norm_backward,
+    aten.gelu_backward, aten.silu_backward, aten.hardswish_backward, aten.hardsigmoid_backward]),
+    aten.slice_backward.default: _slice_backward, aten.select_backward.default: _select_backward}

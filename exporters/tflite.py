@@ -86,7 +86,14 @@ def to_tflite(graph_module, args, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with _terminal_captured(f"converting {path.name} with litert-torch"):
         litert_torch.convert(without_pow(graph_module), tuple(args)).export(str(path))
-    ops = {op["op_name"] for op in Interpreter(model_path=str(path))._get_ops_details()}
+    interpreter = Interpreter(model_path=str(path))
+    try:  # a graph LiteRT cannot prepare fails here, at export, not on the device
+        interpreter.allocate_tensors()
+    except RuntimeError as e:
+        path.unlink()
+        detail = " ".join(str(e).split())
+        raise EdgepropError(f"{path.name}: LiteRT cannot run the converted graph ({detail})") from None
+    ops = {op["op_name"] for op in interpreter._get_ops_details()}
     flex = sorted(op for op in ops if op.startswith("Flex") or op == "CUSTOM")
     if flex:
         path.unlink()

@@ -94,7 +94,9 @@ def trace_step(module: nn.Module, loss, unit, opt: Optimizer, data: dict[str, to
     args = [flat, *[torch.zeros_like(flat) for _ in opt.slots], *data.values(),
             torch.tensor(1e-3), torch.tensor(1.0)]  # example lr and step; both are inputs
     # Convolution gradients are traced as forward convolutions: engines have no conv backward op.
-    return make_fx(step, decomposition_table=DECOMPOSITIONS)(*args), args, inputs, outputs
+    # A module may ask for more (a captured model's: every gradient in elementary ops).
+    table = getattr(module, "decompositions", DECOMPOSITIONS)
+    return make_fx(step, decomposition_table=table)(*args), args, inputs, outputs
 
 
 def trace_infer(module: nn.Module, data: dict[str, torch.Tensor], outputs: list[str]):

@@ -15,6 +15,7 @@ from torch import nn
 
 from edgeprop.errors import EdgepropError
 
+from .. import graph_model
 from .. import layers as L
 from ..models import cross_entropy
 from . import Spec, UnitSpec
@@ -22,7 +23,7 @@ from .noprop_dt import model_input_shape
 
 HEADS = {"local": "linear", "mono-forward": "projection", "backprop": "none"}
 
-OPTIONS = {"input_shape"}  # rule-specific export options it reads (rules.create refuses others)
+OPTIONS = {"input_shape", "trainable"}  # rule-specific export options it reads (rules.create refuses others)
 
 
 class ChainedUnit(nn.Module):
@@ -89,11 +90,19 @@ class Chained:
 def create(o, train) -> Spec:
     classes = int(train.y.max()) + 1
     head = HEADS[o.rule]
+    if isinstance(o.model, nn.Module) and graph_model.wants_capture(o):
+        if o.rule == "mono-forward":
+            raise EdgepropError("--rule mono-forward takes a Sequential of the classic layers; use local")
+        names = (lambda n: ["network"]) if o.rule == "backprop" else (lambda n: [f"block{k + 1}" for k in range(n)])
+        return graph_model.create(o, train, head, names)
     if isinstance(o.model, nn.Module):
         model, source = o.model, "user"
         first = next(d["type"] for d in L.describe(model) if d["type"] in L.TRAINABLE)
         kind = "mlp" if first == "Linear" else "cnn"
         input_shape = o.extra.get("input_shape") or model_input_shape(kind, train.x.shape[1:])
+    elif o.model == "mlp" and "trainable" in o.extra:
+        raise EdgepropError("--trainable applies to your own model (--model FILE.py:FUNCTION); the built-in mlp "
+                            "trains every parameter")
     elif o.model == "mlp":
         source, input_shape = "mlp", [int(np.prod(train.x.shape[1:]))]
         torch.manual_seed(o.seed)
@@ -133,5 +142,5 @@ def create(o, train) -> Spec:
     return Spec(rule, spec_model, units)
 
 
-def from_bundle(bundle) -> Chained:
-    return Chained(bundle.model)
+def from_bundle(bundle):
+    return graph_model.from_bundle(bundle) if bundle.model.get("kind") == "graph" else Chained(bundle.model)

@@ -27,12 +27,13 @@ import torch
 from edgeprop import bundle as bundles
 from edgeprop.errors import EdgepropError
 
+from .. import graph_model
 from ..trace import layout
 from . import Spec
 from . import chained as chained_rule
 from .chained import Chained
 
-OPTIONS = {"input_shape", "zo_eps", "zo_directions", "zo_layers", "init"}
+OPTIONS = {"input_shape", "zo_eps", "zo_directions", "zo_layers", "init", "trainable"}
 
 CHUNK = 1 << 16  # perturbation elements generated at a time: the device's only scratch buffer
 
@@ -92,7 +93,7 @@ def _initial_weights(path, model: dict, views: list[dict]) -> tuple[np.ndarray, 
     """The trained flat parameters and input normalisation of the bundle at `path`."""
     from edgeprop.trainer import load_trained_state
     other = bundles.load(path)
-    if len(other.units) != 1 or other.model.get("layers") != model["layers"]:
+    if len(other.units) != 1 or other.model.get("layers") != model.get("layers"):
         raise EdgepropError(f"--init {path}: its model ({other.rule}, {len(other.units)} unit(s)) is not this "
                             f"one; give a backprop or zeroth-order bundle of the same --model/--width/--depth")
     unit = other.units[0]
@@ -114,12 +115,23 @@ def create(o, train) -> Spec:
     if o.blocks not in (None, "none"):
         raise EdgepropError("--rule zeroth-order trains the whole model as one unit; leave --blocks out")
     # The network is back-prop's: one unit, the whole model, its last layer the class scores.
-    spec = chained_rule.create(replace(o, rule="backprop"), train)
+    # Inference graphs only: a captured model's BatchNorm keeps its running statistics.
+    spec = chained_rule.create(replace(o, rule="backprop", extra={**x, "batch_statistics": False}), train)
     spec.model["unit_names"] = ["model"]
     unit = replace(spec.units[0], name="model", role="model", graph="model")
     views = layout(unit.module)
-    picked = _layers(x.get("zo_layers"), spec.model["layers"])
-    ranges = _ranges(views, picked)
+    if spec.model["kind"] == "graph":  # a captured model: `trainable` chose what is perturbed
+        if x.get("zo_layers") is not None:
+            raise EdgepropError("--zo-layers applies to a Sequential of the classic layers; for this model choose "
+                                "what trains with --trainable")
+        spec.model["units"][0]["name"] = "model"
+        spec.arrays = {"model/constants": spec.arrays.pop("network/constants")}
+        rule = graph_model.GraphChained(spec.model, {"model": spec.arrays["model/constants"]})
+        picked, ranges = [], [[0, sum(math.prod(v["shape"]) for v in views)]]
+    else:
+        rule = ZerothOrder(spec.model)
+        picked = _layers(x.get("zo_layers"), spec.model["layers"])
+        ranges = _ranges(views, picked)
     manifest = {"optimizer": {"name": "zeroth-order-sgd", "slots": []},
                 "zeroth_order": {"eps": eps, "directions": directions, "layers": picked, "ranges": ranges,
                                  "chunk": CHUNK}}
@@ -128,8 +140,8 @@ def create(o, train) -> Spec:
         with torch.no_grad():
             torch.nn.utils.vector_to_parameters(torch.from_numpy(flat.copy()), unit.module.parameters())
     unit.scratch = 4 * min(CHUNK, max(b - a for a, b in ranges))  # one float32 chunk of z
-    return Spec(ZerothOrder(spec.model), spec.model, [unit], manifest)
+    return Spec(rule, spec.model, [unit], manifest, arrays=spec.arrays)
 
 
-def from_bundle(bundle) -> ZerothOrder:
-    return ZerothOrder(bundle.model)
+def from_bundle(bundle):
+    return graph_model.from_bundle(bundle) if bundle.model.get("kind") == "graph" else ZerothOrder(bundle.model)
