@@ -104,7 +104,8 @@ FIELDS = [
 ]
 
 
-@pytest.mark.parametrize("field, value, names", FIELDS, ids=[f"{f}={v!r}"[:40] for f, v, _ in FIELDS])
+@pytest.mark.parametrize("field, value, names", FIELDS,
+                         ids=[f"{f}={'deleted' if v is DELETE else repr(v)}"[:40] for f, v, _ in FIELDS])
 def test_manifest_field(bundle, capsys, field, value, names):
     edit_manifest(bundle, setter(field, value))
     for command in COMMANDS:
