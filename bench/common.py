@@ -14,3 +14,12 @@ def spawn(script: str, *args, python: str = sys.executable) -> dict:
     out = subprocess.run([str(python), script, "--worker", *map(str, args)], capture_output=True,
                          text=True, env=env, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def backprop_cnn():
+    """The NoProp-DT CNN block's image path and joint head (without the label path), as one
+    network trained by back-prop: the twin the CNN comparisons measure NoProp against."""
+    from torch import nn
+    return nn.Sequential(nn.Conv2d(1, 32, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(32, 64, 3), nn.ReLU(),
+                         nn.Conv2d(64, 128, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(2048, 256),
+                         nn.ReLU(), nn.Linear(256, 128), nn.ReLU(), nn.Linear(128, 10))

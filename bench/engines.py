@@ -108,17 +108,13 @@ def fashion_cnn(n_train: int, epochs: int, tmp: Path) -> dict:
     """NoProp-DT CNN vs the same CNN by back-prop on the first n_train Fashion-MNIST images."""
     import numpy as np
     import torch
-    from torch import nn
 
     from edgeprop import datasets
     from edgeprop.exporters import export
     train, test = datasets.load(str(FASHION), "train"), datasets.load(str(FASHION), "test")
     data = tmp / "fashion.npz"
     np.savez(data, x_train=train.x[:n_train], y_train=train.y[:n_train], x_test=test.x, y_test=test.y)
-    # The NoProp-DT block's image path and joint head (without the label path), as one network.
-    cnn = nn.Sequential(nn.Conv2d(1, 32, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(32, 64, 3), nn.ReLU(),
-                        nn.Conv2d(64, 128, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(2048, 256),
-                        nn.ReLU(), nn.Linear(256, 128), nn.ReLU(), nn.Linear(128, 10))
+    cnn = common.backprop_cnn()  # the NoProp-DT CNN block without its label path
     rows = {}
     for name, options in (("backprop", {"rule": "backprop", "model": cnn, "example_input": torch.zeros(1, 1, 28, 28)}),
                           ("noprop_dt", {"rule": "noprop-dt", "model": "cnn"})):

@@ -33,15 +33,6 @@ ROOT = Path(__file__).resolve().parents[1]
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 
 
-def backprop_cnn():
-    """The NoProp-DT CNN block's image path and joint head (without the label path), as one
-    network trained by back-prop: the CNN comparison's twin."""
-    from torch import nn
-    return nn.Sequential(nn.Conv2d(1, 32, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(32, 64, 3), nn.ReLU(),
-                         nn.Conv2d(64, 128, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(2048, 256),
-                         nn.ReLU(), nn.Linear(256, 128), nn.ReLU(), nn.Linear(128, 10))
-
-
 def export_options(rule: str, model: str, embedding: str) -> dict:
     """What `export` gets for this rule and model ("mlp", "cnn" or "cnn-bn": with BatchNorm)."""
     if rule == "noprop-dt" and model == "mlp":
@@ -51,7 +42,7 @@ def export_options(rule: str, model: str, embedding: str) -> dict:
     if model == "mlp":
         return {"model": "mlp", "width": 128, "depth": 2}
     import torch
-    return {"model": backprop_cnn(), "example_input": torch.zeros(1, 1, 28, 28)}
+    return {"model": common.backprop_cnn(), "example_input": torch.zeros(1, 1, 28, 28)}
 
 
 def worker(rule: str, model: str, data: str, epochs: int, seed: int, runs: int, out: str, embedding: str) -> dict:

@@ -18,7 +18,7 @@ from . import ort_training as ort_format
 from . import rules
 from . import tflite as tflite_format
 from .liveness import memory_facts
-from .models import initial_stats
+from .models import initial_stats, input_norm
 from .optim import Optimizer
 from .trace import describe, flatten, layout, to_onnx, trace_infer, trace_step
 
@@ -160,8 +160,7 @@ def export(model_or_out=None, /, *, out: str | Path | None = None, rule: str = "
             "format": "edgeprop-bundle", "rule": rule, "model": spec.model, "batch_size": batch_size,
             "optimizer": opt.to_json(), "seed": opts.seed,
             "data": {"source": data, "n_train": len(train)},
-            "input_norm": {"mean": float(train.x.mean(dtype=np.float64)),
-                           "std": float(train.x.std(dtype=np.float64)) or 1.0},
+            "input_norm": input_norm(train.x),
             "graphs": graphs, "units": units_json, **ort,
             **spec.manifest})  # the rule's entries win: its own optimizer, fine-tuned weights' input_norm
         load_bundle(tmp)  # the device-side loader must accept what we wrote

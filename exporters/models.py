@@ -281,6 +281,11 @@ def label_embedding(kind: str, num_classes: int, dim: int | None, seed: int, ima
     raise ValueError(f"unknown embedding {kind!r} ({', '.join(EMBEDDINGS)})")
 
 
+def input_norm(x: np.ndarray) -> dict:
+    """The bundle's input normalisation: the training data's mean and std (the device applies it)."""
+    return {"mean": float(x.mean(dtype=np.float64)), "std": float(x.std(dtype=np.float64)) or 1.0}
+
+
 PROTOTYPE_CANDIDATES = 1000  # per class: the median distances cost O(n²)
 
 

@@ -73,14 +73,15 @@ class NopropDT(Rule):
         tau = self.bundle.temperature if temperature is None else check_temperature(temperature)
         chains = {tau_k: {} for tau_k in dict.fromkeys([tau, SAMPLE, MEAN])}  # each τ once
         first_probs = []
+        embedding = self.embedding  # the state does not change while evaluating
         for tau_k, result in chains.items():
             accs, block_accs = [], []
             for r in range(runs):
-                out = predict(self.bundle, self.embedding, x, run_unit, seed + r, tau_k)
+                out = predict(self.bundle, embedding, x, run_unit, seed + r, tau_k)
                 accs.append(float(np.mean(out.classes == y)))
                 block_accs.append(np.mean(out.block_classes == y[None, :], axis=1))
                 if tau_k == tau:  # z_0 and so block 1's û do not depend on τ
-                    first_probs.append(float(np.mean(class_probabilities(out.first_u_hat, self.embedding)[
+                    first_probs.append(float(np.mean(class_probabilities(out.first_u_hat, embedding)[
                         np.arange(len(y)), y])))
             result.update(accuracy=float(np.mean(accs)), runs=accs,
                           per_unit=[round(float(a), 4) for a in np.mean(block_accs, axis=0)])

@@ -7,7 +7,7 @@ import torch
 from edgeprop.errors import EdgepropError
 from edgeprop.schedule import MEAN, NoiseSchedule, check_temperature
 
-from ..models import LEARNED, build_unit, cross_entropy, denoise_loss, initial_stats, label_embedding
+from ..models import LEARNED, build_unit, cross_entropy, denoise_loss, initial_stats, input_norm, label_embedding
 from . import Spec, UnitSpec
 
 DEFAULT_WIDTH = {"mlp": 128, "cnn": 256}
@@ -97,8 +97,8 @@ def create(o, train) -> Spec:
     try:  # a prototype starts from images as the blocks see them: normalised as the bundle's input_norm
         images = None
         if o.embedding == "prototype":
-            x = train.x.astype(np.float32)
-            images = (x - x.mean(dtype=np.float64)) / (x.std(dtype=np.float64) or 1.0)
+            norm = input_norm(train.x)
+            images = (train.x.astype(np.float32) - norm["mean"]) / norm["std"]
         emb = label_embedding(o.embedding, classes, o.embed_dim, o.seed, images, train.y)
     except ValueError as e:
         raise EdgepropError(str(e)) from None
