@@ -23,7 +23,7 @@ ENGINE_VENVS := litert tflite-runtime $(if $(filter x86_64,$(shell uname -m)),or
 test: $(VENV)/.installed
 	for name in $(ENGINE_VENVS); do scripts/engine-venv.sh $$name || exit 1; done
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest -q -n auto --dist loadfile --durations=25  # one worker per core, a test file per worker
+	$(PY) -m pytest -q --durations=25  # one worker per core (pyproject.toml's addopts)
 
 test-fast: $(VENV)/.installed  ## about a minute: no engine venvs, emulators, end-to-end accuracy or long exports
 	$(PY) -m pytest -q -m "not slow"
