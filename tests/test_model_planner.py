@@ -156,7 +156,8 @@ def mlp_chain(hidden: tuple[int, ...], dim: int = 256) -> onnx.ModelProto:
         weights += [numpy_helper.from_array(np.full(shape, 0.01, np.float32), f"w{i}{j}")
                     for j, shape in enumerate([(dim, h), (h, dim)])]
         nodes += [helper.make_node("MatMul", [x, f"w{i}0"], [f"h{i}"]), helper.make_node("Relu", [f"h{i}"], [f"r{i}"]),
-                  helper.make_node("MatMul", [f"r{i}", f"w{i}1"], [f"o{i}"]), helper.make_node("Add", [x, f"o{i}"], [f"y{i}"])]
+                  helper.make_node("MatMul", [f"r{i}", f"w{i}1"], [f"o{i}"]),
+                  helper.make_node("Add", [x, f"o{i}"], [f"y{i}"])]
         x = f"y{i}"
     return _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", dim])],
                   [helper.make_tensor_value_info(x, TensorProto.FLOAT, ["N", dim])], weights)
