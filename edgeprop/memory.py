@@ -27,7 +27,7 @@ every gradient at once, plus all weights and optimizer state.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 from .bundle import Bundle
 from .errors import EdgepropError
@@ -64,6 +64,21 @@ class EngineMemory:
     fused_copies: float = 0.0  # copies kept of folded conv weights a BatchNormalization was fused into
     arena_touched: float = 1.0  # share of the arena's regions the runs touch
     session_per_node: int = 0  # bytes a session keeps per node: kernels, their plans, the graph
+    # The runtime measured on other CPU architectures: ((arch, bytes, where it comes from), ...);
+    # `runtime` and `note` are the build machine's (x86-64), used for an arch not listed.
+    arch_runtimes: tuple = ()
+
+    def on(self, arch: str | None) -> EngineMemory:
+        """This model with the runtime figure of CPU architecture `arch` (a device profile's),
+        and a note saying where the figure comes from."""
+        if not arch:
+            return self
+        for name, runtime, note in self.arch_runtimes:
+            if name == arch:
+                return replace(self, runtime=runtime, note=note)
+        if self.runtime is None or "x86" in arch:
+            return self
+        return replace(self, note=f"{self.note}; no {arch} figure measured, x86-64's used")
 
     @property
     def holds_units(self) -> bool:

@@ -105,11 +105,13 @@ def _weight_facts(model: onnx.ModelProto, sizes: dict[str, int], weights: int, m
 
 
 def onnx_report(path: str | Path, batch: int | None = None, engine: str = "onnxruntime",
-                vector_width: int | None = None, optimization: str = "extended", convert: bool = False) -> dict:
+                vector_width: int | None = None, optimization: str = "extended", convert: bool = False,
+                arch: str | None = None) -> dict:
     """The model's memory at `batch` on `engine` at onnxruntime's `optimization` level;
     `vector_width`: onnxruntime will run its convolutions in the NCHWc layout with blocks of
     that many floats (see liveness.engine_graph). The model is read without its weights'
-    bytes and shape-inferred once. `convert`: plan an older opset's model converted."""
+    bytes and shape-inferred once. `convert`: plan an older opset's model converted. `arch`:
+    the device's CPU architecture, whose runtime figure is used where one was measured."""
     path = str(path)
     model, opset = _skeleton(path, convert)
     static = _static_batch(model)
@@ -119,7 +121,7 @@ def onnx_report(path: str | Path, batch: int | None = None, engine: str = "onnxr
     batch = static or batch or 1
     shapes = symbolic_shapes(model) if optimization != "disabled" else {}  # before the batch is fixed
     fixed = _at_batch(model, batch, path)
-    eng = memory_model(engine)
+    eng = memory_model(engine, arch)
     try:
         inferred = infer_shapes(fixed, path)  # once
         sizes = tensor_bytes(fixed, path, inferred)

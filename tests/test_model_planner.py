@@ -192,3 +192,13 @@ def test_memory_pattern_block_is_onnxruntimes(tmp_path, hidden):
     measured = int(subprocess.run([sys.executable, "-c", _PATTERN, str(path), "1024"], capture_output=True, text=True,
                                   check=True).stdout)
     assert abs(measured - planned["pattern"]) <= 64 * 1024, (measured, planned["pattern"])
+
+
+def test_a_device_gets_the_runtime_figure_of_its_arch(tmp_path):
+    onnx.save(big_matmul(512), tmp_path / "m.onnx")
+    here = onnx_report(tmp_path / "m.onnx", 4)
+    pi = onnx_report(tmp_path / "m.onnx", 4, arch="aarch64")
+    assert pi["runtime"] != here["runtime"] and "aarch64" in pi["runtime_source"]
+    assert pi["total"] - here["total"] == pi["runtime"] - here["runtime"]
+    out = edgeprop("profile", tmp_path / "m.onnx", "--device", "rpi4", blocked=("torch",)).stdout
+    assert "runtime for aarch64" in out
