@@ -63,6 +63,10 @@ class EngineMemory:
     fold_transient: float = 0.0
     fused_copies: float = 0.0  # copies kept of folded conv weights a BatchNormalization was fused into
     arena_touched: float = 1.0  # share of the arena's regions the runs touch
+    # A static arena's engine whose delegate keeps its own workspace (LiteRT's XNNPACK): the
+    # share of the live peak it holds again, and the bytes each delegated graph adds.
+    delegate_workspace: float = 0.0
+    delegate_per_graph: int = 0
     session_per_node: int = 0  # bytes a session keeps per node: kernels, their plans, the graph
     # The runtime measured on other CPU architectures: ((arch, bytes, where it comes from), ...);
     # `runtime` and `note` are the build machine's (x86-64), used for an arch not listed.
@@ -108,8 +112,8 @@ class EngineMemory:
         which must fit inside one region: when none is large enough a new one is added. The
         runs touch `arena_touched` of those regions (measured on bench/planner.py's
         models: 0.72-0.92 of them for most conv nets)."""
-        if not self.first_region or peak <= 0:
-            return max(peak, 0)
+        if not self.first_region or peak <= 0:  # a static arena, and a delegate's workspace beside it
+            return max(peak, 0) + int(self.delegate_workspace * max(peak, 0)) + self.delegate_per_graph
         total, region, largest = 0, self.first_region, 0
         while total < peak:
             total, largest, region = total + region, region, region * 2
