@@ -103,22 +103,21 @@ class EngineMemory:
             + self.fused_copies * facts["fused"])
         return {"loaded": loaded, "peak": loaded + max(facts["largest"], int(self.fold_transient * facts["folded"]))}
 
-    def arena(self, peak: int, pattern: int | None = None) -> int:
+    def arena(self, peak: int) -> int:
         """Resident bytes of the arena that serves a graph whose live tensors peak at `peak`.
 
         onnxruntime's first run allocates tensor by tensor, adding regions of 1, 2, 4, ...
-        MiB until they hold the peak; later runs reuse a memory pattern, one block (of
-        `pattern` bytes, as exporters/ort_pattern.py lays it out; else taken as the peak),
-        which must fit inside one region: when none is large enough a new one is added. The
-        runs touch `arena_touched` of those regions (measured on bench/planner.py's
+        MiB until they hold the peak; later runs reuse a memory pattern, one block of the
+        peak's size, which must fit inside one region: when none is large enough a new one is
+        added (exporters/ort_pattern.py replays both for a whole model). The runs touch
+        `arena_touched` of those regions (measured on bench/planner.py's
         models: 0.72-0.92 of them for most conv nets)."""
         if not self.first_region or peak <= 0:  # a static arena, and a delegate's workspace beside it
             return max(peak, 0) + int(self.delegate_workspace * max(peak, 0)) + self.delegate_per_graph
         total, region, largest = 0, self.first_region, 0
         while total < peak:
             total, largest, region = total + region, region, region * 2
-        block = peak if pattern is None else pattern
-        whole = total if largest >= block else total + block
+        whole = total if largest >= peak else total + peak
         return int(self.arena_touched * whole)
 
 

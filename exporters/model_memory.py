@@ -25,7 +25,7 @@ from edgeprop.sizes import format_size as fmt
 
 from .liveness import ALIASES, engine_graph, fold_constants, infer_shapes, live_bytes, tensor_bytes
 from .onnx_skeleton import load_skeleton
-from .ort_pattern import pattern_bytes, symbolic_shapes
+from .ort_pattern import arena_bytes, symbolic_shapes
 
 
 def _at_batch(model: onnx.ModelProto, batch: int, path: str) -> onnx.ModelProto:
@@ -138,9 +138,9 @@ def onnx_report(path: str | Path, batch: int | None = None, engine: str = "onnxr
     g = folded.graph
     fed = {v.name for v in g.input} | {i.name for i in g.initializer} | \
         {o for n in g.node if n.op_type == "Constant" for o in n.output}
-    # onnxruntime's later runs take one block laid out from the first run (its memory pattern)
-    pattern = pattern_bytes(nodes, engine_sizes, shapes, fed, {v.name for v in g.output}) if shapes else None
-    arena = eng.arena(peak, pattern)
+    # onnxruntime's arena, replayed: the first run tensor by tensor, then its memory pattern
+    pattern, arena = arena_bytes(nodes, engine_sizes, shapes, fed, {v.name for v in g.output}) \
+        if shapes and engine == "onnxruntime" else (None, eng.arena(peak))
     running = build["loaded"] + inputs + arena
     inference = max(build["peak"], running)  # the session build's own peak, or the runs'
     backprop = 4 * weights + inputs + eng.arena(activations + weights)  # weights, grads, 2 slots; arena: acts + grads

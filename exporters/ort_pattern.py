@@ -1,4 +1,6 @@
-"""onnxruntime's memory pattern: the one block its runs after the first take from the arena.
+"""onnxruntime's CPU arena for a whole model, replayed: the first run takes each buffer from
+the BFC arena as it comes, the runs after it one block laid out from the first (the memory
+pattern), placed in a region that holds it or a new one.
 
 The block is not the live peak. Measured with a same-as-requested arena (bench/planner.py's
 ViT-B/16 at batch 8, EXTENDED): 172 MiB for the dynamo export, 65 MiB for the legacy one, whose
@@ -66,34 +68,106 @@ def _buffers(nodes, sizes: dict[str, int], shapes: dict[str, tuple], fed: set[st
     return [(made[b], ends[b], sizes[b]) for b in made]
 
 
-def pattern_bytes(nodes, sizes: dict[str, int], shapes: dict[str, tuple], fed: set[str],
-                  outputs: set[str]) -> int:
-    """The memory pattern's block: MemPatternPlanner's layout of the buffers `_buffers` finds.
-    `nodes` as liveness.engine_graph gives them; `shapes`: each value's shape with its symbolic
-    dims; `fed`: graph inputs and constants (not in the arena)."""
-    events: dict[int, list] = {}
-    for k, (start, end, size) in enumerate(_buffers(nodes, sizes, shapes, fed, outputs)):
-        events.setdefault(start, []).append((0, k, size))  # made while its node runs
-        events.setdefault(end, []).append((1, k, size))    # freed after its last reader
+def _events(buffers):
+    """(made?, buffer, bytes) in the order onnxruntime meets them: a node's outputs are made
+    while it runs, buffers whose last reader it is are freed after it."""
+    at: dict[int, list] = {}
+    for k, (start, end, size) in enumerate(buffers):
+        at.setdefault(start, []).append((True, k, size))
+        at.setdefault(end, []).append((False, k, size))
+    for i in sorted(at):
+        yield from sorted(at[i], key=lambda e: not e[0])
+
+
+def _pattern(buffers) -> int:
+    """MemPatternPlanner's block for `buffers`: each new buffer in the best-fitting gap
+    between live ones (the top's free space counting as one), else on top."""
     live: list[tuple[int, int, int]] = []  # (offset, size, buffer), by offset
     top = 0
-    for i in sorted(events):
-        for kind, k, size in sorted(events[i], key=lambda e: e[0]):
-            if kind == 1:
-                live = [b for b in live if b[2] != k]
-                continue
-            size = -(-size // 64) * 64
-            current, best, waste = 0, None, None
-            for offset, length, _ in [*live, (top, 0, None)]:  # the best-fitting gap, the top's too
-                gap = offset - current
-                if gap >= size and (waste is None or gap - size < waste):
-                    best, waste = current, gap - size
-                current = max(current, offset + length)
-            best = current if best is None else best
-            top = max(top, best + size)
-            live.append((best, size, k))
-            live.sort()
+    for made, k, size in _events(buffers):
+        if not made:
+            live = [b for b in live if b[2] != k]
+            continue
+        size = -(-size // 64) * 64
+        current, best, waste = 0, None, None
+        for offset, length, _ in [*live, (top, 0, None)]:
+            gap = offset - current
+            if gap >= size and (waste is None or gap - size < waste):
+                best, waste = current, gap - size
+            current = max(current, offset + length)
+        best = current if best is None else best
+        top = max(top, best + size)
+        live.append((best, size, k))
+        live.sort()
     return top
+
+
+class _BFCArena:
+    """onnxruntime's BFCArena with its defaults: regions of 1, 2, 4, ... MiB (a request larger
+    than the next region doubles it until it fits, and the one after is no larger); the
+    smallest free chunk that holds a request, split only when at least twice its size;
+    neighbours coalesced on free. It counts the pages its chunks have touched."""
+    def __init__(self, first: int = 1 << 20):
+        self.next, self.regions = first, []  # region: [[offset, size, used], ...]
+        self.touched: list[set[int]] = []
+
+    def alloc(self, size: int) -> tuple[int, int]:
+        size = -(-size // 256) * 256
+        fits = [(c[1], r, i) for r, chunks in enumerate(self.regions) for i, c in enumerate(chunks)
+                if not c[2] and c[1] >= size]
+        if fits:
+            _, r, i = min(fits)
+        else:
+            grew = size > self.next
+            while size > self.next:
+                self.next *= 2
+            self.regions.append([[0, self.next, False]])
+            self.touched.append(set())
+            r, i = len(self.regions) - 1, 0
+            self.next *= 1 if grew else 2
+        chunks = self.regions[r]
+        offset, length, _ = chunks[i]
+        if length >= 2 * size:
+            chunks[i:i + 1] = [[offset, size, True], [offset + size, length - size, False]]
+        else:
+            chunks[i][2] = True
+        self.touched[r].update(range(offset >> 12, (offset + size + 4095) >> 12))
+        return r, offset
+
+    def free(self, handle: tuple[int, int]) -> None:
+        r, offset = handle
+        chunks = self.regions[r]
+        i = next(i for i, c in enumerate(chunks) if c[0] == offset)
+        chunks[i][2] = False
+        for j in (i, i - 1):  # merge with the free chunk after, then before
+            if 0 <= j < len(chunks) - 1 and not chunks[j][2] and not chunks[j + 1][2]:
+                chunks[j][1] += chunks[j + 1][1]
+                del chunks[j + 1]
+
+    @property
+    def resident(self) -> int:
+        return 4096 * sum(len(pages) for pages in self.touched)
+
+
+def arena_bytes(nodes, sizes: dict[str, int], shapes: dict[str, tuple], fed: set[str],
+                outputs: set[str]) -> tuple[int, int]:
+    """(the memory pattern's block, the arena's resident bytes after the runs). The first run
+    takes each buffer from the arena as it comes; the later runs take the pattern's block.
+    `nodes` as liveness.engine_graph gives them; `shapes`: each value's shape with its symbolic
+    dims (symbolic_shapes); `fed`: graph inputs and constants (not in the arena)."""
+    buffers = _buffers(nodes, sizes, shapes, fed, outputs)
+    arena, held = _BFCArena(), {}
+    for made, k, size in _events(buffers):
+        if made:
+            held[k] = arena.alloc(size)
+        else:
+            arena.free(held.pop(k))
+    for handle in held.values():  # the graph's outputs, given back with the results
+        arena.free(handle)
+    block = _pattern(buffers)
+    if block:
+        arena.alloc(block)
+    return block, arena.resident
 
 
 def symbolic_shapes(model) -> dict[str, tuple | None]:
