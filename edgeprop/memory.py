@@ -229,8 +229,11 @@ def plan(bundle: Bundle, batch: int | None = None, stream: bool = False, *, engi
             u.working_set -= u.state + u.batch
     runtime = None
     if eng.runtime is not None:
-        nodes = sum(graph_facts(bundle, k)["nodes"] for k in {u.step_graph for u in bundle.units})
-        runtime = eng.runtime + (0 if eng.holds_units else eng.per_node * nodes)
+        steps = [graph_facts(bundle, k) for k in {u.step_graph for u in bundle.units}]
+        # Each loaded step graph's session holds its nodes and its constants: a frozen
+        # backbone's weights (`--trainable bias`: ResNet-18's 44.7 MB) are constants.
+        runtime = eng.runtime + (0 if eng.holds_units else sum(eng.per_node * f["nodes"] + f.get("constants", 0)
+                                                              for f in steps))
     files = sum(bundle.graph_path(k).stat().st_size for k in bundle.graphs)
     # In storage: every unit's weights and the graphs. Optimizer slots need no storage on a
     # microcontroller training block by block: they start at zero and end with their block.
