@@ -16,6 +16,10 @@ planned converted to opset 17. The summary counts the configurations whose total
 working set are within ±20% of the measurement, and the worst under-plan (largest
 measured/planned). Exports are cached under .cache/planner-models/ (about 1.5 GB, ViT-B's
 four files most of it); the whole run takes a few minutes.
+With --bundles (default) also real-model training bundles (BUNDLES: bench/real_models.py's
+models at 32 px, batch 8): `edgeprop profile BUNDLE`'s total and working set against
+`--measure`'s fresh process (3 steps), in the result's "bundles" (`--models ""` runs only
+those).
 """
 from __future__ import annotations
 
@@ -56,6 +60,52 @@ def export_worker(name: str, size: int, exporter: str, path: str) -> dict:
     return {"bytes": Path(path).stat().st_size}
 
 
+# Real-model training bundles (bench/real_models.py's models and methods: 3x32x32 inputs, 10
+# classes, batch 8, SGD), planned by `edgeprop profile BUNDLE` against `--measure`'s fresh process.
+BUNDLES = (("resnet18", "backprop+bias"), ("mobilenet_v2_0.35", "backprop+bias"),
+           ("mobilenet_v2_0.35", "zeroth-order"))
+
+
+def bundle_worker(name: str, method: str, out: str, data: str) -> dict:
+    import real_models  # bench/real_models.py
+    import torch
+
+    from edgeprop.exporters import export
+    build, _ = real_models.MODELS[name]
+    torch.manual_seed(0)
+    tmp = Path(out + ".tmp")
+    export(build(), out=tmp, data=data, batch_size=8, optimizer="sgd", lr=0.01, force=True, progress=False,
+           **real_models.METHODS[method])
+    tmp.replace(out)
+    return {}
+
+
+def bundle_row(name: str, method: str) -> dict:
+    """Planned against measured training memory of one real-model bundle, in a fresh process."""
+    import subprocess
+
+    import numpy as np
+    folder = CACHE / "bundles"
+    folder.mkdir(parents=True, exist_ok=True)
+    data = folder / "rgb32.npz"
+    if not data.exists():  # bench/real_models.py's random images
+        rng = np.random.default_rng(0)
+        x, y = rng.random((64, 3, 32, 32), dtype=np.float32), np.arange(64) % 10
+        np.savez(data, x_train=x, y_train=y, x_test=x[:32], y_test=y[:32])
+    out = folder / f"{name}-{method}"
+    if not out.exists():
+        common.spawn(__file__, "bundle", name, method, out, data)
+    proc = subprocess.run([sys.executable, "-m", "edgeprop", "profile", str(out), "--data", str(data), "--measure",
+                           "--steps", "3", "--json"], capture_output=True, text=True, check=True)
+    report = json.loads(proc.stdout)
+    plan, got = report["plan"], report["measured"]
+    return {"model": name, "size": 32, "exporter": f"bundle ({method})", "batch": plan["batch"],
+            "planned_total": plan["total"], "planned_inference": plan["working_set"],
+            "measured_total": got["process_peak"], "measured_inference": got["working_set"],
+            "ratio_total": got["process_peak"] / plan["total"],
+            "ratio_inference": got["working_set"] / plan["working_set"]}
+
+
 def exported(name: str, size: int, exporter: str) -> Path:
     path = CACHE / f"{name}_{size}_{exporter}.onnx"
     if not path.exists():
@@ -74,6 +124,8 @@ def main() -> None:
     p.add_argument("--export-only", action="store_true")
     p.add_argument("--light", action=argparse.BooleanOptionalAction, default=True,
                    help="also the onnx package's opset-9 models (converted)")
+    p.add_argument("--bundles", action=argparse.BooleanOptionalAction, default=True,
+                   help="also real-model training bundles: " + ", ".join(f"{m} {r}" for m, r in BUNDLES))
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "planner.json"))
     p.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -82,8 +134,10 @@ def main() -> None:
         if kind == "export":
             name, size, exporter, path = rest
             print(json.dumps(export_worker(name, int(size), exporter, path)))
+        elif kind == "bundle":
+            print(json.dumps(bundle_worker(*rest)))
         return
-    configs = [(m, int(s), e) for m in args.models.split(",") for s in args.sizes.split(",")
+    configs = [(m, int(s), e) for m in args.models.split(",") if m for s in args.sizes.split(",")
                for e in args.exporters.split(",")]
     for m, s, e in configs:
         t = time.perf_counter()
@@ -93,7 +147,7 @@ def main() -> None:
         return
     from edgeprop.exporters.model_memory import measure_onnx, onnx_report
     runs = [(m, s, e, b, exported(m, s, e)) for m, s, e in configs for b in map(int, args.batches.split(","))]
-    if args.light:  # the onnx package's opset-9 models: fixed batch 1, planned converted to opset 17
+    if args.light and configs:  # the onnx package's opset-9 models: fixed batch 1, planned converted to opset 17
         import onnx
         light = Path(onnx.__file__).parent / "backend" / "test" / "data" / "light"
         runs += [(p.stem, 224, "onnx-package (opset 9)", 1, p) for p in sorted(light.glob("*.onnx"))]
@@ -119,6 +173,14 @@ def main() -> None:
               f"{row['measured_total'] / 2**20:7.1f} measured ({row['ratio_total']:.2f}x); inference "
               f"{row['planned_inference'] / 2**20:7.1f} / {row['measured_inference'] / 2**20:7.1f} "
               f"({row['ratio_inference']:.2f}x)", flush=True)
+    bundles = []
+    for name, method in BUNDLES if args.bundles else ():
+        row = bundle_row(name, method)
+        bundles.append(row)
+        print(f"{name:20s} {method}: total {row['planned_total'] / 2**20:7.1f} planned "
+              f"{row['measured_total'] / 2**20:7.1f} measured ({row['ratio_total']:.2f}x); working set "
+              f"{row['planned_inference'] / 2**20:7.1f} / "
+              f"{row['measured_inference'] / 2**20:7.1f} ({row['ratio_inference']:.2f}x)", flush=True)
     done = [r for r in rows if "error" not in r]
 
     def within(key):
@@ -130,7 +192,7 @@ def main() -> None:
     import onnx
     import onnxruntime
     result = {"machine": platform.machine(), "onnxruntime": onnxruntime.__version__, "onnx": onnx.__version__,
-              "python": sys.version.split()[0], "summary": summary, "rows": rows}
+              "python": sys.version.split()[0], "summary": summary, "rows": rows, "bundles": bundles}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
     print(json.dumps(summary))

@@ -50,7 +50,7 @@ def run(args) -> int:
     data = shared.data(bundle, args.data, "train") if args.data else None
     data_bytes = data.nbytes if data is not None else 0
     stream = args.stream or (device is not None and device.kind == "mcu")  # bare metal: weights stay in flash
-    model, width = memory_model(engine), shared.vector_width(args, device)
+    model, width = memory_model(engine, device and device.arch), shared.vector_width(args, device)
     p = memory.plan(bundle, args.batch_size, stream, engine=model, data_bytes=data_bytes, vector_width=width)
     verdict = memory.check(p, budget, device) if (budget or device) else None
     measured = None
@@ -123,7 +123,7 @@ def _profile_onnx(args, budget, device, engine: str) -> int:
     from edgeprop.runtimes.onnxruntime import DEFAULT_LEVEL
     level = args.ort_optimization or DEFAULT_LEVEL
     report = onnx_report(args.bundle, args.batch_size, engine=engine, vector_width=shared.vector_width(args, device),
-                         optimization=level, convert=args.convert)
+                         optimization=level, convert=args.convert, arch=device and device.arch)
     if args.measure:
         report["measured"] = measure_onnx(args.bundle, report["batch"], optimization=level)
     verdict = None

@@ -57,8 +57,9 @@ def run(args) -> int:
     if budget is not None or device is not None:  # before any state is loaded or written
         from edgeprop.memory import refusal
         from edgeprop.runtimes import memory_model
-        why = refusal(bundle, budget, device, stream=args.stream, engine=memory_model(args.engine),
-                      data_bytes=data.nbytes, vector_width=shared.vector_width(args, device))
+        engine = memory_model(args.engine, device and device.arch)
+        why = refusal(bundle, budget, device, stream=args.stream, engine=engine, data_bytes=data.nbytes,
+                      vector_width=shared.vector_width(args, device))
         if why:
             raise EdgepropError(why)
     bundle.check_writable()

@@ -27,7 +27,7 @@ every gradient at once, plus all weights and optimizer state.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 from .bundle import Bundle
 from .errors import EdgepropError
@@ -63,7 +63,26 @@ class EngineMemory:
     fold_transient: float = 0.0
     fused_copies: float = 0.0  # copies kept of folded conv weights a BatchNormalization was fused into
     arena_touched: float = 1.0  # share of the arena's regions the runs touch
+    # A static arena's engine whose delegate keeps its own workspace (LiteRT's XNNPACK): the
+    # share of the live peak it holds again, and the bytes each delegated graph adds.
+    delegate_workspace: float = 0.0
+    delegate_per_graph: int = 0
     session_per_node: int = 0  # bytes a session keeps per node: kernels, their plans, the graph
+    # The runtime measured on other CPU architectures: ((arch, bytes, where it comes from), ...);
+    # `runtime` and `note` are the build machine's (x86-64), used for an arch not listed.
+    arch_runtimes: tuple = ()
+
+    def on(self, arch: str | None) -> EngineMemory:
+        """This model with the runtime figure of CPU architecture `arch` (a device profile's),
+        and a note saying where the figure comes from."""
+        if not arch:
+            return self
+        for name, runtime, note in self.arch_runtimes:
+            if name == arch:
+                return replace(self, runtime=runtime, note=note)
+        if self.runtime is None or "x86" in arch:
+            return self
+        return replace(self, note=f"{self.note}; no {arch} figure measured, x86-64's used")
 
     @property
     def holds_units(self) -> bool:
@@ -90,10 +109,11 @@ class EngineMemory:
         onnxruntime's first run allocates tensor by tensor, adding regions of 1, 2, 4, ...
         MiB until they hold the peak; later runs reuse a memory pattern, one block of the
         peak's size, which must fit inside one region: when none is large enough a new one is
-        added. The runs touch `arena_touched` of those regions (measured on bench/planner.py's
+        added (exporters/ort_pattern.py replays both for a whole model). The runs touch
+        `arena_touched` of those regions (measured on bench/planner.py's
         models: 0.72-0.92 of them for most conv nets)."""
-        if not self.first_region or peak <= 0:
-            return max(peak, 0)
+        if not self.first_region or peak <= 0:  # a static arena, and a delegate's workspace beside it
+            return max(peak, 0) + int(self.delegate_workspace * max(peak, 0)) + self.delegate_per_graph
         total, region, largest = 0, self.first_region, 0
         while total < peak:
             total, largest, region = total + region, region, region * 2
@@ -209,8 +229,11 @@ def plan(bundle: Bundle, batch: int | None = None, stream: bool = False, *, engi
             u.working_set -= u.state + u.batch
     runtime = None
     if eng.runtime is not None:
-        nodes = sum(graph_facts(bundle, k)["nodes"] for k in {u.step_graph for u in bundle.units})
-        runtime = eng.runtime + (0 if eng.holds_units else eng.per_node * nodes)
+        steps = [graph_facts(bundle, k) for k in {u.step_graph for u in bundle.units}]
+        # Each loaded step graph's session holds its nodes and its constants: a frozen
+        # backbone's weights (`--trainable bias`: ResNet-18's 44.7 MB) are constants.
+        runtime = eng.runtime + (0 if eng.holds_units else sum(eng.per_node * f["nodes"] + f.get("constants", 0)
+                                                              for f in steps))
     files = sum(bundle.graph_path(k).stat().st_size for k in bundle.graphs)
     # In storage: every unit's weights and the graphs. Optimizer slots need no storage on a
     # microcontroller training block by block: they start at zero and end with their block.

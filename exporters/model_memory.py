@@ -23,8 +23,9 @@ from edgeprop.errors import EdgepropError
 from edgeprop.runtimes import memory_model
 from edgeprop.sizes import format_size as fmt
 
-from .liveness import ALIASES, fold_constants, infer_shapes, live_bytes, tensor_bytes
+from .liveness import ALIASES, engine_graph, fold_constants, infer_shapes, live_bytes, tensor_bytes
 from .onnx_skeleton import load_skeleton
+from .ort_pattern import arena_bytes, symbolic_shapes
 
 
 def _at_batch(model: onnx.ModelProto, batch: int, path: str) -> onnx.ModelProto:
@@ -104,11 +105,13 @@ def _weight_facts(model: onnx.ModelProto, sizes: dict[str, int], weights: int, m
 
 
 def onnx_report(path: str | Path, batch: int | None = None, engine: str = "onnxruntime",
-                vector_width: int | None = None, optimization: str = "extended", convert: bool = False) -> dict:
+                vector_width: int | None = None, optimization: str = "extended", convert: bool = False,
+                arch: str | None = None) -> dict:
     """The model's memory at `batch` on `engine` at onnxruntime's `optimization` level;
     `vector_width`: onnxruntime will run its convolutions in the NCHWc layout with blocks of
     that many floats (see liveness.engine_graph). The model is read without its weights'
-    bytes and shape-inferred once. `convert`: plan an older opset's model converted."""
+    bytes and shape-inferred once. `convert`: plan an older opset's model converted. `arch`:
+    the device's CPU architecture, whose runtime figure is used where one was measured."""
     path = str(path)
     model, opset = _skeleton(path, convert)
     static = _static_batch(model)
@@ -116,13 +119,15 @@ def onnx_report(path: str | Path, batch: int | None = None, engine: str = "onnxr
         raise EdgepropError(f"{path}: the model's batch is fixed at {static}; export it with a symbolic "
                             f"batch axis to plan batch {batch}")
     batch = static or batch or 1
+    shapes = symbolic_shapes(model) if optimization != "disabled" else {}  # before the batch is fixed
     fixed = _at_batch(model, batch, path)
-    eng = memory_model(engine)
+    eng = memory_model(engine, arch)
     try:
         inferred = infer_shapes(fixed, path)  # once
         sizes = tensor_bytes(fixed, path, inferred)
         folded, made = fold_constants(inferred, sizes) if optimization != "disabled" else (fixed, set())
         timeline, inputs, constants = live_bytes(folded, path, sizes, vector_width)
+        nodes, engine_sizes = engine_graph(folded, sizes, vector_width)
     except (ValueError, onnx.shape_inference.InferenceError) as e:
         raise EdgepropError(str(e)) from None
     weights = constants  # initializers, Constant nodes and what constant folding makes
@@ -130,7 +135,13 @@ def onnx_report(path: str | Path, batch: int | None = None, engine: str = "onnxr
     peak = max(timeline, default=0)
     kept = {o for n in folded.graph.node if n.op_type not in ALIASES | {"Constant"} for o in n.output if o}
     activations = sum(sizes[o] for o in kept)
-    running = build["loaded"] + inputs + eng.arena(peak)
+    g = folded.graph
+    fed = {v.name for v in g.input} | {i.name for i in g.initializer} | \
+        {o for n in g.node if n.op_type == "Constant" for o in n.output}
+    # onnxruntime's arena, replayed: the first run tensor by tensor, then its memory pattern
+    pattern, arena = arena_bytes(nodes, engine_sizes, shapes, fed, {v.name for v in g.output}) \
+        if shapes and engine == "onnxruntime" else (None, eng.arena(peak))
+    running = build["loaded"] + inputs + arena
     inference = max(build["peak"], running)  # the session build's own peak, or the runs'
     backprop = 4 * weights + inputs + eng.arena(activations + weights)  # weights, grads, 2 slots; arena: acts + grads
     layout = f"NCHWc, {vector_width}-float blocks" if vector_width else "NCHW"
@@ -139,7 +150,7 @@ def onnx_report(path: str | Path, batch: int | None = None, engine: str = "onnxr
     return {"model": path, "batch": batch, "opset": opset, "converted": opset < OPSET, "nodes": nodes,
             "engine": engine, "optimization": optimization, "layout": layout,
             "weights": weights, "folded": sum(sizes[n] for n in made), "inputs": inputs, "peak": peak,
-            "arena": eng.arena(peak),
+            "pattern": pattern, "arena": arena,
             "session_build": build["peak"], "session": build["loaded"], "running": running,
             "inference": inference, "zeroth_order": inference,
             "backprop": {"weights": weights, "gradients": weights, "optimizer": 2 * weights,

@@ -69,7 +69,7 @@ def units_that_fit(bundle, device, engine_name: str, data_bytes: int) -> int:
     (edgeprop.memory's figures) must fit the profile's training budget."""
     from edgeprop.memory import plan
     from edgeprop.runtimes import memory_model
-    engine = memory_model(engine_name)
+    engine = memory_model(engine_name, device.arch)
     p = plan(bundle, None, not engine.holds_units, engine=engine, data_bytes=data_bytes)
     base = (p.runtime or 0) + p.data
 

@@ -40,11 +40,12 @@ def runnable() -> list[str]:
                                                     "Engine")]
 
 
-def memory_model(name: str) -> EngineMemory:
-    """What engine `name` holds while training, for the memory planner."""
+def memory_model(name: str, arch: str | None = None) -> EngineMemory:
+    """What engine `name` holds while training, for the memory planner; with the runtime
+    figure of CPU architecture `arch` (a device profile's) where one was measured."""
     if name not in engine_names():
         raise EdgepropError(f"no memory model for engine '{name}' (known: {', '.join(engine_names())})")
-    return engine_module(name).MEMORY
+    return engine_module(name).MEMORY.on(arch)
 
 
 def get_engine(name: str = "onnxruntime", **options) -> Engine:

@@ -12,7 +12,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from conftest import edgeprop
 from edgeprop.errors import EdgepropError
-from edgeprop.exporters.model_memory import onnx_report
+from edgeprop.exporters.model_memory import format_report, onnx_report
 from edgeprop.exporters.onnx_skeleton import load_skeleton
 from edgeprop.runtimes import memory_model
 
@@ -147,3 +147,66 @@ def test_measure_prints_the_fresh_process_peak_beside_the_plan(tmp_path):
     assert "measured" in measured and "fresh process" in measured and "session build" in out
     ratio = float(measured.split("ratio ")[1].split()[0])
     assert 0.8 <= ratio <= 1.25, out  # a 0.5 MiB model: the runtime is nearly all of it
+
+
+def mlp_chain(hidden: tuple[int, ...], dim: int = 256) -> onnx.ModelProto:
+    """Residual MLP blocks x + W2·relu(W1·x) at a symbolic batch, block l `hidden[l]` wide."""
+    nodes, weights, x = [], [], "x"
+    for i, h in enumerate(hidden):
+        weights += [numpy_helper.from_array(np.full(shape, 0.01, np.float32), f"w{i}{j}")
+                    for j, shape in enumerate([(dim, h), (h, dim)])]
+        nodes += [helper.make_node("MatMul", [x, f"w{i}0"], [f"h{i}"]), helper.make_node("Relu", [f"h{i}"], [f"r{i}"]),
+                  helper.make_node("MatMul", [f"r{i}", f"w{i}1"], [f"o{i}"]),
+                  helper.make_node("Add", [x, f"o{i}"], [f"y{i}"])]
+        x = f"y{i}"
+    return _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", dim])],
+                  [helper.make_tensor_value_info(x, TensorProto.FLOAT, ["N", dim])], weights)
+
+
+# onnxruntime's arena, measured: the default arena's growth over three runs (the first run's
+# regions and the memory pattern's block); then, in a same-as-requested arena (each request a
+# region of its own), the second run's growth: the block alone.
+_ARENA = """
+import sys, numpy as np, onnxruntime as ort
+from edgeprop import rss
+def session(own_regions):
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    if own_regions:
+        opts.add_session_config_entry("session.use_env_allocators", "1")
+    return ort.InferenceSession(sys.argv[1], opts, providers=["CPUExecutionProvider"])
+x = np.ones((int(sys.argv[2]), 256), np.float32)
+default = session(False)
+before = rss.current()
+for _ in range(3):
+    y = default.run(None, {"x": x})[0]
+arena = rss.current() - before - y.nbytes
+info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+ort.create_and_register_allocator(info, ort.OrtArenaCfg(0, 1, -1, -1))  # kSameAsRequested
+own = session(True)
+own.run(None, {"x": x})
+first = rss.current()
+own.run(None, {"x": x})
+print(arena, rss.current() - first)
+"""
+
+
+def test_arena_and_memory_pattern_are_onnxruntimes(tmp_path):
+    # Buffers shared in place and between equal symbolic shapes: the block is not the live peak
+    # (liveness says 25 MiB, onnxruntime lays out 16).
+    path = tmp_path / "mlp.onnx"
+    onnx.save(mlp_chain((3072, 512, 3072)), path)
+    planned = onnx_report(path, 1024)
+    arena, block = map(int, subprocess.run([sys.executable, "-c", _ARENA, str(path), "1024"], capture_output=True,
+                                           text=True, check=True).stdout.split())
+    assert abs(block - planned["pattern"]) <= 64 * 1024, (block, planned["pattern"])
+    assert 0.85 <= arena / planned["arena"] <= 1.15, (arena, planned["arena"])
+
+
+def test_a_device_gets_the_runtime_figure_of_its_arch(tmp_path):
+    onnx.save(big_matmul(512), tmp_path / "m.onnx")
+    here = onnx_report(tmp_path / "m.onnx", 4)
+    pi = onnx_report(tmp_path / "m.onnx", 4, arch="aarch64")
+    assert pi["runtime"] != here["runtime"] and "aarch64" in pi["runtime_source"]
+    assert pi["total"] - here["total"] == pi["runtime"] - here["runtime"]
+    assert "runtime for aarch64" in format_report(pi, None)
