@@ -112,6 +112,9 @@ def _check(bundle: Bundle, device: Profile, order: str) -> None:
     c99.check_bundle(bundle, "native")
 
 
+_GENERATED: dict[tuple[str, str], tuple[str, c99.GraphC]] = {}  # (key, sha256) -> its C: a process makes it once
+
+
 def compile_graphs(bundle: Bundle, out: Path) -> dict[str, c99.GraphC]:
     """Every graph -> out/graphs/<key>.c, BLAS chosen at build time (EP_BLAS), side by side."""
     from edgeprop.runtimes.native import graph_inputs
@@ -120,10 +123,13 @@ def compile_graphs(bundle: Bundle, out: Path) -> dict[str, c99.GraphC]:
     def one(key):
         spec, path = bundle.graphs[key], bundle.graph_path(key)
         c_file = out / "graphs" / f"{key}.c"
-        text, graph, _ = generate(path, c_file, f"ep_{key}", key, graph_inputs(path, spec),
-                                  [t.name for t in spec.outputs], "", in_place=True, guard="EP_BLAS")
-        c_file.write_text(text)
-        return key, graph
+        done = (key, bundle.manifest["files"][spec.file])
+        if done not in _GENERATED:
+            text, graph, _ = generate(path, c_file, f"ep_{key}", key, graph_inputs(path, spec),
+                                      [t.name for t in spec.outputs], "", in_place=True, guard="EP_BLAS")
+            _GENERATED[done] = text, graph
+        c_file.write_text(_GENERATED[done][0])
+        return key, _GENERATED[done][1]
 
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
         return dict(pool.map(one, sorted(bundle.graphs)))

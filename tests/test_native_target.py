@@ -109,6 +109,16 @@ def test_host_build_trains_like_python_and_resumes_to_the_same_bits(folder, host
 
 
 @pytest.mark.slow
+def test_block_sequential_order_reaches_the_same_weights(bundle, host, tmp_path):
+    """NoProp-DT's units draw their noise by (epoch, batch, unit): the order changes nothing."""
+    out = tmp_path / "sequential"
+    native.write_folder(bundle, load_profile("rpi-zero-2w"), out, train_samples=TRAIN, test_samples=TEST,
+                        epochs=EPOCHS, seed=SEED, order="block-sequential")
+    assert "#define EP_INTERLEAVED 0" in (out / "model.h").read_text()
+    trains_like_the_host(build(out, tmp_path, "CPU=", "BLAS=0"), host)
+
+
+@pytest.mark.slow
 def test_bad_input_is_refused_in_one_line_before_training(folder, tmp_path):
     run = build(folder, tmp_path, "CPU=", "BLAS=0")
     bad = subprocess.run(["./train", "--steps", "zero"], cwd=run, capture_output=True, text=True)
