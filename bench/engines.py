@@ -11,12 +11,16 @@ exported with its .tflite twins, trained by:
                  (.venvs/ort-training)
   native         the graphs compiled to C and built on this host (OpenBLAS products,
                  fused optimizer loop), .venv
+  binary         no Python at all: `deploy --target native` for this host (-march=native,
+                 Debian's OpenBLAS where installed), its ./train timing its own loop and
+                 reporting its peak RSS as VmHWM from /proc/self/status
   torch          the eager torch reference (nn.Module + autograd + torch.optim): what a
                  user would otherwise run
 and ONNX Runtime's training API running end-to-end back-prop of an MLP of the same width
 and depth as one block (`--rule backprop`): the anchor a user of that API would pick.
 Each figure: training samples/s (one sample = one pass through every unit), the median of
---rounds alternating runs, and that run's process peak RSS. Every run is a fresh process.
+--rounds alternating runs, and that run's process peak RSS (VmHWM; `rss_vs_torch` the ratio
+to torch's). Every run is a fresh process.
 Targets to report against (not asserted): the fastest engine >= 3x torch at batch 32 and
 >= 10x at batch 1, and >= 50% of the practical limit at batch 32: each step's matrix products
 timed with OpenBLAS at their own shapes plus one fused AdamW pass over each unit's state,
@@ -85,6 +89,33 @@ def worker_throughput(bundle: str, which: str, seconds: float) -> dict:
             "peak_rss_mb": rss.process_peak() / 2**20}
 
 
+def build_binary(bundle: str, folder: Path) -> dict:
+    """`deploy --target native` for this host, built with make; a short run calibrates its rate."""
+    from edgeprop import bundle as bundles
+    from edgeprop.device_profile import Profile
+    from edgeprop.targets import native
+    host = Profile(name="host", title="this host", kind="linux", arch=platform.machine(), cores=os.cpu_count() or 1,
+                   ram=1 << 34, flash=1 << 34, train_share=1.0, float_formats=("fp32",), engines=("native",),
+                   cflags="-march=native")
+    b = bundles.load(bundle)
+    native.write_folder(b, host, folder, data="digits", epochs=100_000, seed=0)
+    make = subprocess.run(["make", "-s", "-j2"], cwd=folder, capture_output=True, text=True, check=True)
+    calibration = run_binary(folder, steps=20 * len(b.units))
+    return {"units": len(b.units), "batch": b.batch_size, "rate": calibration["samples_per_s"],
+            "blas": "no OpenBLAS" not in make.stdout + make.stderr}
+
+
+def run_binary(folder: Path, steps: int) -> dict:
+    """One fresh ./train of `steps` work items from the initial state (one OpenBLAS thread)."""
+    (folder / "checkpoint.bin").unlink(missing_ok=True)
+    env = {**os.environ, "OPENBLAS_NUM_THREADS": "1"}
+    out = subprocess.run(["./train", "--steps", str(steps)], cwd=folder, capture_output=True, text=True, env=env,
+                         check=True).stdout.split("\n")
+    wall, cpu = (float(v) for v in next(line for line in out if line.startswith("ep samples-per-s")).split()[2:])
+    kb = int(next(line for line in out if line.startswith("ep peak-rss-kb")).split()[2])
+    return {"samples_per_s": wall, "samples_per_cpu_s": cpu, "peak_rss_mb": kb / 1024, "steps": steps}
+
+
 def median(runs: list[dict]) -> dict:
     return sorted(runs, key=lambda run: run["samples_per_s"])[len(runs) // 2]
 
@@ -142,7 +173,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--seconds", type=float, default=4.0, help="timing window per measurement")
     p.add_argument("--rounds", type=int, default=3, help="alternating rounds per batch size (median kept)")
-    p.add_argument("--engines", default="onnxruntime,litert,ort-training,native,torch")
+    p.add_argument("--engines", default="onnxruntime,litert,ort-training,native,binary,torch")
     p.add_argument("--fashion-cnn", default=None, metavar="N,E",
                    help="also compare NoProp-DT and back-prop CNNs: N Fashion-MNIST training images, E epochs")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "engines.json"))
@@ -174,13 +205,17 @@ def main() -> None:
                                 **common_opts)) if "ort-training" in engines else None
             if "native" in engines:  # its libraries built once, before any timing
                 spawn("native", noprop, "native", 0.1)
+            if "binary" in engines:  # built once; --steps sized to --seconds by a short run
+                binary = build_binary(noprop, Path(tmp) / f"binary{batch}")
+                binary_steps = max(3, round(args.seconds * binary["rate"] / batch)) * binary["units"]
             runs = {e: [] for e in engines}
             anchor_runs = []
             limits = []
             for r in range(args.rounds):
                 print(f"throughput: batch {batch}, round {r + 1}/{args.rounds} ...", file=sys.stderr)
                 for engine in engines:  # alternate, so a load change does not land on one engine only
-                    runs[engine].append(spawn(engine, noprop, engine, args.seconds))
+                    runs[engine].append(run_binary(Path(tmp) / f"binary{batch}", binary_steps) if engine == "binary"
+                                        else spawn(engine, noprop, engine, args.seconds))
                 if anchor:
                     anchor_runs.append(spawn("ort-training", anchor, "ort-training", args.seconds))
                 limits.append(spawn("torch", "limit", noprop))  # .venv: numpy, onnx, the BLAS wheel
@@ -189,6 +224,7 @@ def main() -> None:
             if "torch" in row:
                 for e in engines:
                     row[e]["vs_torch"] = row[e]["samples_per_s"] / row["torch"]["samples_per_s"]
+                    row[e]["rss_vs_torch"] = row[e]["peak_rss_mb"] / row["torch"]["peak_rss_mb"]
             limit = median(limits)
             row["practical_limit"] = {**limit, "rounds": [x["samples_per_s"] for x in limits]}
             for e in engines:  # the limit is timed in short pieces that a busy machine rarely preempts
@@ -198,6 +234,8 @@ def main() -> None:
             if anchor_runs:
                 row["ort_training_backprop_anchor"] = {**median(anchor_runs),
                                                        "rounds": [x["samples_per_s"] for x in anchor_runs]}
+            if "binary" in engines:
+                row["binary"]["openblas"] = binary["blas"]
             results[f"batch{batch}"] = row
         if args.fashion_cnn:
             n_train, epochs = map(int, args.fashion_cnn.split(","))
@@ -209,7 +247,8 @@ def main() -> None:
         row = results[f"batch{batch}"]
         print(f"batch {batch}: " + ", ".join(
             f"{e} {v['samples_per_s']:,.0f}/s ({v['samples_per_cpu_s']:,.0f}/cpu-s, {v['peak_rss_mb']:.0f} MiB"
-            + (f", {v['vs_torch']:.2f}x torch ({v['vs_torch_cpu']:.2f}x per cpu-s)" if "vs_torch" in v else "")
+            + (f", {v['vs_torch']:.2f}x torch ({v['vs_torch_cpu']:.2f}x per cpu-s), {v['rss_vs_torch']:.3f}x its RSS"
+               if "vs_torch" in v else "")
             + (f", {100 * v['share_of_limit']:.0f}% of limit)" if "share_of_limit" in v else ")")
             for e, v in row.items() if "peak_rss_mb" in v)
             + f"; practical limit {row['practical_limit']['samples_per_s']:,.0f}/s "

@@ -22,6 +22,7 @@ A profile file (see rpi4.toml for a commented example):
     vector_width = 16         # optional, x86 only: floats per vector (16 with AVX-512, 8 with
                               # AVX2), the block onnxruntime's NCHWc layout pads conv channels to;
                               # ARM profiles leave it out (no NCHWc there)
+    cflags = "-mcpu=cortex-a72"  # optional: the CPU flags `deploy --target native` builds with
 
 Sources for every shipped figure are comments in each file. The Profile type itself is the
 core's (edgeprop.device_profile): the memory planner checks plans against it.
@@ -44,7 +45,7 @@ else:  # pragma: no cover - older Pythons on devices
 HERE = Path(__file__).resolve().parent
 
 REQUIRED = ("name", "title", "kind", "arch", "cores", "ram", "flash", "train_share", "float_formats", "engines")
-OPTIONAL = ("psram", "python", "vector_width")
+OPTIONAL = ("psram", "python", "vector_width", "cflags")
 
 
 def _profile(data: dict, where: str) -> Profile:
@@ -81,12 +82,15 @@ def _profile(data: dict, where: str) -> Profile:
     width = data.get("vector_width")
     if width is not None and (not isinstance(width, int) or isinstance(width, bool) or width not in (4, 8, 16)):
         raise EdgepropError(f"{where}: field 'vector_width' must be 4, 8 or 16 (floats per vector), got {width!r}")
+    cflags = data.get("cflags")
+    if cflags is not None and not (isinstance(cflags, str) and re.fullmatch(r"(-m[\w=.+-]+ ?)+", cflags)):
+        raise EdgepropError(f"{where}: field 'cflags' must be compiler flags like \"-mcpu=cortex-a53\", got {cflags!r}")
     return Profile(name=text("name"), title=text("title"), kind=data["kind"], arch=text("arch"), cores=cores,
                    ram=parse_size(data["ram"], f"{where}: field 'ram'"),
                    flash=parse_size(data["flash"], f"{where}: field 'flash'"),
                    train_share=float(share), float_formats=names("float_formats"), engines=names("engines"),
                    psram=parse_size(data["psram"], f"{where}: field 'psram'") if "psram" in data else 0,
-                   python=python, vector_width=width, source=where)
+                   python=python, vector_width=width, cflags=cflags, source=where)
 
 
 MAX_PROFILE = 1 << 20  # bytes: a profile is a few hundred; /dev/zero is endless

@@ -22,6 +22,7 @@ class Profile:
     psram: int = 0
     python: str | None = None
     vector_width: int | None = None  # x86: floats per vector, onnxruntime's NCHWc block (edgeprop.cpu)
+    cflags: str | None = None  # the C compiler's CPU flags (deploy --target native), e.g. -mcpu=cortex-a53
     source: str = ""
 
     @property

@@ -44,7 +44,7 @@ MEMORY = EngineMemory("native", 36_000_000, 0, 0, True,
 DTYPES = {"float32": "float", "float64": "double", "int64": "int64_t", "int32": "int32_t", "bool": "bool",
           "uint8": "uint8_t"}
 # edgeprop's code generators: a change to one rebuilds every library
-CODEGEN = ("targets/c99.py", "targets/cblas.py", "targets/fuse.py", "runtimes/native.py")
+CODEGEN = ("targets/c99.py", "targets/cblas.py", "targets/fuse.py", "targets/native.py", "runtimes/native.py")
 WRAPPER = """/* edgeprop's native engine: one graph, its scratch, and the two entry points ctypes calls. */
 extern unsigned char edgeprop_scratch[];  /* graph.c declares it only where it includes string.h */
 #include "graph.c"
@@ -184,25 +184,13 @@ class Engine:
         except ImportError as e:
             raise EdgepropError(f"the native engine compiles graphs with emx-onnx-cgen: "
                                 f"pip install 'edgeprop[native]' ({e})") from None
-        from edgeprop.targets.c99 import emit_c, plan_arena
-        from edgeprop.targets.cblas import fold_transposes, use_blas
-        from edgeprop.targets.fuse import fuse_elementwise
+        from edgeprop.targets.native import generate
         lib.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=lib.parent, prefix=".build-") as tmp:
             work = Path(tmp)
-            folded = 0
-
-            def rewrite(model):
-                nonlocal folded
-                folded = fold_transposes(model)
-
-            emit_c(path, work / "raw.c", "ep_graph", rewrite)
-            text, graph = plan_arena((work / "raw.c").read_text(), "ep_graph", path.stem, graph_inputs(path, spec),
-                                     [t.name for t in spec.outputs], in_place=False)
-            text, fused = fuse_elementwise(text, "ep_graph")
-            products = 0
-            if self.blas:
-                text, products = use_blas(text, self.blas.prefix)
+            text, graph, counts = generate(path, work / "raw.c", "ep_graph", path.stem, graph_inputs(path, spec),
+                                           [t.name for t in spec.outputs], self.blas.prefix if self.blas else None,
+                                           in_place=False)
             (work / "graph.c").write_text(text)
             threads = f"{self.blas.prefix}openblas_set_num_threads(n);" if self.blas else "(void)n;"
             (work / "lib.c").write_text(WRAPPER.format(scratch=graph.scratch, threads=threads))
@@ -213,8 +201,7 @@ class Engine:
                 raise EdgepropError(f"{path}: {Path(self.cc).name} could not build the native graph: "
                                     f"{proc.stderr.strip()[-1500:]}")
             info = {"graph": str(path), "inputs": graph.inputs, "in_place": graph.in_place, "scratch": graph.scratch,
-                    "blas": self.blas.name if self.blas else None, "products_on_blas": products,
-                    "transposes_folded": folded, "elementwise_fused": fused,
+                    "blas": self.blas.name if self.blas else None, **counts,
                     "compiler": self._compiler_id, "flags": self.flags,
                     "source": lib.with_suffix(".c").name}
             (work / "lib.json").write_text(json.dumps(info, indent=1) + "\n")

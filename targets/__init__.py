@@ -2,6 +2,7 @@
 
     python   a folder that sets up and trains offline on a Linux device (wheels, scripts)
     c99      firmware sources for a microcontroller: graphs compiled to C, the driver in c99/
+    native   C sources, a Makefile and the data for a Linux device: trains with no Python
 
 Every target has one shape, so `edgeprop deploy --target NAME` treats them alike:
 
@@ -20,7 +21,7 @@ from edgeprop.bundle import Bundle
 from edgeprop.device_profile import Profile
 from edgeprop.errors import EdgepropError
 
-TARGETS = ("python", "c99")
+TARGETS = ("python", "c99", "native")
 
 
 class Target(Protocol):

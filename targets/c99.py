@@ -367,27 +367,32 @@ def _check(bundle: Bundle, device: Profile) -> None:
         raise EdgepropError(f"--target c99 is for microcontrollers; {device.name} is a {device.kind} device")
     if device.arch not in CPUS:
         raise EdgepropError(f"--target c99 knows no compiler flags for arch '{device.arch}' ({', '.join(CPUS)})")
+    check_bundle(bundle, "c99")
+
+
+def check_bundle(bundle: Bundle, target: str) -> None:
+    """What the driver (c99/driver.c) runs: a NoProp-DT bundle whose graphs it feeds."""
     if bundle.rule != "noprop-dt":
-        raise EdgepropError(f"--target c99 runs NoProp-DT bundles; this one is {bundle.rule}")
+        raise EdgepropError(f"--target {target} runs NoProp-DT bundles; this one is {bundle.rule}")
     if bundle.model.get("dropout_shapes"):
-        raise EdgepropError("--target c99 does not feed dropout masks yet: export the bundle with --dropout 0")
+        raise EdgepropError(f"--target {target} does not feed dropout masks yet: export the bundle with --dropout 0")
     if bundle.model.get("learned_embedding"):
-        raise EdgepropError("--target c99 keeps W_embed in flash: export the bundle with --embedding one-hot or "
+        raise EdgepropError(f"--target {target} keeps W_embed fixed: export the bundle with --embedding one-hot or "
                             "orthogonal (a learned embedding trains in the head's state)")
     blocks, head = bundle.blocks, bundle.head
     if head is None or bundle.units != [*blocks, head] or [b.t for b in blocks] != list(range(1, len(blocks) + 1)):
-        raise EdgepropError("--target c99 needs the units in order block1..blockT, then the head")
+        raise EdgepropError(f"--target {target} needs the units in order block1..blockT, then the head")
     slots = {len(u.state) for u in bundle.units}
     if len(slots) != 1 or slots.pop() > 4 or any(u.state[0].name != "param" for u in bundle.units):
-        raise EdgepropError("--target c99 needs the same param and at most 3 optimizer slots in every unit")
+        raise EdgepropError(f"--target {target} needs the same param and at most 3 optimizer slots in every unit")
     for key, graph in bundle.graphs.items():
         unknown = [t.name for t in (*graph.inputs, *graph.outputs)
                    if t.name not in BUFFERS and not (t.name.startswith("next.") and t.name[5:] in BUFFERS)]
         if unknown:
-            raise EdgepropError(f"--target c99: graph {key} has inputs the driver does not feed: {unknown}")
+            raise EdgepropError(f"--target {target}: graph {key} has inputs the driver does not feed: {unknown}")
 
 
-def _subset(data: str, split: str, n: int | None):
+def subset(data: str, split: str, n: int | None):
     d = load_data(data, split)
     n = len(d) if n is None else n
     if not 1 <= n <= len(d):
@@ -395,9 +400,18 @@ def _subset(data: str, split: str, n: int | None):
     return d.x[:n], d.y[:n]
 
 
-def _model_sources(bundle: Bundle, graphs: dict[str, GraphC], x_train, y_train, x_test, y_test, epochs: int,
-                   seed: int, eval_seed: int, temperature: float) -> tuple[str, str, dict, Plan]:
-    """model.h and model.c: the bundle's numbers and data, the way driver.c reads them."""
+def sample_type(x_train, x_test) -> str:
+    """How the driver holds samples: bytes where every one is a whole number in 0..255."""
+    integral = x_train.dtype.kind in "ui" and x_train.min() >= 0 and max(x_train.max(), x_test.max()) <= 255
+    return "uint8_t" if integral else "float"
+
+
+def model_sources(bundle: Bundle, graphs: dict[str, GraphC], x_train, y_train, x_test, y_test, epochs: int,
+                  seed: int, eval_seed: int, temperature: float,
+                  linux: dict | None = None) -> tuple[str, str, dict, Plan]:
+    """model.h and model.c: the bundle's numbers and data, the way driver.c reads them.
+    `linux`: model.h's extra defines for a Linux build (edgeprop.targets.native), whose data
+    and state are files, not arrays in model.c."""
     units, sched = bundle.units, bundle.schedule
     slots = len(units[0].state)
     state, offset, layout = {}, 0, []
@@ -408,8 +422,7 @@ def _model_sources(bundle: Bundle, graphs: dict[str, GraphC], x_train, y_train, 
         flat.extend(init[u.name][t.name] for t in u.state)
         state[u.name] = offset
         offset += slots * u.n_params
-    integral = x_train.dtype.kind in "ui" and x_train.min() >= 0 and max(x_train.max(), x_test.max()) <= 255
-    sample = "uint8_t" if integral else "float"
+    sample = sample_type(x_train, x_test)
     d, n_in, classes, B = int(bundle.model["embed_dim"]), int(np.prod(bundle.input_shape)), bundle.num_classes, \
         bundle.batch_size
     mean, std = bundle.input_norm
@@ -437,8 +450,7 @@ typedef {sample} ep_sample;         /* how the data subset is stored in flash */
 #define EP_MEAN ((float){hexf(np.float32(mean))})
 #define EP_STD ((float){hexf(np.float32(std))})
 #define EP_SCRATCH_BYTES {scratch}
-#endif
-"""
+""" + "".join(f"#define {k} {v}\n" for k, v in (linux or {"EP_INTERLEAVED": 0}).items()) + "#endif\n"
     lines = ['/* The bundle\'s units, data and initial state: written by `edgeprop deploy --target c99`. */',
              '#include "edgeprop_fw.h"', ""]
     for key, g in graphs.items():
@@ -453,7 +465,7 @@ typedef {sample} ep_sample;         /* how the data subset is stored in flash */
         w = 0.0 if head else sched.weights[u.t - 1]
         step, infer = graphs[u.step_graph], graphs[u.infer_graph]
         lines.append(
-            f"    {{\"{u.name}\", {int(head)}, {u.n_params}, ep_flash_state + {state[u.name]}, "
+            f"    {{\"{u.name}\", {int(head)}, {u.n_params}, ep_state + {state[u.name]}, "
             f"(float){hexf(np.float32(u.lr))}, (float){hexf(np.float32(w))}, "
             f"{hexf(np.sqrt(ab))}, {hexf(np.sqrt(1 - ab))}, "
             f"(float){hexf(np.float32(a))}, (float){hexf(np.float32(b))}, "
@@ -461,14 +473,20 @@ typedef {sample} ep_sample;         /* how the data subset is stored in flash */
             f"{{ep_{u.step_graph}_run, io_{u.step_graph}, {len(step.inputs) + len(step.outputs)}}}, "
             f"{{ep_{u.infer_graph}_run, io_{u.infer_graph}, {len(infer.inputs) + len(infer.outputs)}}}}},")
     lines += ["};", "",
-              f"const float ep_embedding[EP_CLASSES][EP_DIM] = {c_array(bundle.embedding.astype(np.float32))};",
-              f"const ep_sample ep_train_x[EP_NTRAIN][EP_IN] = {c_array(x_train.astype(sample.replace('_t', '')))};",
-              f"const uint8_t ep_train_y[EP_NTRAIN] = {c_array(y_train, 32)};",
-              f"const ep_sample ep_test_x[EP_NTEST][EP_IN] = {c_array(x_test.astype(sample.replace('_t', '')))};",
-              f"const uint8_t ep_test_y[EP_NTEST] = {c_array(y_test, 32)};",
-              "/* In flash, not copied to SRAM at start-up: rewritten by flash_write() as each unit finishes. */",
-              "float ep_flash_state[EP_STATE_FLOATS] __attribute__((section(\".edgeprop_state\"), aligned(8))) = "
-              f"{c_array(np.concatenate(flat).astype(np.float32))};", ""]
+              f"const float ep_embedding[EP_CLASSES][EP_DIM] = {c_array(bundle.embedding.astype(np.float32))};"]
+    if linux:  # the data and the state are files (files.c)
+        lines += ["float ep_state[EP_STATE_FLOATS];", ""]
+    else:
+        kind = sample.replace("_t", "")
+        lines += [f"static const ep_sample train_x[EP_NTRAIN][EP_IN] = {c_array(x_train.astype(kind))};",
+                  f"static const uint8_t train_y[EP_NTRAIN] = {c_array(y_train, 32)};",
+                  f"static const ep_sample test_x[EP_NTEST][EP_IN] = {c_array(x_test.astype(kind))};",
+                  f"static const uint8_t test_y[EP_NTEST] = {c_array(y_test, 32)};",
+                  "const ep_sample (*ep_train_x)[EP_IN] = train_x, (*ep_test_x)[EP_IN] = test_x;",
+                  "const uint8_t *ep_train_y = train_y, *ep_test_y = test_y;",
+                  "/* In flash, not copied to SRAM at start-up: rewritten by flash_write() as each unit finishes. */",
+                  "float ep_state[EP_STATE_FLOATS] __attribute__((section(\".edgeprop_state\"), aligned(8))) = "
+                  f"{c_array(np.concatenate(flat).astype(np.float32))};", ""]
     maxdim = max(d, classes)
     plan = Plan(state=4 * slots * pmax, batch=4 * (B * n_in + B * d + B * maxdim + B + 4) + 2 * len(y_train),
                 eval=4 * (B * n_in + 2 * B * d + B * maxdim), scratch=scratch, stack=STACK_BYTES)
@@ -490,8 +508,8 @@ def write_firmware(bundle_path: str | Path | Bundle, device: Profile, out: str |
     temperature = bundle.temperature if temperature is None else check_temperature(temperature)
     if epochs < 1:
         raise EdgepropError("--epochs must be at least 1")
-    x_train, y_train = _subset(data, "train", train_samples)
-    x_test, y_test = _subset(data, "test", test_samples)
+    x_train, y_train = subset(data, "train", train_samples)
+    x_test, y_test = subset(data, "test", test_samples)
     if len(y_train) > 65535 or bundle.num_classes > 256:
         raise EdgepropError("--target c99 takes at most 65535 training samples and 256 classes")
     out = Path(out)
@@ -499,7 +517,7 @@ def write_firmware(bundle_path: str | Path | Bundle, device: Profile, out: str |
     cpu, board = CPUS[device.arch]
     with new_folder(out, mark=True) as tmp:
         graphs = compile_graphs(bundle, sorted(bundle.graphs), tmp)
-        header, source, layout, plan = _model_sources(bundle, graphs, x_train, y_train, x_test, y_test, epochs,
+        header, source, layout, plan = model_sources(bundle, graphs, x_train, y_train, x_test, y_test, epochs,
                                                       seed, eval_seed, temperature)
         (tmp / "model.h").write_text(header)
         (tmp / "model.c").write_text(source)

@@ -98,9 +98,11 @@ def _sgemm_body(op: str, attrs: dict, params, prefix: str) -> str | None:
     return "\n".join(lines)
 
 
-def use_blas(text: str, prefix: str) -> tuple[str, int]:
+def use_blas(text: str, prefix: str, guard: str | None = None) -> tuple[str, int]:
     """`text` (emx-onnx-cgen's C) with every plain 2-D float MatMul/Gemm computed by
-    cblas_sgemm; returns the new text and how many nodes were rewritten."""
+    cblas_sgemm; returns the new text and how many nodes were rewritten. `guard`: a macro
+    name; the BLAS bodies are used only where it is defined, the generated loops otherwise
+    (a device folder whose compiler may find no BLAS)."""
     count = 0
 
     def rewrite(m: re.Match) -> str:
@@ -111,11 +113,14 @@ def use_blas(text: str, prefix: str) -> tuple[str, int]:
         if body is None:
             return m.group(0)
         count += 1
+        if guard:
+            body = f"#ifdef {guard}\n{body}\n#else\n{m.group(6)}\n#endif"
         return m.group(0)[:m.start(4) - m.start(0)] + m.group(4) + body + "\n}\n"
 
     text = _NODE.sub(rewrite, text)
     if count:
-        text = "#include <cblas.h>\n" + text
+        include = "#include <cblas.h>\n"
+        text = (f"#ifdef {guard}\n{include}#endif\n" if guard else include) + text
     return text, count
 
 

@@ -6,7 +6,9 @@ the state streams through memory ~20 times per step, which at batch 1 is nearly 
 block step's time. Here each run of consecutive calls whose node is one element-wise loop
 (`out[i0] = f(a[i0], s[0], ...)`, 1-D, the same length, or a scalar) becomes one loop:
 values used only inside the run stay in registers, the scalars are computed once before it,
-and only what is read later (or is a graph output) is stored.
+and only what is read later (or is a graph output) is stored. A node alone is rewritten the
+same way: each element is loaded once, before any select uses it, and bools move as bytes,
+so gcc vectorizes a ReLU mask's LessOrEqual and Where (as emitted, a branch per element).
 
 Safe with edgeprop's planned scratch (targets/c99.py plan_arena): in the original order a
 temporary's bytes may be reused by one born after it dies, and a fused loop writes element i
@@ -122,7 +124,7 @@ def fuse_elementwise(text: str, fn: str) -> tuple[str, int]:
 
 def _runs(calls, nodes):
     """Maximal runs of consecutive element-wise calls over one length (scalars joining any),
-    with at least two vector calls."""
+    with at least one vector call (a node alone gains its scalars hoisted and a flat loop)."""
     runs, cur, n = [], [], None
     for call in calls + [(None, None, None)]:
         node = nodes.get(call[1])
@@ -130,10 +132,16 @@ def _runs(calls, nodes):
             cur.append(call)
             n = n if node.n == 1 else node.n
             continue
-        if sum(nodes[c[1]].n > 1 for c in cur) >= 2:
+        if any(nodes[c[1]].n > 1 for c in cur):
             runs.append(cur)
         cur, n = ([call], None if nodes[call[1]].n == 1 else nodes[call[1]].n) if node is not None else ([], None)
     return runs
+
+
+def _memory(ctype: str) -> str:
+    """How a loop reads and writes an element: a bool (0 or 1) as a byte, which gcc vectorizes
+    (it vectorizes no _Bool load or store, so a ReLU mask's Where would stay a branch)."""
+    return "unsigned char" if ctype in ("bool", "_Bool") else ctype
 
 
 def _fuse(run, calls, nodes, offsets, sizes) -> list[str] | None:
@@ -153,6 +161,7 @@ def _fuse(run, calls, nodes, offsets, sizes) -> list[str] | None:
                 return None  # bytes it writes are still to be read at other indices
     local = {}     # produced value -> C local
     loads = {}     # a one-element array read in the loop -> the local it is loaded into, once
+    element = {}   # an array read at i0 -> the local that holds its element
     pre, body = [], []
     for k, (_, name, args) in enumerate(run):
         node = nodes[name]
@@ -168,12 +177,16 @@ def _fuse(run, calls, nodes, offsets, sizes) -> list[str] | None:
                         loads[arg] = f"ep_s{len(loads)}"
                         pre.insert(0, f"    const {ctype} {loads[arg]} = ((const {ctype} *)({arg}))[0];")
                     return loads[arg]
-                return f"((const {ctype} *)({arg}))[i0]"
+                if arg not in element:  # loaded unconditionally, once: a select (Where) then vectorizes
+                    element[arg] = f"ep_a{len(element)}"
+                    kind = _memory(ctype)
+                    body.append(f"        const {kind} {element[arg]} = ((const {kind} *)({arg}))[i0];")
+                return element[arg]
             expr = re.sub(rf"\b{param}\[(i0|0)\]", value, expr)
         var = f"ep_v{k}"
         local[args[-1]] = var
         line = f"const {node.ctype} {var} = {expr};"
-        store = f"(({node.ctype} *)({args[-1]}))"
+        store = f"(({_memory(node.ctype)} *)({args[-1]}))"
         if node.n == 1:
             pre.append(f"    {line}")
             if args[-1] in stored:

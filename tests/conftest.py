@@ -17,6 +17,18 @@ DEVICE_SIDE = ("import sys; blocked = sys.argv.pop(1).split(','); sys.modules.up
                "sys.exit(code)")
 
 
+def state_gap(weights, layout: dict, state: dict) -> float:
+    """Largest difference between a C driver's flat state (laid out as its layout.json says)
+    and a Python trainer's per-unit state."""
+    assert len(weights) == layout["state_floats"]
+    gap = 0.0
+    for u in layout["units"]:
+        for s, name in enumerate(u["slots"]):
+            at = u["offset"] + s * u["n_params"]
+            gap = max(gap, float(abs(weights[at:at + u["n_params"]] - state[u["name"]][name]).max()))
+    return gap
+
+
 def edgeprop(*args, torch_allowed=False, blocked=("torch", "onnx"), check=True, timeout=600, python=sys.executable):
     """Run the edgeprop CLI in a subprocess; on the device side, with torch and onnx made
     unimportable. `python`: another environment's interpreter (an engine's own venv)."""

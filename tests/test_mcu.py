@@ -12,7 +12,7 @@ import subprocess
 import numpy as np
 import pytest
 
-from conftest import ROOT, edgeprop
+from conftest import ROOT, edgeprop, state_gap
 from edgeprop import bundle as bundles
 from edgeprop.datasets import load as load_data
 from edgeprop.devices import load_profile
@@ -66,14 +66,7 @@ def host(bundle, fw, tmp_path_factory):
 
 def weight_gap(fw, run_folder, state) -> float:
     layout = json.loads((fw / "layout.json").read_text())
-    weights = np.fromfile(run_folder / "weights.bin", np.float32)
-    assert len(weights) == layout["state_floats"]
-    gap = 0.0
-    for u in layout["units"]:
-        for s, name in enumerate(u["slots"]):
-            at = u["offset"] + s * u["n_params"]
-            gap = max(gap, float(np.abs(weights[at:at + u["n_params"]] - state[u["name"]][name]).max()))
-    return gap
+    return state_gap(np.fromfile(run_folder / "weights.bin", np.float32), layout, state)
 
 
 def same_chains(got: dict, host: dict) -> None:

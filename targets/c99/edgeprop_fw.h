@@ -1,6 +1,7 @@
-/* The interface between edgeprop's firmware driver (driver.c, the same for every bundle), the
- * model that `edgeprop deploy --target c99` generates (model.h, model.c, the graphs/ folder) and the
- * platform (semihost.c on an emulated or real Cortex-M, host.c on a desktop). */
+/* The interface between edgeprop's driver (driver.c, the same for every bundle), the model that
+ * `edgeprop deploy --target c99|native` generates (model.h, model.c, the graphs/ folder) and the
+ * platform (semihost.c on an emulated or real Cortex-M, host.c on a desktop or Linux device;
+ * files.c, train.c and eval.c on Linux). */
 #ifndef EDGEPROP_FW_H
 #define EDGEPROP_FW_H
 
@@ -36,11 +37,27 @@ typedef struct {
 
 extern const ep_unit ep_units[EP_UNITS];
 extern const float ep_embedding[EP_CLASSES][EP_DIM];
-extern const ep_sample ep_train_x[EP_NTRAIN][EP_IN];
-extern const uint8_t ep_train_y[EP_NTRAIN];
-extern const ep_sample ep_test_x[EP_NTEST][EP_IN];
-extern const uint8_t ep_test_y[EP_NTEST];
-extern float ep_flash_state[EP_STATE_FLOATS];  /* every unit's state, in flash */
+/* The data: in flash (model.c) on a microcontroller, read from data.bin (files.c) on Linux. */
+extern const ep_sample (*ep_train_x)[EP_IN];
+extern const uint8_t *ep_train_y;
+extern const ep_sample (*ep_test_x)[EP_IN];
+extern const uint8_t *ep_test_y;
+extern float ep_state[EP_STATE_FLOATS];  /* every unit's state: in flash, or in RAM on Linux */
+
+#define EP_NBATCHES ((EP_NTRAIN + EP_BATCH - 1) / EP_BATCH)
+#define EP_TOTAL ((uint64_t)EP_UNITS * EP_NBATCHES * EP_EPOCHS)  /* work items: one unit's step each */
+
+/* Where a run is: what a checkpoint holds besides the state. */
+typedef struct {
+    uint64_t done;             /* work items done */
+    uint32_t steps[EP_UNITS];  /* each unit's updates so far */
+    double loss[EP_UNITS];     /* each unit's loss summed over its current epoch */
+} ep_progress;
+
+/* The driver. */
+int ep_train(ep_progress *p, uint64_t to);  /* work items p->done .. to-1: 0, or 1 on a non-finite loss */
+void ep_report_accuracy(void);              /* "ep accuracy ..." lines, from ep_state */
+void ep_say(const char *what, int64_t value);  /* an "ep WHAT VALUE" line */
 
 /* The platform. */
 void ep_write(const char *text);                                   /* text to the host's console */

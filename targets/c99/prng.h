@@ -21,6 +21,12 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#ifdef EP_WIDE_INDEX
+typedef uint32_t ep_index;  /* sample indices: more than 65536 samples (Linux) */
+#else
+typedef uint16_t ep_index;  /* two bytes each in a microcontroller's SRAM */
+#endif
+
 #define EP_GOLDEN UINT64_C(0x9E3779B97F4A7C15)
 /* What each stream is for: the first word after the seed (edgeprop/prng.py names the same). */
 #define EP_ORDER 1u     /* key(seed, ORDER, epoch): the epoch's sample order */
@@ -68,25 +74,25 @@ static inline int ep_before(uint64_t k, uint32_t a, uint32_t b) {
 }
 
 /* Sift perm[root] down the max-heap perm[0..size-1]. */
-static inline void ep_sift(uint64_t k, uint16_t *perm, uint32_t root, uint32_t size) {
+static inline void ep_sift(uint64_t k, ep_index *perm, uint32_t root, uint32_t size) {
     for (;;) {
         uint32_t child = 2 * root + 1;
         if (child >= size) return;
         if (child + 1 < size && ep_before(k, perm[child], perm[child + 1])) ++child;
         if (!ep_before(k, perm[root], perm[child])) return;
-        uint16_t t = perm[root]; perm[root] = perm[child]; perm[child] = t;
+        ep_index t = perm[root]; perm[root] = perm[child]; perm[child] = t;
         root = child;
     }
 }
 
-/* perm[0..n-1] = permutation(k, n), n <= 65536. In place, with no buffer beyond perm: a heap
+/* perm[0..n-1] = permutation(k, n), n <= 65536 unless EP_WIDE_INDEX. In place, with no buffer beyond perm: a heap
  * sort of the indices that recomputes each draw when it compares (the order is total, so any
  * correct sort gives numpy's stable argsort). */
-static inline void ep_permutation(uint64_t k, uint16_t *perm, uint32_t n) {
-    for (uint32_t i = 0; i < n; ++i) perm[i] = (uint16_t)i;
+static inline void ep_permutation(uint64_t k, ep_index *perm, uint32_t n) {
+    for (uint32_t i = 0; i < n; ++i) perm[i] = (ep_index)i;
     for (uint32_t i = n / 2; i-- > 0;) ep_sift(k, perm, i, n);
     for (uint32_t end = n; end-- > 1;) {
-        uint16_t t = perm[0]; perm[0] = perm[end]; perm[end] = t;
+        ep_index t = perm[0]; perm[0] = perm[end]; perm[end] = t;
         ep_sift(k, perm, 0, end);
     }
 }
