@@ -138,6 +138,15 @@ def trainable_parameters(root: Path) -> int:
     return int(sum(u.n_params for u in b.units))
 
 
+def _save(method: str, entry: dict) -> None:
+    """Add one method's entry to RESULTS, re-read first: runs for other methods may write too."""
+    RESULTS.parent.mkdir(exist_ok=True)
+    results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    results[method] = entry
+    RESULTS.write_text(json.dumps(results, indent=1) + "\n")
+    print(method, json.dumps(entry), flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--methods", default=",".join(METHODS))
@@ -157,7 +166,7 @@ def main() -> None:
     model, pre_acc = pretrain(pre, norm, a.pretrain_epochs)
     print(f"pretrained on classes 0-4 in {time.perf_counter() - t:.0f} s: {pre_acc:.3f} on its training images",
           flush=True)
-    results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    results = {}
     for method in a.methods.split(","):
         kw = {"batch_size": 32, **METHODS[method]}
         out = WORK / method.replace(" ", "-").replace(":", "")
@@ -166,7 +175,7 @@ def main() -> None:
             export(model, out=out, data=str(path), force=True, progress=False, **kw)
         except Exception as e:  # noqa: BLE001 - a method that does not export is a result too
             results[method] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
-            print(method, results[method], flush=True)
+            _save(method, results[method])
             continue
         export_s = time.perf_counter() - t
         proc = subprocess.run([sys.executable, "-c", DEVICE_SIDE, str(out), str(path), str(a.epochs)],
@@ -179,9 +188,7 @@ def main() -> None:
             results[method] = {**json.loads(proc.stdout.strip().splitlines()[-1]),
                                "trainable_parameters": trainable_parameters(out), "export_s": round(export_s, 1),
                                "pretrain_accuracy": pre_acc, **({"auto": auto["message"]} if auto else {})}
-        RESULTS.parent.mkdir(exist_ok=True)
-        RESULTS.write_text(json.dumps(results, indent=1) + "\n")
-        print(method, json.dumps(results[method]), flush=True)
+        _save(method, results[method])
 
 
 if __name__ == "__main__":
