@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -72,9 +73,10 @@ def data(pretrain_per_class: int, finetune_per_class: int, test: int) -> tuple[d
     pre = np.concatenate([np.flatnonzero(train.y == c)[:pretrain_per_class] for c in range(5)])
     fine = np.concatenate([np.flatnonzero(train.y == c)[pretrain_per_class:pretrain_per_class + finetune_per_class]
                            for c in range(10)])  # images pretraining never saw
-    path = WORK / "fashion-finetune.npz"
-    np.savez(path, x_train=_images(train.x[fine]), y_train=train.y[fine], x_test=_images(t10k.x[:test]),
+    path, tmp = WORK / "fashion-finetune.npz", WORK / f".fashion-finetune.{os.getpid()}.npz"
+    np.savez(tmp, x_train=_images(train.x[fine]), y_train=train.y[fine], x_test=_images(t10k.x[:test]),
              y_test=t10k.y[:test])
+    os.replace(tmp, path)  # atomically: another run may be reading it
     return {"x": _images(train.x[pre]), "y": train.y[pre]}, path
 
 
