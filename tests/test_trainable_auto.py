@@ -58,6 +58,7 @@ def test_auto_picks_the_largest_set_that_fits(tmp_path):
     assert chosen["trainable_auto"]["chose"] == "every parameter"
     need_all = chosen["trainable_auto"]["need"]
     assert need_all == _need(tmp_path / "all")
+    assert "trainable auto on roomy: every parameter" in edgeprop("info", tmp_path / "all").stdout
 
     # One byte less than every parameter needs: a smaller set, and its plan fits
     tight = _profile(tmp_path, "tight", need_all - 1)
