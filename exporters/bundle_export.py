@@ -35,8 +35,11 @@ def export_graph(trace, inputs_of, batch: int, root: Path, rel: str, loss_output
     `planned`: units step with this graph, so the planner needs TFLite Micro's arena for it
     too (measured only then: a .tflite conversion costs seconds)."""
     try:
-        gm, args, names, outputs = trace(sentinel_inputs(inputs_of), fake=True)
-        generic = onnx_model(gm, args, names, outputs)
+        try:
+            gm, args, names, outputs = trace(sentinel_inputs(inputs_of), fake=True)
+            generic = onnx_model(gm, args, names, outputs)
+        except Exception as e:  # noqa: BLE001 - e.g. a data-dependent op fake tensors cannot trace
+            raise NotBatchGeneric(str(e)) from e  # the export at B says what is wrong, if anything
         check_generic(generic)
         model, bigger = at_batch(generic, batch), at_batch(generic, batch + 1)
     except NotBatchGeneric:  # a constant depends on the batch size: export at both sizes
