@@ -18,9 +18,10 @@ def add_arguments(ev) -> None:
     ev.add_argument("--inference-steps", type=int, default=None,
                     help="noprop-ct, noprop-fm: inference steps (default: the bundle's)")
     shared.add_inference_options(ev, "default: the bundle's, 0 unless exported otherwise")
-    ev.add_argument("--predict-with", default=None, metavar="last|K",
-                    help="local, mono-forward: which unit's classifier predicts: last (default) or unit K "
-                         "(1-based; eval lists every unit's accuracy)")
+    ev.add_argument("--predict-with", default=None, metavar="last|best|K",
+                    help="local, mono-forward: which unit's classifier predicts: last (default), unit K "
+                         "(1-based; eval lists every unit's accuracy), or best: the unit that scores best on the "
+                         "validation split train --holdout kept out (never the test set)")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--json", action="store_true")
     shared.add_quiet(ev)
@@ -35,13 +36,22 @@ def run(args) -> int:
     if not meta:
         print(f"note: {bundle.checkpoint_path()} not found; evaluating the untrained initial weights", file=sys.stderr)
     options = {"inference_steps": args.inference_steps} if args.inference_steps is not None else {}
-    if args.predict_with is not None:
+    chosen = None
+    if args.predict_with == "best":
+        from edgeprop.trainer import best_unit
+        unit, score, n = best_unit(bundle, shared.engine(args), shared.data(bundle, args.data, "train"), state,
+                                   meta.get("holdout", 0.0))
+        options["predict_with"] = str(unit)
+        chosen = f"  predicted by unit {unit}, the best on the validation split ({score:.4f} on {n} held-out samples)"
+    elif args.predict_with is not None:
         options["predict_with"] = args.predict_with
     tau = shared.inference_temperature(args)
     if tau is not None:
         options["temperature"] = tau
     report = evaluate(bundle, shared.engine(args), data, state, seed=args.seed, runs=args.runs, **options)
     report["trained_steps"] = int(meta.get("done", 0))
+    if chosen:
+        report["predicted_by_note"] = chosen.strip()
     if meta:  # info and plot show the last evaluation's per-block curves
         from edgeprop.trainer import save_eval
         save_eval(bundle, {**report, "data": shared.data_source(bundle, args.data), "seed": args.seed})
@@ -74,7 +84,9 @@ def format_eval(report: dict, runs: int) -> str:
         for key, value in report.items():  # a rule's other predictions, e.g. accuracy_readout
             if key.startswith("accuracy_") and key != "accuracy_runs":
                 lines.append(f"  {key.removeprefix('accuracy_')} accuracy {value:.4f}")
-    if "predicted_by_unit" in report and report["predicted_by_unit"] != len(report.get("per_unit_accuracy", [])):
+    if "predicted_by_note" in report:
+        lines.append("  " + report["predicted_by_note"])
+    elif "predicted_by_unit" in report and report["predicted_by_unit"] != len(report.get("per_unit_accuracy", [])):
         lines.append(f"  predicted by unit {report['predicted_by_unit']} (--predict-with)")
     if "per_unit_accuracy" in report:
         lines.append(f"per-unit accuracy ({report['per_unit_note']}): "

@@ -1,6 +1,8 @@
 """`edgeprop export`: a model as a bundle of per-block training graphs (desktop, torch)."""
 from __future__ import annotations
 
+import json
+
 from edgeprop.errors import EdgepropError
 
 from . import shared
@@ -9,7 +11,7 @@ HELP = "export a model as a bundle of per-block training graphs (desktop)"
 
 # Rule-specific flags (dest names): passed to the exporter only when given.
 RULE_OPTIONS: list[str] = ["threshold", "zo_eps", "zo_directions", "zo_layers", "init", "inference_steps", "dropout",
-                           "batchnorm", "temperature", "trainable"]
+                           "batchnorm", "temperature", "trainable", "device"]
 
 
 def add_arguments(e) -> None:
@@ -26,7 +28,10 @@ def add_arguments(e) -> None:
     e.add_argument("--trainable", default=None,
                    help="your own model: what trains: all (default), bias, bn (BatchNorm affine), last:K (the "
                         "last K layers with parameters), or comma-separated globs of parameter names; the rest "
-                        "are constants with no gradient and no optimizer state")
+                        "are constants with no gradient and no optimizer state; auto (with --device): the largest "
+                        "set, from the output backwards, whose memory plan fits the device")
+    e.add_argument("--device", default=None,
+                   help="--trainable auto: the device profile the plan must fit (see `edgeprop devices`)")
     e.add_argument("--data", default="digits", help="digits, an .npz file, or an IDX folder")
     e.add_argument("--out", required=True)
     e.add_argument("--blocks", default=None,
@@ -112,5 +117,8 @@ def run(args) -> int:
                            batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr, head_lr=args.head_lr,
                            weight_decay=args.weight_decay, eta=args.eta, seed=args.seed, tflite=args.tflite,
                            ort_training=args.ort_training, force=args.force, progress=not args.quiet, **rule_options)
+    auto = json.loads((out / "manifest.json").read_text())["model"].get("trainable_auto")
+    if auto:
+        print(auto["message"])
     print(f"wrote {out}")
     return 0

@@ -26,7 +26,9 @@ def run(args) -> int:
         print(f"model      sequential ({model['source']}): {layers}; blocks {model['blocks']}")
     elif model.get("kind") == "graph":
         units = ", ".join(f"{u['name']} ({len(u['train']['nodes'])} ops)" for u in model["units"])
-        print(f"model      your own ({model['source']}), trainable {model['trainable']}: units {units}")
+        auto = model.get("trainable_auto")  # its list of names is long: say what auto chose
+        trainable = f"auto on {auto['device']}: {auto['chose']}" if auto else model["trainable"]
+        print(f"model      your own ({model['source']}), trainable {trainable}: units {units}")
     else:
         print(f"model      {model['kind']} width {model.get('width')}, {model.get('embedding')} embedding "
               f"(d={model.get('embed_dim')})")

@@ -26,6 +26,9 @@ def add_arguments(t) -> None:
     t.add_argument("--checkpoint-every", type=int, default=None, help="updates between checkpoints")
     t.add_argument("--checkpoint-seconds", type=float, default=60.0,
                    help="at most this long between checkpoints (default: 60; resuming is exact either way)")
+    t.add_argument("--holdout", type=float, default=0.0,
+                   help="share of the training data kept out of training as a validation split (the same every "
+                        "time) for eval --predict-with best, e.g. 0.1")
     shared.add_budget(t, "refuse to start unless the plan's working set fits, e.g. 48MB; stop if it is exceeded")
     shared.add_device(t, "refuse to start unless training fits this device's profile")
     t.add_argument("--stream", action="store_true",
@@ -47,6 +50,7 @@ def run(args) -> int:
     config = TrainConfig(epochs=args.epochs, order=args.order, seed=args.seed, lr=args.lr, head_lr=args.head_lr,
                          lr_schedule=args.lr_schedule, checkpoint_every=args.checkpoint_every,
                          checkpoint_seconds=args.checkpoint_seconds, stream=args.stream, budget=budget,
+                         holdout=args.holdout,
                          device_budget=device.budget if device is not None else None).check()
     ckpt = bundle.checkpoint_path()
     if args.resume and not ckpt.is_file():

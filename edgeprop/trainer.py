@@ -15,7 +15,7 @@ import numpy as np
 
 from . import rss
 from .bundle import INIT_STATE, STATS, Bundle, flat_items, split_state
-from .datasets import Dataset
+from .datasets import Dataset, stratified_split
 from .errors import BundleError, EdgepropError
 from .progress import Progress
 from .rules import ORDERS, Plan, for_bundle
@@ -62,12 +62,17 @@ class TrainConfig:
     # Names of the units this run trains (None: all). A fleet client trains the units the
     # server assigned it; the others keep their weights (chained rules read their outputs).
     units: tuple[str, ...] | None = None
+    # Share of the training data kept out of training (stratified, fixed): the validation
+    # split `eval --predict-with best` judges the units on.
+    holdout: float = 0.0
 
     def check(self) -> TrainConfig:
         if self.order not in ORDERS:
             raise EdgepropError(f"--order must be one of {', '.join(ORDERS)}")
         if self.epochs < 1:
             raise EdgepropError("--epochs must be at least 1")
+        if not 0 <= self.holdout < 1:
+            raise EdgepropError(f"--holdout must be a share of the training data in [0, 1), got {self.holdout}")
         for flag, lr in (("--lr", self.lr), ("--head-lr", self.head_lr)):
             if lr is not None and not (0 < lr <= float(np.finfo(np.float32).max)):  # the graphs take float32
                 raise EdgepropError(f"{flag} must be a positive number below {float(np.finfo(np.float32).max):.3g}")
@@ -106,6 +111,8 @@ class Trainer:
 
     def __init__(self, bundle: Bundle, engine, data: Dataset, config: TrainConfig, stream_folder=None):
         self.bundle, self.engine, self.config = bundle, engine, config.check()
+        if config.holdout:
+            data = validation_split(data, config.holdout)[0]
         self.stream_folder = stream_folder  # default: the bundle's checkpoints/stream
         # An engine that trains by itself (ort-training) holds each unit's parameters and
         # optimizer state; the trainer steps its units instead of running step graphs. The
@@ -185,7 +192,7 @@ class Trainer:
         c = self.config
         return {"bundle": self.bundle.id, "done": self.done, "total": self.plan.total, "steps": self.steps,
                 "losses": self.losses, "history": self.history, "epochs": c.epochs, "order": c.order, "seed": c.seed,
-                "lr": self.lr, "lr_schedule": c.lr_schedule, "n_batches": self.plan.n_batches,
+                "lr": self.lr, "lr_schedule": c.lr_schedule, "n_batches": self.plan.n_batches, "holdout": c.holdout,
                 "memory": {"working_set": self.working_set(), "baseline": self.baseline, "stream": c.stream}}
 
     def unit_state(self, name: str) -> dict[str, np.ndarray]:
@@ -225,8 +232,8 @@ class Trainer:
             raise EdgepropError(f"{path}: no checkpoint to resume from")
         with open_arrays(path) as (arrays, meta):
             mine = self._meta()
-            for key in ("bundle", "epochs", "order", "seed", "lr", "lr_schedule", "n_batches"):
-                if meta.get(key) != mine[key]:
+            for key in ("bundle", "epochs", "order", "seed", "lr", "lr_schedule", "n_batches", "holdout"):
+                if meta.get(key, 0.0 if key == "holdout" else None) != mine[key]:  # older checkpoints: no holdout
                     raise EdgepropError(f"{path}: checkpoint was written with {key}={meta.get(key)!r}, "
                                         f"this run has {key}={mine[key]!r}; resume with the same settings")
             check_meta(meta, self.bundle, path, self.plan.total)
@@ -389,6 +396,29 @@ def load_trained_state(bundle: Bundle) -> tuple[dict, dict]:
     with open_arrays(path) as (arrays, meta):  # only the members the bundle's units use are read
         meta = _own_meta(bundle, path, meta)  # before any array: a foreign checkpoint is named as such
         return split_state(bundle, arrays, str(path)), meta
+
+
+def validation_split(data: Dataset, holdout: float) -> tuple[Dataset, Dataset]:
+    """(training, validation): `holdout` of every class kept out, the same split every time."""
+    train, val = stratified_split(data.y, holdout)
+    if len(val) == 0 or len(train) == 0:
+        raise EdgepropError(f"--holdout {holdout}: leaves {len(train)} training and {len(val)} validation samples")
+    return (Dataset(data.x[train], data.y[train], f"{data.name}[train]"),
+            Dataset(data.x[val], data.y[val], f"{data.name}[validation]"))
+
+
+def best_unit(bundle: Bundle, engine, train: Dataset, state: dict, holdout: float) -> tuple[int, float, int]:
+    """(unit number, its accuracy, samples): the unit whose classifier scores best on the
+    validation split held out of `train` at training (ties: the later unit)."""
+    if not holdout:
+        raise EdgepropError("--predict-with best judges the units on a validation split held out at training; "
+                            "this checkpoint trained on all the training data: train with --holdout 0.1")
+    val = validation_split(train, holdout)[1]
+    scores = evaluate(bundle, engine, val, state).get("per_unit_accuracy")
+    if not scores:
+        raise EdgepropError(f"--predict-with best: rule {bundle.rule} has one prediction, not one per unit")
+    k = max(range(len(scores)), key=lambda i: (scores[i], i))
+    return k + 1, scores[k], len(val)
 
 
 def evaluate(bundle: Bundle, engine, data: Dataset, state: dict, seed: int = 0, runs: int = 1, **options) -> dict:

@@ -1,6 +1,8 @@
 """Write a bundle: every unit's step and inference graphs, initial state, manifest."""
 from __future__ import annotations
 
+import functools
+import json
 import shutil
 from dataclasses import fields
 from pathlib import Path
@@ -14,39 +16,63 @@ from edgeprop.errors import EdgepropError
 from edgeprop.progress import Progress
 from edgeprop.storage import new_folder, save_arrays
 
+from . import auto_trainable, graph_model, rules
 from . import ort_training as ort_format
-from . import rules
 from . import tflite as tflite_format
+from .any_batch import NotBatchGeneric, at_batch, check_generic, sentinel_inputs
 from .liveness import memory_facts
 from .models import initial_stats, input_norm
 from .optim import Optimizer
-from .trace import describe, flatten, layout, to_onnx, trace_infer, trace_step
+from .trace import describe, flatten, layout, onnx_model, save_checked, trace_infer, trace_step
 
 
-def export_graph(trace, batch: int, root: Path, rel: str, loss_output: str | None, tflite: bool = False,
-                 planned: bool = False) -> dict:
-    """Export `trace(batch)` to root/rel (ONNX; also .tflite when asked) and describe it for
-    the manifest, with the memory facts the device-side planner needs. The graph is also
-    traced at batch + 1 (and thrown away) so that the planner can scale every figure to
-    other batch sizes. `planned`: units step with this graph, so the planner needs TFLite
-    Micro's arena for it too (measured only then: a .tflite conversion costs seconds)."""
-    traced = trace(batch)
-    model = to_onnx(*traced, root / rel)
+def export_graph(trace, inputs_of, batch: int, root: Path, rel: str, loss_output: str | None,
+                 tflite: bool = False, planned: bool = False) -> dict:
+    """Export `trace(inputs_of(batch))` to root/rel (ONNX; also .tflite when asked) and
+    describe it for the manifest, with the memory facts the device-side planner needs: the
+    graph at batch + 1 too, so that the planner can scale every figure to other batch sizes.
+    Both come from one export at the sentinel batch (any_batch) where the graph allows.
+    `planned`: units step with this graph, so the planner needs TFLite Micro's arena for it
+    too (measured only then: a .tflite conversion costs seconds)."""
+    try:
+        try:
+            gm, args, names, outputs = trace(sentinel_inputs(inputs_of), fake=True)
+            generic = onnx_model(gm, args, names, outputs)
+        except Exception as e:  # noqa: BLE001 - e.g. a data-dependent op fake tensors cannot trace
+            raise NotBatchGeneric(str(e)) from e  # the export at B says what is wrong, if anything
+        check_generic(generic)
+        model, bigger = at_batch(generic, batch), at_batch(generic, batch + 1)
+    except NotBatchGeneric:  # a constant depends on the batch size: export at both sizes
+        gm, args, names, outputs = trace(inputs_of(batch))
+        model, bigger = onnx_model(gm, args, names, outputs), onnx_model(*trace(inputs_of(batch + 1)))
+    save_checked(model, names, outputs, root / rel)
     entry = describe(model, rel)
+    facts = memory_facts(model, bigger, batch, loss_output, rel)
     if tflite:
         entry["tflite"] = str(Path(rel).with_suffix(".tflite"))
-        tflite_format.to_tflite(traced[0], traced[1], root / entry["tflite"])
-    scratch = root / ".planner" / Path(rel).name
-    try:
-        traced_bigger = trace(batch + 1)
-        facts = memory_facts(model, to_onnx(*traced_bigger, scratch), batch, loss_output, rel)
-        arena = tflite_format.tflm_arena(root / entry["tflite"], batch, traced_bigger,
-                                         scratch.with_suffix(".tflite")) if tflite and planned else None
-        if arena:
-            facts["tflm_arena"] = arena  # TFLite Micro's exact arena: the tflm engine's, for the planner
-    finally:
-        shutil.rmtree(scratch.parent, ignore_errors=True)
+        tflite_format.to_tflite(*trace(inputs_of(batch))[:2], root / entry["tflite"])
+        if planned:
+            scratch = root / ".planner" / Path(rel).with_suffix(".tflite").name
+            try:
+                arena = tflite_format.tflm_arena(root / entry["tflite"], batch, trace(inputs_of(batch + 1)), scratch)
+            finally:
+                shutil.rmtree(scratch.parent, ignore_errors=True)
+            if arena:
+                facts["tflm_arena"] = arena  # TFLite Micro's exact arena: the tflm engine's, for the planner
     return {**entry, "memory": facts}
+
+
+def _auto_device(extra: dict):
+    """The device profile --trainable auto fits (None unless trainable is "auto")."""
+    device = extra.pop("device", None)
+    if extra.get("trainable") != "auto":
+        if device is not None:
+            raise EdgepropError("--device at export is for --trainable auto (the largest trainable set that fits)")
+        return None
+    if device is None:
+        raise EdgepropError("--trainable auto needs --device, the device profile the plan must fit")
+    from edgeprop.devices import load_profile
+    return load_profile(device) if isinstance(device, str) else device
 
 
 def export(model_or_out=None, /, *, out: str | Path | None = None, rule: str = "noprop-dt", model="mlp",
@@ -73,6 +99,7 @@ def export(model_or_out=None, /, *, out: str | Path | None = None, rule: str = "
     failed export never leaves half a bundle; an existing bundle is replaced only with
     `force=True` (its checkpoints go with it).
     """
+    call = {k: v for k, v in locals().items() if k not in ("model_or_out", "options")} | options
     if isinstance(model_or_out, (str, Path)):
         out = model_or_out
     elif model_or_out is not None:
@@ -81,6 +108,7 @@ def export(model_or_out=None, /, *, out: str | Path | None = None, rule: str = "
         raise EdgepropError("export needs out=, the bundle folder to write")
     known = {f.name for f in fields(rules.Options)}
     extra = {k: options.pop(k) for k in list(options) if k not in known}
+    device = _auto_device(extra)
     if example_input is not None:
         extra["input_shape"] = [int(s) for s in example_input.shape[1:]]
     opts = rules.Options(rule=rule, model=model, extra=extra, **options)
@@ -108,6 +136,17 @@ def export(model_or_out=None, /, *, out: str | Path | None = None, rule: str = "
         opt = Optimizer(optimizer, weight_decay=weight_decay, momentum=momentum)
     except ValueError as e:
         raise EdgepropError(str(e)) from None
+    if device is not None:  # --trainable auto: export the candidates, keep the largest that fits
+        if isinstance(model, str):
+            raise EdgepropError("--trainable auto is for your own model (--model FILE.py:FUNCTION)")
+        chosen = auto_trainable.export_auto(
+            lambda names, folder: export(**{**call, "model": model, "out": folder, "trainable": names, "device": None,
+                                            "force": True, "progress": False}),
+            model, graph_model.input_shape(opts, train.x.shape[1:]), device, train.x.nbytes, out)
+        manifest = json.loads((out / "manifest.json").read_text())
+        manifest["model"]["trainable_auto"] = {k: v for k, v in chosen.items() if k != "parameters"}
+        write_manifest(out, manifest)
+        return out
     spec = rules.create(opts, train)
     datasets.check(train, spec.model["input_shape"], spec.model["num_classes"])
     if ort_training:
@@ -125,17 +164,19 @@ def export(model_or_out=None, /, *, out: str | Path | None = None, rule: str = "
         bar = Progress(len(kinds) * len(first), "export", unit="graphs", enabled=progress)
         graphs = {}
         for key, unit in first.items():
-            def step_graph(batch, unit=unit):
-                return trace_step(unit.module, spec.rule.loss, unit, opt, spec.rule.step_inputs(unit, batch))
+            def step_graph(data, fake=False, unit=unit):
+                return trace_step(unit.module, spec.rule.loss, unit, opt, data, fake)
 
-            def infer_graph(batch, unit=unit):
-                return trace_infer(unit.module, spec.rule.infer_inputs(unit, batch), spec.rule.infer_outputs(unit))
+            def infer_graph(data, fake=False, unit=unit):
+                return trace_infer(unit.module, data, spec.rule.infer_outputs(unit), fake)
 
             for kind in kinds:
                 trace = step_graph if kind == "step" else infer_graph
+                inputs_of = functools.partial(spec.rule.step_inputs if kind == "step" else spec.rule.infer_inputs, unit)
                 rel = f"graphs/{key}_{kind}.onnx"
-                graphs[f"{key}_{kind}"] = export_graph(trace, batch_size, tmp, rel, "loss" if kind == "step" else None,
-                                                       tflite, planned=kind == kinds[0])
+                graphs[f"{key}_{kind}"] = export_graph(trace, inputs_of, batch_size, tmp, rel,
+                                                       "loss" if kind == "step" else None, tflite,
+                                                       planned=kind == kinds[0])
                 bar.update(len(graphs))
         bar.close()
 

@@ -194,6 +194,11 @@ def _blocks(blocks, head_kind) -> list[str]:
     return blocks
 
 
+def input_shape(o, sample_shape) -> list[int]:
+    """The model's input shape for samples of `sample_shape` (see _prepared)."""
+    return _prepared(o, sample_shape, "all")[0]
+
+
 def _prepared(o, sample_shape, trainable) -> tuple[list[int], capture.Prepared]:
     """The model's input shape (example_input's, else the data's as images, else flat) and
     the model prepared for capture."""

@@ -60,10 +60,11 @@ def _views(flat: torch.Tensor, module: nn.Module) -> dict[str, torch.Tensor]:
             for v in layout(module)}
 
 
-def trace_step(module: nn.Module, loss, unit, opt: Optimizer, data: dict[str, torch.Tensor]):
+def trace_step(module: nn.Module, loss, unit, opt: Optimizer, data: dict[str, torch.Tensor], fake: bool = False):
     """FX graph of one unit's step, its example arguments (their shapes fix the batch size),
-    and its input and output names. `loss(unit, module, feeds)` gives (local loss, extras);
-    the extras (detached tensors a later unit needs) become outputs after the loss.
+    and its input and output names; `fake`: traced with fake tensors (nothing computed).
+    `loss(unit, module, feeds)` gives (local loss, extras); the extras (detached tensors a
+    later unit needs) become outputs after the loss.
 
     Parameters and each optimizer slot are one flat buffer per unit: the optimizer runs as a
     dozen element-wise ops over one buffer instead of a dozen per tensor (measured ~25% off
@@ -74,9 +75,7 @@ def trace_step(module: nn.Module, loss, unit, opt: Optimizer, data: dict[str, to
     inputs = state + list(data) + ["lr", "step"]
     data_names, n_slots = list(data), len(opt.slots)
     flat = flatten(module)
-    with torch.no_grad():
-        _, example_extras = loss(unit, module, dict(data))
-    outputs = [f"next.{k}" for k in state] + ["loss", *example_extras]
+    extra_names = []  # the extras' names, as the traced call returns them
 
     def step(flat, *args):
         slots = dict(zip(opt.slots, args[:n_slots]))
@@ -88,6 +87,7 @@ def trace_step(module: nn.Module, loss, unit, opt: Optimizer, data: dict[str, to
 
         grads, (value, extras) = torch.func.grad_and_value(loss_of, has_aux=True)(_views(flat, module))
         grad = torch.cat([grads[v["name"]].reshape(-1) for v in layout(module)])
+        extra_names[:] = list(extras)
         new_flat, new_slots = opt.update(flat, grad, slots, lr, n)
         return (new_flat, *[new_slots[s] for s in opt.slots], value, *extras.values())
 
@@ -96,15 +96,21 @@ def trace_step(module: nn.Module, loss, unit, opt: Optimizer, data: dict[str, to
     # Convolution gradients are traced as forward convolutions: engines have no conv backward op.
     # A module may ask for more (a captured model's: every gradient in elementary ops).
     table = getattr(module, "decompositions", DECOMPOSITIONS)
-    return make_fx(step, decomposition_table=table)(*args), args, inputs, outputs
+    graph = _make_fx(step, fake, decomposition_table=table)(*args)
+    return graph, args, inputs, [f"next.{k}" for k in state] + ["loss", *extra_names]
 
 
-def trace_infer(module: nn.Module, data: dict[str, torch.Tensor], outputs: list[str]):
+def trace_infer(module: nn.Module, data: dict[str, torch.Tensor], outputs: list[str], fake: bool = False):
     def infer(flat, *args):
         return torch.func.functional_call(module, _views(flat, module), tuple(args))
 
     args = [flatten(module), *data.values()]
-    return make_fx(infer)(*args), args, ["param", *data], list(outputs)
+    return _make_fx(infer, fake)(*args), args, ["param", *data], list(outputs)
+
+
+def _make_fx(fn, fake: bool, **kw):
+    # The module's buffers (a captured unit's constants) stay real tensors: graph constants.
+    return make_fx(fn, tracing_mode="fake", _allow_non_fake_inputs=True, **kw) if fake else make_fx(fn, **kw)
 
 
 def onnx_model(module, args, input_names, output_names) -> onnx.ModelProto:
@@ -132,7 +138,11 @@ def onnx_model(module, args, input_names, output_names) -> onnx.ModelProto:
 
 def to_onnx(graph_module, args, input_names, output_names, path: Path) -> onnx.ModelProto:
     """Export with standard ai.onnx ops only and check the result."""
-    model = onnx_model(graph_module, args, input_names, output_names)
+    return save_checked(onnx_model(graph_module, args, input_names, output_names), input_names, output_names, path)
+
+
+def save_checked(model: onnx.ModelProto, input_names, output_names, path: Path) -> onnx.ModelProto:
+    """Save `model` at `path` after checking it has standard ops and the intended names."""
     path.parent.mkdir(parents=True, exist_ok=True)
     onnx.save_model(model, str(path))
     onnx.checker.check_model(str(path), full_check=True)

@@ -124,3 +124,25 @@ def test_rule_trains_digits_end_to_end_without_torch(small, tmp_path):
     assert report["accuracy"] >= FLOORS[small.name], report
     assert len(report["per_unit_accuracy"]) == len(bundles.load(out).units)
     assert bundles.load(out).rule in edgeprop("info", out).stdout
+
+
+def test_predict_with_best_is_chosen_on_the_held_out_split(small, tmp_path):
+    if small.name != "local":
+        pytest.skip("one rule with per-unit classifiers is enough")
+    from edgeprop.trainer import evaluate, load_trained_state, validation_split
+    out = shutil.copytree(small, tmp_path / small.name)
+    refused = edgeprop("eval", out, "--predict-with", "best", check=False)
+    assert refused.returncode == 2 and "train with --holdout" in refused.stderr, refused.stderr
+    edgeprop("train", out, "--epochs", "2", "--holdout", "0.2", "--quiet")
+    report = json.loads(edgeprop("eval", out, "--predict-with", "best", "--json").stdout)
+
+    b, engine = bundles.load(out), get_engine("onnxruntime")
+    state, meta = load_trained_state(b)
+    kept, val = validation_split(datasets.load("digits", "train"), meta["holdout"])
+    assert Trainer(b, engine, datasets.load("digits", "train"), TrainConfig(holdout=0.2)).rule.n_batches == \
+        -(-len(kept) // b.batch_size)  # the held-out samples are not trained on
+    on_val = evaluate(b, engine, val, state)["per_unit_accuracy"]
+    best = max(range(len(on_val)), key=lambda k: (on_val[k], k)) + 1
+    assert report["predicted_by_unit"] == best
+    assert report["accuracy"] == pytest.approx(report["per_unit_accuracy"][best - 1], abs=1e-4)
+    assert "best on the validation split" in report["predicted_by_note"]
