@@ -1,9 +1,10 @@
 """The fleet's ServerApp: samples clients, assigns units, averages each unit over the clients
 that trained it, evaluates the global state on a test split and checkpoints it every round.
 
-Flower's strategies do the sampling and the aggregation: FedAvg (weighted by samples),
-FedProx (its mu goes to the clients, which pull each unit back towards the global weights
-after every step) and FedAdam (a server-side Adam step on the averaged update). A unit
+Flower's strategies do the sampling and the aggregation: FedAvgM (the default: the
+average, weighted by samples, taken as a step with server momentum), FedAvg (the plain
+average), FedProx (its mu goes to the clients, which pull each unit back towards the global
+weights after every step) and FedAdam (a server-side Adam step on the averaged update). A unit
 trained by no client this round keeps its weights. The global state is
 BUNDLE/checkpoints/last.npz, written atomically after every round, so `edgeprop eval` reads
 the fleet's model and a killed server resumes from its last finished round.
@@ -18,9 +19,9 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import numpy as np
-from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MessageType, Metadata, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx
 
 from edgeprop import bundle as bundles
 from edgeprop import datasets
@@ -34,8 +35,9 @@ from .assign import Policy, assign
 from .assign import parse as parse_policy
 from .client import SLOT_POLICIES
 
-STRATEGIES = ("fedavg", "fedprox", "fedadam")
-RESUMABLE = ("strategy", "assign", "local_epochs", "order", "slots", "seed", "mu", "server_lr")  # must match to resume
+STRATEGIES = ("fedavgm", "fedavg", "fedprox", "fedadam")
+# must match to resume
+RESUMABLE = ("strategy", "assign", "local_epochs", "order", "slots", "seed", "mu", "server_lr", "server_momentum")
 
 
 @dataclass
@@ -46,9 +48,10 @@ class Settings:
     wait_for: int = 0           # a round starts once this many clients are connected (0: min_clients)
     local_epochs: int = 1
     assign: str = "all"
-    strategy: str = "fedavg"
+    strategy: str = "fedavgm"   # measured closest to central training (docs/fleet.md)
     mu: float = 0.01            # FedProx's proximal weight
     server_lr: float = 0.01     # FedAdam's server learning rate (eta)
+    server_momentum: float = 0.9  # FedAvgM's server momentum
     slots: str = "reset"        # optimizer slots between rounds on each client (reset: measured better,
                                 # docs/results.md; keep: a client's slots from its last round)
     order: str = "interleaved"
@@ -72,6 +75,8 @@ class Settings:
             raise EdgepropError(f"--slots must be one of {', '.join(SLOT_POLICIES)}")
         if not self.mu >= 0 or not self.server_lr > 0 or not self.round_timeout > 0:
             raise EdgepropError("--mu must be >= 0, --server-lr and --round-timeout positive")
+        if not 0 <= self.server_momentum < 1:
+            raise EdgepropError(f"--server-momentum must be in [0, 1), got {self.server_momentum}")
         parse_policy(self.assign)
         return self
 
@@ -87,6 +92,8 @@ def strategy(s: Settings):
         return FedProx(**common, proximal_mu=s.mu)
     if s.strategy == "fedadam":
         return FedAdam(**common, eta=s.server_lr)
+    if s.strategy == "fedavgm":
+        return FedAvgM(**common, server_momentum=s.server_momentum)
     return FedAvg(**common)
 
 
@@ -142,10 +149,7 @@ class Fleet:
             self.state = bundles.split_state(self.bundle, arrays, str(path))
             server = {k[len("server/"):]: arrays[k] for k in arrays if k.startswith("server/")}
         self.round, self.history = done, history
-        for slot in ("m_t", "v_t"):  # FedAdam's server moments
-            moments = {k.split("/", 1)[1]: v for k, v in server.items() if k.startswith(slot + "/")}
-            if moments and hasattr(self.strategy, slot):
-                setattr(self.strategy, slot, moments)
+        self._set_server_state(server)
         self.log(f"resumed from round {self.round} ({path})")
 
     def save(self) -> None:
@@ -153,16 +157,31 @@ class Fleet:
             if not all(np.all(np.isfinite(v)) for v in tensors.values()):
                 raise EdgepropError(f"the global state diverged: {unit} holds NaN or inf after round {self.round}; "
                                     f"the checkpoint of the round before is kept")
-        extra = {}
-        for slot in ("m_t", "v_t"):
-            for key, value in (getattr(self.strategy, slot, None) or {}).items():
-                extra[f"server/{slot}/{key}"] = value
+        extra = {f"server/{k}": v for k, v in self._server_state().items()}
         units = [u.name for u in self.bundle.units]
         meta = {"bundle": self.bundle.id, "done": 0, "total": 0, "steps": {u: 0 for u in units}, "losses": {},
                 "history": {u: [] for u in units},
                 "fleet": {"round": self.round, "rounds": self.settings.rounds, "settings": self._settings_record(),
                           "history": self.history}}
         save_arrays(self.bundle.checkpoint_path(), [*flat_items(self.state), *extra.items()], meta)
+
+    def _server_state(self) -> dict[str, np.ndarray]:
+        """The strategy's own state, kept for a resume: FedAdam's moments "m_t/KEY", "v_t/KEY",
+        FedAvgM's momentum "momentum/KEY" (Flower holds it as a list in the arrays' order)."""
+        out = {f"{slot}/{k}": v for slot in ("m_t", "v_t")
+               for k, v in (getattr(self.strategy, slot, None) or {}).items()}
+        momentum = getattr(self.strategy, "momentum_vector", None)
+        if momentum is not None:
+            out.update({f"momentum/{k}": v for k, v in zip(self.global_arrays(), momentum, strict=True)})
+        return out
+
+    def _set_server_state(self, server: dict[str, np.ndarray]) -> None:
+        for slot in ("m_t", "v_t"):
+            moments = {k.split("/", 1)[1]: v for k, v in server.items() if k.startswith(slot + "/")}
+            if moments and hasattr(self.strategy, slot):
+                setattr(self.strategy, slot, moments)
+        if hasattr(self.strategy, "momentum_vector") and any(k.startswith("momentum/") for k in server):
+            self.strategy.momentum_vector = [server[f"momentum/{k}"] for k in self.global_arrays()]
 
     # -- rounds ---------------------------------------------------------------------------------
     def global_arrays(self) -> dict[str, np.ndarray]:
@@ -237,7 +256,8 @@ class Fleet:
                 failed.append({"node": node, "error": f"no reply within {self.settings.round_timeout:g} s"})
                 self.log(f"round {server_round}: node {node} left out: no reply in time")
         if ok:
-            self._aggregate(server_round, current, ok)
+            self.aggregate(server_round, current, [(float(r.content["metrics"]["num-examples"]),
+                                                     records.from_record(r.content["arrays"])) for r in ok])
         else:
             self.log(f"round {server_round}: no client answered; the global state is unchanged")
         accuracy = self.evaluate()
@@ -250,14 +270,17 @@ class Fleet:
                  f"{len(failed)} left out, {entry['seconds']:.1f} s")
         return entry
 
-    def _aggregate(self, server_round: int, current: dict, replies: list[Message]) -> None:
-        """Average each unit over its clients, then let the strategy take its server step
-        (FedAdam: Adam on the averaged update; FedAvg, FedProx: the average itself)."""
-        merged, _ = merge(current, [(float(r.content["metrics"]["num-examples"]), records.from_record(
-            r.content["arrays"])) for r in replies])
+    def aggregate(self, server_round: int, current: dict, results: list[tuple[float, dict]]) -> None:
+        """Average each unit over the results (num-examples, arrays) that carry it, then let the
+        strategy take its server step (FedAvgM: with momentum; FedAdam: Adam on the averaged
+        update; FedAvg, FedProx: the average itself)."""
+        merged, _ = merge(current, results)
+        # The strategy steps from one message holding the average; it never travels.
+        meta = Metadata(0, "", 0, 0, "", "", time.time(), 0, MessageType.TRAIN)
         one = Message(RecordDict({"arrays": records.to_record(merged),
-                                  "metrics": MetricRecord({"num-examples": 1})}),
-                      dst_node_id=0, message_type=MessageType.TRAIN)
+                                  "metrics": MetricRecord({"num-examples": 1})}), metadata=meta)
+        if isinstance(self.strategy, FedAvgM):  # its step starts from this round's global state
+            self.strategy.current_arrays = records.to_record(current)
         quiet = logging.getLogger("flwr")  # it would log "Received 1 results" for this one message
         level, _ = quiet.level, quiet.setLevel(logging.WARNING)
         try:

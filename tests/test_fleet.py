@@ -2,6 +2,7 @@
 round, the server's per-unit averaging and checkpoint, and `edgeprop fleet simulate`."""
 import json
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,7 +17,7 @@ from edgeprop.device_profile import Profile  # noqa: E402
 from edgeprop.errors import DataError, EdgepropError  # noqa: E402
 from edgeprop.fleet import assign, partition, records  # noqa: E402
 from edgeprop.fleet.client import Setup, train  # noqa: E402
-from edgeprop.fleet.server import merge  # noqa: E402
+from edgeprop.fleet.server import Fleet, Settings, merge  # noqa: E402
 from edgeprop.runtimes import get_engine  # noqa: E402
 from edgeprop.storage import load_arrays  # noqa: E402
 
@@ -149,6 +150,61 @@ def test_server_averages_each_unit_over_the_clients_that_trained_it():
     assert merged["b/param"].tolist() == [4.0, 4.0]     # only the first client trained b
     assert merged["c/param"].tolist() == [7.0, 7.0]     # nobody trained c: unchanged
     assert samples == {"a": 4, "b": 1}
+
+
+def test_fedavgm_steps_with_server_momentum_and_a_resumed_server_takes_the_same_step(bundle_copy):
+    def aggregate(fleet, server_round, shift):
+        current = {k: v.copy() for k, v in fleet.global_arrays().items()}
+        fleet.aggregate(server_round, current, [(5, {k: v + np.float32(shift) for k, v in current.items()})])
+        fleet.round = server_round
+        fleet.history.append({"round": server_round})
+        return current
+
+    b = bundles.load(bundle_copy)
+    settings = Settings(rounds=3, strategy="fedavgm", server_momentum=0.5)
+    fleet = Fleet(b, settings, log=lambda line: None)
+    before = aggregate(fleet, 1, 0.25)["head/param"]
+    assert np.allclose(fleet.state["head"]["param"], before + 0.25)  # first step: the average itself
+    fleet.save()
+    resumed = Fleet(b, settings, log=lambda line: None)
+    assert resumed.round == 1
+    for f in (fleet, resumed):
+        before = aggregate(f, 2, 0.25)["head/param"]
+        assert np.allclose(f.state["head"]["param"], before + 0.25 + 0.5 * 0.25)  # momentum carries on
+
+
+def join(*args) -> int:
+    from edgeprop.cli import main
+    return main(["fleet", "join", *map(str, args)])
+
+
+def test_join_refuses_bad_data_an_address_and_a_silent_superlink_in_one_line(digits_bundle, tmp_path, capsys):
+    import socket
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    narrow = tmp_path / "narrow.npz"
+    np.savez(narrow, x=np.zeros((5, 32), np.float32), y=np.zeros(5, np.int64))
+    cases = [((narrow,), "samples have 32 features"),  # before it contacts anyone
+             (("--wait", 0, "digits"), f"the SuperLink at 127.0.0.1:{port} does not answer")]
+    for extra, message in cases:
+        args = [*extra[:-1], digits_bundle, f"127.0.0.1:{port}", extra[-1]]
+        assert join(*args) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+    assert join(digits_bundle, "server-without-port", "digits") == 2
+    assert "expected HOST:PORT" in capsys.readouterr().err
+
+
+def test_join_hands_flower_supernode_the_node_config_the_client_reads():
+    from flwr.common.config import parse_config_args
+
+    from edgeprop.fleet.join import supernode_command
+    node = {"bundle": "/b/my bundle", "data": "/d/x.npz", "client": 7, "engine": "onnxruntime"}
+    command = supernode_command("server:9092", node, ["--root-certificates", "ca.crt"])
+    assert Path(command[0]).name == "flower-supernode"
+    assert command[1:3] == ["--superlink", "server:9092"] and command[-2:] == ["--root-certificates", "ca.crt"]
+    assert parse_config_args([command[command.index("--node-config") + 1]]) == node
 
 
 def block_torch(tmp_path, monkeypatch) -> None:
