@@ -39,6 +39,8 @@ def _settings_arguments(p) -> None:
     p.add_argument("--round-timeout", type=float, default=600.0,
                    help="seconds a round waits for replies; late clients are left out (default: 600)")
     p.add_argument("--restart", action="store_true", help="start over although the bundle holds a fleet checkpoint")
+    p.add_argument("--secagg", action="store_true", help="Flower's SecAgg+: the server sees only the clients' "
+                                                          "average, never one client's weights (needs --assign all)")
 
 
 def add_arguments(p) -> None:
@@ -80,7 +82,8 @@ def settings(args, test_data: str):
                     local_epochs=args.local_epochs, assign=args.assign, strategy=args.strategy, mu=args.mu,
                     server_lr=args.server_lr, server_momentum=args.server_momentum, slots=args.slots,
                     order=args.order, seed=args.seed,
-                    round_timeout=args.round_timeout, test_data=test_data, restart=args.restart).check()
+                    round_timeout=args.round_timeout, test_data=test_data, restart=args.restart,
+                    secagg=args.secagg).check()
 
 
 def run(args) -> int:

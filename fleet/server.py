@@ -37,7 +37,8 @@ from .client import SLOT_POLICIES
 
 STRATEGIES = ("fedavgm", "fedavg", "fedprox", "fedadam")
 # must match to resume
-RESUMABLE = ("strategy", "assign", "local_epochs", "order", "slots", "seed", "mu", "server_lr", "server_momentum")
+RESUMABLE = ("strategy", "assign", "local_epochs", "order", "slots", "seed", "mu", "server_lr", "server_momentum",
+             "secagg")
 
 
 @dataclass
@@ -59,6 +60,7 @@ class Settings:
     round_timeout: float = 600.0  # seconds a round waits for replies; late clients are left out
     test_data: str = "digits"
     restart: bool = False       # start over although the bundle holds a fleet checkpoint
+    secagg: bool = False        # Flower's SecAgg+: the server sees only the clients' average
 
     def check(self) -> Settings:
         if self.rounds < 1:
@@ -77,6 +79,9 @@ class Settings:
             raise EdgepropError("--mu must be >= 0, --server-lr and --round-timeout positive")
         if not 0 <= self.server_momentum < 1:
             raise EdgepropError(f"--server-momentum must be in [0, 1), got {self.server_momentum}")
+        if self.secagg and self.assign != "all":
+            raise EdgepropError(f"--secagg needs --assign all (every client masks the same arrays), "
+                                f"not {self.assign}")
         parse_policy(self.assign)
         return self
 
@@ -220,44 +225,14 @@ class Fleet:
                                     message_type=MessageType.TRAIN))
         return messages, sent
 
-    def run_round(self, grid: Grid) -> dict:
+    def run_round(self, grid: Grid, context: Context | None = None) -> dict:
         server_round, started = self.round + 1, time.monotonic()
         current = self.global_arrays()
         messages, sent = self._messages(grid, server_round, current)
-        replies = list(grid.send_and_receive(messages, timeout=self.settings.round_timeout))
-        # An error reply may come from the SuperLink (a node that stopped sending heartbeats):
-        # the message it answers names the node.
-        sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
-        ok, clients, failed, answered = [], [], [], set()
-        for r in replies:
-            node = sent_to.get(r.metadata.reply_to_message_id, r.metadata.src_node_id)
-            answered.add(node)
-            if r.has_error():
-                failed.append({"node": node, "error": r.error.reason})
-                self.log(f"round {server_round}: node {node} left out: {r.error.reason}")
-                continue
-            try:
-                records.check_arrays(self.bundle, records.from_record(r.content["arrays"]), f"node {node}'s reply")
-                metrics = r.content["metrics"]
-                if not float(metrics["num-examples"]) > 0:
-                    raise EdgepropError(f"node {node}'s reply: num-examples must be positive")
-            except (EdgepropError, KeyError, TypeError, ValueError) as e:
-                failed.append({"node": node, "error": str(e)})
-                self.log(f"round {server_round}: node {node} left out: {e}")
-                continue
-            ok.append(r)
-            self.capacity[node] = int(metrics["capacity"])
-            clients.append({"node": node, "client": int(metrics["client"]), "sent": sent.get(node, 0),
-                            "received": r.content["arrays"].count_bytes(), "samples": int(metrics["num-examples"]),
-                            "units": sorted({records.unit_of(k) for k in r.content["arrays"]}),
-                            "loss": float(metrics["loss"]), "seconds": float(metrics["seconds"])})
-        for node in sent:
-            if node not in answered:
-                failed.append({"node": node, "error": f"no reply within {self.settings.round_timeout:g} s"})
-                self.log(f"round {server_round}: node {node} left out: no reply in time")
-        if ok:
-            self.aggregate(server_round, current, [(float(r.content["metrics"]["num-examples"]),
-                                                     records.from_record(r.content["arrays"])) for r in ok])
+        exchange = self._secure_exchange if self.settings.secagg else self._exchange
+        results, clients, failed = exchange(grid, context, server_round, current, messages, sent)
+        if results:
+            self.aggregate(server_round, current, results)
         else:
             self.log(f"round {server_round}: no client answered; the global state is unchanged")
         accuracy = self.evaluate()
@@ -266,9 +241,67 @@ class Fleet:
                  "seconds": time.monotonic() - started}
         self.history.append(entry)
         self.save()
-        self.log(f"round {server_round}/{self.settings.rounds}: accuracy {accuracy:.4f}, {len(ok)} clients, "
+        self.log(f"round {server_round}/{self.settings.rounds}: accuracy {accuracy:.4f}, {len(clients)} clients, "
                  f"{len(failed)} left out, {entry['seconds']:.1f} s")
         return entry
+
+    def _exchange(self, grid: Grid, context, server_round: int, current: dict, messages: list[Message],
+                  sent: dict) -> tuple[list[tuple[float, dict]], list[dict], list[dict]]:
+        """Send the train messages, check the replies: ([(num-examples, arrays)], clients, failed)."""
+        replies = list(grid.send_and_receive(messages, timeout=self.settings.round_timeout))
+        # An error reply may come from the SuperLink (a node that stopped sending heartbeats):
+        # the message it answers names the node.
+        sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
+        results, clients, failed, answered = [], [], [], set()
+        for r in replies:
+            node = sent_to.get(r.metadata.reply_to_message_id, r.metadata.src_node_id)
+            answered.add(node)
+            if r.has_error():
+                failed.append({"node": node, "error": r.error.reason})
+                self.log(f"round {server_round}: node {node} left out: {r.error.reason}")
+                continue
+            try:
+                arrays = records.from_record(r.content["arrays"])
+                records.check_arrays(self.bundle, arrays, f"node {node}'s reply")
+                metrics = r.content["metrics"]
+                if not float(metrics["num-examples"]) > 0:
+                    raise EdgepropError(f"node {node}'s reply: num-examples must be positive")
+            except (EdgepropError, KeyError, TypeError, ValueError) as e:
+                failed.append({"node": node, "error": str(e)})
+                self.log(f"round {server_round}: node {node} left out: {e}")
+                continue
+            results.append((float(metrics["num-examples"]), arrays))
+            clients.append(self._client_entry(node, metrics, sent.get(node, 0), r.content["arrays"].count_bytes(),
+                                              sorted({records.unit_of(k) for k in arrays})))
+        for node in sent:
+            if node not in answered:
+                failed.append({"node": node, "error": f"no reply within {self.settings.round_timeout:g} s"})
+                self.log(f"round {server_round}: node {node} left out: no reply in time")
+        return results, clients, failed
+
+    def _secure_exchange(self, grid: Grid, context, server_round: int, current: dict, messages: list[Message],
+                         sent: dict) -> tuple[list[tuple[float, dict]], list[dict], list[dict]]:
+        """The same round through SecAgg+: one result, the clients' average, which nobody
+        could see before it was summed."""
+        from .secagg import secure_average
+        nodes = [m.metadata.dst_node_id for m in messages]
+        config = {**dict(messages[0].content["config"]), "server-round": server_round}
+        average, metrics = secure_average(grid, context, server_round, current, nodes, config,
+                                          self.settings.round_timeout)
+        units = sorted({records.unit_of(k) for k in current})
+        clients = [self._client_entry(n, m, sent[n], sent[n], units) for n, m in metrics.items()]
+        failed = [{"node": n, "error": "did not finish the SecAgg+ round"} for n in nodes if n not in metrics]
+        for f in failed:
+            self.log(f"round {server_round}: node {f['node']} left out: {f['error']}")
+        if average is not None:
+            records.check_arrays(self.bundle, average, "the SecAgg+ average")
+        return ([] if average is None else [(1.0, average)]), clients, failed
+
+    def _client_entry(self, node: int, metrics, sent: int, received: int, units: list[str]) -> dict:
+        self.capacity[node] = int(metrics["capacity"])
+        return {"node": node, "client": int(metrics["client"]), "sent": sent, "received": received,
+                "samples": int(metrics["num-examples"]), "units": units, "loss": float(metrics["loss"]),
+                "seconds": float(metrics["seconds"])}
 
     def aggregate(self, server_round: int, current: dict, results: list[tuple[float, dict]]) -> None:
         """Average each unit over the results (num-examples, arrays) that carry it, then let the
@@ -293,9 +326,9 @@ class Fleet:
             value = merged[key] if key.endswith("/" + STATS) else value
             self.state[records.unit_of(key)][key.rsplit("/", 1)[1]][...] = value
 
-    def run(self, grid: Grid) -> list[dict]:
+    def run(self, grid: Grid, context: Context | None = None) -> list[dict]:
         while self.round < self.settings.rounds:
-            self.run_round(grid)
+            self.run_round(grid, context)
         return self.history
 
 
@@ -316,7 +349,7 @@ def server_app(fleet: Fleet | None = None) -> ServerApp:
     @app.main()
     def _main(grid: Grid, context: Context) -> None:
         if fleet is not None:
-            fleet.run(grid)
+            fleet.run(grid, context)
             return
         from edgeprop import lock
         try:
@@ -324,7 +357,7 @@ def server_app(fleet: Fleet | None = None) -> ServerApp:
             bundle = bundles.load(path)
             bundle.check_writable()
             with lock.held(bundle.root, "run a fleet on it"):
-                Fleet(bundle, settings).run(grid)
+                Fleet(bundle, settings).run(grid, context)
         except (EdgepropError, OSError) as e:
             print(f"edgeprop fleet server: error: {e}", file=sys.stderr)
             raise SystemExit(2) from None

@@ -1,6 +1,7 @@
 """Federated training on Flower (edgeprop.fleet): partitions, assignment, the client's
 round, the server's per-unit averaging and checkpoint, and `edgeprop fleet simulate`."""
 import json
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -253,6 +254,13 @@ def test_simulate_refuses_bad_settings_before_flower_starts(bundle_copy):
         assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and message in proc.stderr, proc.stderr
 
 
+def test_settings_refuse_secagg_without_every_unit_and_a_momentum_of_one():
+    with pytest.raises(EdgepropError, match="--secagg needs --assign all"):
+        Settings(secagg=True, assign="blocks:1").check()
+    with pytest.raises(EdgepropError, match="--server-momentum must be in"):
+        Settings(server_momentum=1.0).check()
+
+
 def test_a_train_checkpoint_is_never_replaced_by_a_fleet(bundle_copy):
     edgeprop("train", bundle_copy, "--epochs", "1", "--quiet")
     before = (bundle_copy / "checkpoints" / "last.npz").read_bytes()
@@ -306,3 +314,21 @@ def test_flowers_other_strategies_train_and_checkpoint_their_state(bundle_copy, 
     assert (moments == set()) == (strategy == "fedprox")
     if strategy == "fedadam":
         assert {f"server/{m}/head/param" for m in ("m_t", "v_t")} <= moments
+
+
+@pytest.mark.slow  # two simulations
+def test_secagg_round_gives_the_plain_fedavg_aggregate(digits_bundle, tmp_path):
+    states = {}
+    for name, extra in (("plain", []), ("secagg", ["--secagg"])):
+        copy = tmp_path / name
+        shutil.copytree(digits_bundle, copy)
+        proc = edgeprop("fleet", "simulate", copy, "--data", "digits", "--clients", "3", "--rounds", "1",
+                        "--strategy", "fedavg", *extra, timeout=300)
+        assert "3 clients, 0 left out" in proc.stdout
+        states[name], meta = load_arrays(copy / "checkpoints" / "last.npz")
+        assert meta["fleet"]["settings"]["secagg"] == bool(extra)
+    init, _ = bundles.load(digits_bundle).initial_state()
+    for unit in ("block1", "head"):
+        plain, secure = states["plain"][f"{unit}/param"], states["secagg"][f"{unit}/param"]
+        assert np.abs(plain - init[unit]["param"]).max() > 1e-3  # the round moved the weights ...
+        assert np.abs(plain - secure).max() < 2e-5               # ... and SecAgg+ only by its quantisation
