@@ -186,7 +186,11 @@ class Fleet:
             if moments and hasattr(self.strategy, slot):
                 setattr(self.strategy, slot, moments)
         if hasattr(self.strategy, "momentum_vector") and any(k.startswith("momentum/") for k in server):
-            self.strategy.momentum_vector = [server[f"momentum/{k}"] for k in self.global_arrays()]
+            keys = [f"momentum/{k}" for k in self.global_arrays()]
+            if set(keys) != {k for k in server if k.startswith("momentum/")}:
+                raise BundleError(f"{self.bundle.checkpoint_path()}: the server's momentum does not match the "
+                                  f"bundle's units; the file is not one edgeprop wrote")
+            self.strategy.momentum_vector = [server[k] for k in keys]
 
     # -- rounds ---------------------------------------------------------------------------------
     def global_arrays(self) -> dict[str, np.ndarray]:

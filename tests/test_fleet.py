@@ -20,7 +20,7 @@ from edgeprop.fleet import assign, partition, records  # noqa: E402
 from edgeprop.fleet.client import Setup, train  # noqa: E402
 from edgeprop.fleet.server import Fleet, Settings, merge  # noqa: E402
 from edgeprop.runtimes import get_engine  # noqa: E402
-from edgeprop.storage import load_arrays  # noqa: E402
+from edgeprop.storage import load_arrays, save_arrays  # noqa: E402
 
 Y = np.repeat(np.arange(10), 40)  # 40 shards of 10: each shard one class
 
@@ -172,6 +172,10 @@ def test_fedavgm_steps_with_server_momentum_and_a_resumed_server_takes_the_same_
     for f in (fleet, resumed):
         before = aggregate(f, 2, 0.25)["head/param"]
         assert np.allclose(f.state["head"]["param"], before + 0.25 + 0.5 * 0.25)  # momentum carries on
+    arrays, meta = load_arrays(b.checkpoint_path())  # a momentum that misses a unit: refused in one line
+    save_arrays(b.checkpoint_path(), [(k, v) for k, v in arrays.items() if k != "server/momentum/head/param"], meta)
+    with pytest.raises(EdgepropError, match="momentum does not match"):
+        Fleet(b, settings, log=lambda line: None)
 
 
 def join(*args) -> int:
