@@ -1,7 +1,7 @@
 """Federated NoProp-DT and `local` on Flower's simulation engine against central training.
 
     python bench/fleet.py [--data digits,fashion] [--rules noprop-dt,local] [--clients 100]
-                          [--fraction 0.1] [--rounds 30] [--local-epochs 2]
+                          [--fraction 0.1] [--rounds 80] [--local-epochs 1]
                           [--partitions iid,dirichlet:0.5,dirichlet:0.1] [--assign all,blocks]
                           [--slots reset] [--strategies fedavgm] [--out bench/results/fleet.json]
 
@@ -82,8 +82,8 @@ def main() -> int:
     p.add_argument("--rules", default="noprop-dt,local")
     p.add_argument("--clients", type=int, default=100)
     p.add_argument("--fraction", type=float, default=0.1)
-    p.add_argument("--rounds", type=int, default=30)
-    p.add_argument("--local-epochs", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=80)
+    p.add_argument("--local-epochs", type=int, default=1)
     p.add_argument("--partitions", default="iid,dirichlet:0.5,dirichlet:0.1")
     p.add_argument("--assign", default="all,blocks")
     p.add_argument("--slots", default="reset")
