@@ -1,9 +1,9 @@
 """Federated NoProp-DT and `local` on Flower's simulation engine against central training.
 
     python bench/fleet.py [--data digits,fashion] [--rules noprop-dt,local] [--clients 100]
-                          [--fraction 0.1] [--rounds 30] [--local-epochs 2]
+                          [--fraction 0.1] [--rounds 80] [--local-epochs 1]
                           [--partitions iid,dirichlet:0.5,dirichlet:0.1] [--assign all,blocks]
-                          [--slots reset] [--out bench/results/fleet.json]
+                          [--slots reset] [--strategies fedavgm] [--out bench/results/fleet.json]
 
 For each data set and rule: export once (torch), then
   central    `edgeprop train` on the whole training split for the same total sample-epochs
@@ -12,7 +12,8 @@ For each data set and rule: export once (torch), then
              deals ceil(units / clients per round) units to each client, the least that
              covers every unit each round
 (`--slots keep,reset` also compares keeping each client's optimizer slots between rounds
-with resetting them) and records the final test accuracy, the gap to central in points, the mean upload per
+with resetting them, `--strategies fedavgm,fedavg` the server's step with and without
+momentum) and records the final test accuracy, the gap to central in points, the mean upload per
 client per round (array payload bytes) against `all`'s, and wall time. Fashion-MNIST comes
 from Debian's dataset-fashion-mnist package; without it those rows are skipped.
 """
@@ -58,13 +59,14 @@ def central(bundle: Path, data: str, epochs: int, tmp: Path) -> dict:
     return {"accuracy": json.loads(report)["accuracy"], "epochs": epochs, "seconds": seconds}
 
 
-def fleet(bundle: Path, data: str, args, partition: str, assign: str, slots: str, tmp: Path) -> dict:
+def fleet(bundle: Path, data: str, args, partition: str, assign: str, slots: str, strategy: str, tmp: Path) -> dict:
     copy, out = tmp / "fleet", tmp / "fleet.json"
     shutil.rmtree(copy, ignore_errors=True)
     shutil.copytree(bundle, copy)
     _, seconds = edgeprop("fleet", "simulate", copy, "--data", data, "--clients", args.clients, "--rounds",
                           args.rounds, "--fraction", args.fraction, "--local-epochs", args.local_epochs,
-                          "--partition", partition, "--assign", assign, "--slots", slots, "--json", out)
+                          "--partition", partition, "--assign", assign, "--slots", slots, "--strategy", strategy,
+                          "--json", out)
     r = json.loads(out.read_text())
     uploads = [c["received"] for e in r["history"] for c in e["clients"]]
     downloads = [c["sent"] for e in r["history"] for c in e["clients"]]
@@ -80,11 +82,12 @@ def main() -> int:
     p.add_argument("--rules", default="noprop-dt,local")
     p.add_argument("--clients", type=int, default=100)
     p.add_argument("--fraction", type=float, default=0.1)
-    p.add_argument("--rounds", type=int, default=30)
-    p.add_argument("--local-epochs", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=80)
+    p.add_argument("--local-epochs", type=int, default=1)
     p.add_argument("--partitions", default="iid,dirichlet:0.5,dirichlet:0.1")
     p.add_argument("--assign", default="all,blocks")
     p.add_argument("--slots", default="reset")
+    p.add_argument("--strategies", default="fedavgm")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "fleet.json"))
     args = p.parse_args()
     per_round = max(int(args.clients * args.fraction), 1)
@@ -107,14 +110,14 @@ def main() -> int:
                 print(f"{data:8s} {rule:10s} central {central_epochs} epochs: {ref['accuracy']:.4f} "
                       f"({ref['seconds']:.0f} s)", flush=True)
                 rows.append({"data": data, "rule": rule, "kind": "central", "units": units, **ref})
-                for partition, assign, slots in itertools.product(*(getattr(args, k).split(",") for k in
-                                                                     ("partitions", "assign", "slots"))):
+                for partition, assign, slots, strategy in itertools.product(
+                        *(getattr(args, k).split(",") for k in ("partitions", "assign", "slots", "strategies"))):
                     policy = f"blocks:{math.ceil(units / per_round)}" if assign == "blocks" else assign
                     row = {"data": data, "rule": rule, "kind": "fleet", "units": units, "partition": partition,
-                           "assign": policy, "slots": slots}
-                    name = f"{data:8s} {rule:10s} {partition:15s} {policy:9s} slots {slots:5s}"
+                           "assign": policy, "slots": slots, "strategy": strategy}
+                    name = f"{data:8s} {rule:10s} {partition:15s} {policy:9s} slots {slots:5s} {strategy:8s}"
                     try:
-                        row.update(fleet(bundle, source, args, partition, policy, slots, tmp))
+                        row.update(fleet(bundle, source, args, partition, policy, slots, strategy, tmp))
                     except RuntimeError as e:  # a setting that fails is a result too
                         row["error"] = str(e)
                         print(f"{name} FAILED: {e}", flush=True)
@@ -126,8 +129,8 @@ def main() -> int:
                           f"{row['upload_per_client_round'] / 1024:8.1f} KiB  {row['seconds']:.0f} s", flush=True)
     for r in rows:  # upload relative to `all` with the same data, rule and partition
         full = next((a for a in rows if a.get("assign") == "all" and "error" not in a and
-                     (a["data"], a["rule"], a["partition"], a["slots"]) ==
-                     (r["data"], r["rule"], r.get("partition"), r.get("slots"))), None)
+                     (a["data"], a["rule"], a["partition"], a["slots"], a["strategy"]) ==
+                     (r["data"], r["rule"], r.get("partition"), r.get("slots"), r.get("strategy"))), None)
         if full and "error" not in r:
             r["upload_vs_all"] = r["upload_per_client_round"] / full["upload_per_client_round"]
     out = Path(args.out)

@@ -25,7 +25,7 @@ from edgeprop.datasets import Dataset
 from edgeprop.errors import EdgepropError
 from edgeprop.trainer import TrainConfig, Trainer
 
-from . import records
+from . import records, secagg
 from .assign import units_that_fit
 
 SLOT_POLICIES = ("keep", "reset")  # optimizer slots between rounds: kept on the device, or zero
@@ -126,7 +126,7 @@ def _memory_to(context: Context, memory: dict) -> None:
 def client_app(resolve: Callable[[Context], Setup], engine_options: dict | None = None) -> ClientApp:
     """A ClientApp whose clients are described by `resolve(context)` (checked once per
     process and client, then reused every round)."""
-    app = ClientApp()
+    app = ClientApp(mods=[secagg.client_mod])  # SecAgg+ rounds only
     setups: dict = {}
 
     @app.train()
@@ -139,10 +139,19 @@ def client_app(resolve: Callable[[Context], Setup], engine_options: dict | None 
             from edgeprop.runtimes import get_engine
             engine = get_engine(setup.engine, **(engine_options or {"threads": 1}))
             memory = _memory_from(context)
-            config = dict(msg.content["config"])
-            arrays, metrics = train(setup, engine, records.from_record(msg.content["arrays"]), config, memory)
+            keys = records.shared_keys(setup.bundle)
+            if secagg.is_secure(msg):
+                arrays, config = secagg.unpack(msg, keys)
+            else:
+                arrays, config = records.from_record(msg.content["arrays"]), dict(msg.content["config"])
+            arrays, metrics = train(setup, engine, arrays, config, memory)
             if config.get("slots") == "keep":  # else nothing need be held between rounds
                 _memory_to(context, memory)
+            if secagg.is_secure(msg):
+                if len(arrays) != len(keys):
+                    raise EdgepropError(f"secure aggregation needs every unit, this device holds "
+                                        f"{setup.capacity} of {len(setup.bundle.units)}")
+                return Message(secagg.pack(arrays, keys, metrics), reply_to=msg)
         except (EdgepropError, OSError) as e:
             print(f"edgeprop fleet client: error: {e}", file=sys.stderr)
             return Message(Error(CLIENT_ERROR, f"{e}"), reply_to=msg)

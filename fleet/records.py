@@ -20,6 +20,11 @@ def shared_arrays(bundle: Bundle, state: dict, units: list[str] | None = None) -
     return {f"{n}/{k}": state[n][k] for n in names for k in SHARED if k in state[n]}
 
 
+def shared_keys(bundle: Bundle) -> list[str]:
+    """Every unit's shared buffers' names, in shared_arrays' order."""
+    return [f"{u.name}/{k}" for u in bundle.units for k in SHARED if k in {t.name for t in u.state}]
+
+
 def to_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
     return ArrayRecord({k: Array(np.ascontiguousarray(v, np.float32)) for k, v in arrays.items()})
 

@@ -1,9 +1,10 @@
 """The fleet's ServerApp: samples clients, assigns units, averages each unit over the clients
 that trained it, evaluates the global state on a test split and checkpoints it every round.
 
-Flower's strategies do the sampling and the aggregation: FedAvg (weighted by samples),
-FedProx (its mu goes to the clients, which pull each unit back towards the global weights
-after every step) and FedAdam (a server-side Adam step on the averaged update). A unit
+Flower's strategies do the sampling and the aggregation: FedAvgM (the default: the
+average, weighted by samples, taken as a step with server momentum), FedAvg (the plain
+average), FedProx (its mu goes to the clients, which pull each unit back towards the global
+weights after every step) and FedAdam (a server-side Adam step on the averaged update). A unit
 trained by no client this round keeps its weights. The global state is
 BUNDLE/checkpoints/last.npz, written atomically after every round, so `edgeprop eval` reads
 the fleet's model and a killed server resumes from its last finished round.
@@ -18,9 +19,9 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import numpy as np
-from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MessageType, Metadata, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx
 
 from edgeprop import bundle as bundles
 from edgeprop import datasets
@@ -34,8 +35,10 @@ from .assign import Policy, assign
 from .assign import parse as parse_policy
 from .client import SLOT_POLICIES
 
-STRATEGIES = ("fedavg", "fedprox", "fedadam")
-RESUMABLE = ("strategy", "assign", "local_epochs", "order", "slots", "seed", "mu", "server_lr")  # must match to resume
+STRATEGIES = ("fedavgm", "fedavg", "fedprox", "fedadam")
+# must match to resume
+RESUMABLE = ("strategy", "assign", "local_epochs", "order", "slots", "seed", "mu", "server_lr", "server_momentum",
+             "secagg")
 
 
 @dataclass
@@ -46,9 +49,10 @@ class Settings:
     wait_for: int = 0           # a round starts once this many clients are connected (0: min_clients)
     local_epochs: int = 1
     assign: str = "all"
-    strategy: str = "fedavg"
+    strategy: str = "fedavgm"   # measured closest to central training (docs/fleet.md)
     mu: float = 0.01            # FedProx's proximal weight
     server_lr: float = 0.01     # FedAdam's server learning rate (eta)
+    server_momentum: float = 0.9  # FedAvgM's server momentum
     slots: str = "reset"        # optimizer slots between rounds on each client (reset: measured better,
                                 # docs/results.md; keep: a client's slots from its last round)
     order: str = "interleaved"
@@ -56,6 +60,7 @@ class Settings:
     round_timeout: float = 600.0  # seconds a round waits for replies; late clients are left out
     test_data: str = "digits"
     restart: bool = False       # start over although the bundle holds a fleet checkpoint
+    secagg: bool = False        # Flower's SecAgg+: the server sees only the clients' average
 
     def check(self) -> Settings:
         if self.rounds < 1:
@@ -72,6 +77,11 @@ class Settings:
             raise EdgepropError(f"--slots must be one of {', '.join(SLOT_POLICIES)}")
         if not self.mu >= 0 or not self.server_lr > 0 or not self.round_timeout > 0:
             raise EdgepropError("--mu must be >= 0, --server-lr and --round-timeout positive")
+        if not 0 <= self.server_momentum < 1:
+            raise EdgepropError(f"--server-momentum must be in [0, 1), got {self.server_momentum}")
+        if self.secagg and self.assign != "all":
+            raise EdgepropError(f"--secagg needs --assign all (every client masks the same arrays), "
+                                f"not {self.assign}")
         parse_policy(self.assign)
         return self
 
@@ -87,6 +97,8 @@ def strategy(s: Settings):
         return FedProx(**common, proximal_mu=s.mu)
     if s.strategy == "fedadam":
         return FedAdam(**common, eta=s.server_lr)
+    if s.strategy == "fedavgm":
+        return FedAvgM(**common, server_momentum=s.server_momentum)
     return FedAvg(**common)
 
 
@@ -142,10 +154,7 @@ class Fleet:
             self.state = bundles.split_state(self.bundle, arrays, str(path))
             server = {k[len("server/"):]: arrays[k] for k in arrays if k.startswith("server/")}
         self.round, self.history = done, history
-        for slot in ("m_t", "v_t"):  # FedAdam's server moments
-            moments = {k.split("/", 1)[1]: v for k, v in server.items() if k.startswith(slot + "/")}
-            if moments and hasattr(self.strategy, slot):
-                setattr(self.strategy, slot, moments)
+        self._set_server_state(server)
         self.log(f"resumed from round {self.round} ({path})")
 
     def save(self) -> None:
@@ -153,16 +162,35 @@ class Fleet:
             if not all(np.all(np.isfinite(v)) for v in tensors.values()):
                 raise EdgepropError(f"the global state diverged: {unit} holds NaN or inf after round {self.round}; "
                                     f"the checkpoint of the round before is kept")
-        extra = {}
-        for slot in ("m_t", "v_t"):
-            for key, value in (getattr(self.strategy, slot, None) or {}).items():
-                extra[f"server/{slot}/{key}"] = value
+        extra = {f"server/{k}": v for k, v in self._server_state().items()}
         units = [u.name for u in self.bundle.units]
         meta = {"bundle": self.bundle.id, "done": 0, "total": 0, "steps": {u: 0 for u in units}, "losses": {},
                 "history": {u: [] for u in units},
                 "fleet": {"round": self.round, "rounds": self.settings.rounds, "settings": self._settings_record(),
                           "history": self.history}}
         save_arrays(self.bundle.checkpoint_path(), [*flat_items(self.state), *extra.items()], meta)
+
+    def _server_state(self) -> dict[str, np.ndarray]:
+        """The strategy's own state, kept for a resume: FedAdam's moments "m_t/KEY", "v_t/KEY",
+        FedAvgM's momentum "momentum/KEY" (Flower holds it as a list in the arrays' order)."""
+        out = {f"{slot}/{k}": v for slot in ("m_t", "v_t")
+               for k, v in (getattr(self.strategy, slot, None) or {}).items()}
+        momentum = getattr(self.strategy, "momentum_vector", None)
+        if momentum is not None:
+            out.update({f"momentum/{k}": v for k, v in zip(self.global_arrays(), momentum, strict=True)})
+        return out
+
+    def _set_server_state(self, server: dict[str, np.ndarray]) -> None:
+        for slot in ("m_t", "v_t"):
+            moments = {k.split("/", 1)[1]: v for k, v in server.items() if k.startswith(slot + "/")}
+            if moments and hasattr(self.strategy, slot):
+                setattr(self.strategy, slot, moments)
+        if hasattr(self.strategy, "momentum_vector") and any(k.startswith("momentum/") for k in server):
+            keys = [f"momentum/{k}" for k in self.global_arrays()]
+            if set(keys) != {k for k in server if k.startswith("momentum/")}:
+                raise BundleError(f"{self.bundle.checkpoint_path()}: the server's momentum does not match the "
+                                  f"bundle's units; the file is not one edgeprop wrote")
+            self.strategy.momentum_vector = [server[k] for k in keys]
 
     # -- rounds ---------------------------------------------------------------------------------
     def global_arrays(self) -> dict[str, np.ndarray]:
@@ -201,43 +229,14 @@ class Fleet:
                                     message_type=MessageType.TRAIN))
         return messages, sent
 
-    def run_round(self, grid: Grid) -> dict:
+    def run_round(self, grid: Grid, context: Context | None = None) -> dict:
         server_round, started = self.round + 1, time.monotonic()
         current = self.global_arrays()
         messages, sent = self._messages(grid, server_round, current)
-        replies = list(grid.send_and_receive(messages, timeout=self.settings.round_timeout))
-        # An error reply may come from the SuperLink (a node that stopped sending heartbeats):
-        # the message it answers names the node.
-        sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
-        ok, clients, failed, answered = [], [], [], set()
-        for r in replies:
-            node = sent_to.get(r.metadata.reply_to_message_id, r.metadata.src_node_id)
-            answered.add(node)
-            if r.has_error():
-                failed.append({"node": node, "error": r.error.reason})
-                self.log(f"round {server_round}: node {node} left out: {r.error.reason}")
-                continue
-            try:
-                records.check_arrays(self.bundle, records.from_record(r.content["arrays"]), f"node {node}'s reply")
-                metrics = r.content["metrics"]
-                if not float(metrics["num-examples"]) > 0:
-                    raise EdgepropError(f"node {node}'s reply: num-examples must be positive")
-            except (EdgepropError, KeyError, TypeError, ValueError) as e:
-                failed.append({"node": node, "error": str(e)})
-                self.log(f"round {server_round}: node {node} left out: {e}")
-                continue
-            ok.append(r)
-            self.capacity[node] = int(metrics["capacity"])
-            clients.append({"node": node, "client": int(metrics["client"]), "sent": sent.get(node, 0),
-                            "received": r.content["arrays"].count_bytes(), "samples": int(metrics["num-examples"]),
-                            "units": sorted({records.unit_of(k) for k in r.content["arrays"]}),
-                            "loss": float(metrics["loss"]), "seconds": float(metrics["seconds"])})
-        for node in sent:
-            if node not in answered:
-                failed.append({"node": node, "error": f"no reply within {self.settings.round_timeout:g} s"})
-                self.log(f"round {server_round}: node {node} left out: no reply in time")
-        if ok:
-            self._aggregate(server_round, current, ok)
+        exchange = self._secure_exchange if self.settings.secagg else self._exchange
+        results, clients, failed = exchange(grid, context, server_round, current, messages, sent)
+        if results:
+            self.aggregate(server_round, current, results)
         else:
             self.log(f"round {server_round}: no client answered; the global state is unchanged")
         accuracy = self.evaluate()
@@ -246,18 +245,79 @@ class Fleet:
                  "seconds": time.monotonic() - started}
         self.history.append(entry)
         self.save()
-        self.log(f"round {server_round}/{self.settings.rounds}: accuracy {accuracy:.4f}, {len(ok)} clients, "
+        self.log(f"round {server_round}/{self.settings.rounds}: accuracy {accuracy:.4f}, {len(clients)} clients, "
                  f"{len(failed)} left out, {entry['seconds']:.1f} s")
         return entry
 
-    def _aggregate(self, server_round: int, current: dict, replies: list[Message]) -> None:
-        """Average each unit over its clients, then let the strategy take its server step
-        (FedAdam: Adam on the averaged update; FedAvg, FedProx: the average itself)."""
-        merged, _ = merge(current, [(float(r.content["metrics"]["num-examples"]), records.from_record(
-            r.content["arrays"])) for r in replies])
+    def _exchange(self, grid: Grid, context, server_round: int, current: dict, messages: list[Message],
+                  sent: dict) -> tuple[list[tuple[float, dict]], list[dict], list[dict]]:
+        """Send the train messages, check the replies: ([(num-examples, arrays)], clients, failed)."""
+        replies = list(grid.send_and_receive(messages, timeout=self.settings.round_timeout))
+        # An error reply may come from the SuperLink (a node that stopped sending heartbeats):
+        # the message it answers names the node.
+        sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
+        results, clients, failed, answered = [], [], [], set()
+        for r in replies:
+            node = sent_to.get(r.metadata.reply_to_message_id, r.metadata.src_node_id)
+            answered.add(node)
+            if r.has_error():
+                failed.append({"node": node, "error": r.error.reason})
+                self.log(f"round {server_round}: node {node} left out: {r.error.reason}")
+                continue
+            try:
+                arrays = records.from_record(r.content["arrays"])
+                records.check_arrays(self.bundle, arrays, f"node {node}'s reply")
+                metrics = r.content["metrics"]
+                if not float(metrics["num-examples"]) > 0:
+                    raise EdgepropError(f"node {node}'s reply: num-examples must be positive")
+            except (EdgepropError, KeyError, TypeError, ValueError) as e:
+                failed.append({"node": node, "error": str(e)})
+                self.log(f"round {server_round}: node {node} left out: {e}")
+                continue
+            results.append((float(metrics["num-examples"]), arrays))
+            clients.append(self._client_entry(node, metrics, sent.get(node, 0), r.content["arrays"].count_bytes(),
+                                              sorted({records.unit_of(k) for k in arrays})))
+        for node in sent:
+            if node not in answered:
+                failed.append({"node": node, "error": f"no reply within {self.settings.round_timeout:g} s"})
+                self.log(f"round {server_round}: node {node} left out: no reply in time")
+        return results, clients, failed
+
+    def _secure_exchange(self, grid: Grid, context, server_round: int, current: dict, messages: list[Message],
+                         sent: dict) -> tuple[list[tuple[float, dict]], list[dict], list[dict]]:
+        """The same round through SecAgg+: one result, the clients' average, which nobody
+        could see before it was summed."""
+        from .secagg import secure_average
+        nodes = [m.metadata.dst_node_id for m in messages]
+        config = {**dict(messages[0].content["config"]), "server-round": server_round}
+        average, metrics = secure_average(grid, context, server_round, current, nodes, config,
+                                          self.settings.round_timeout)
+        units = sorted({records.unit_of(k) for k in current})
+        clients = [self._client_entry(n, m, sent[n], sent[n], units) for n, m in metrics.items()]
+        failed = [{"node": n, "error": "did not finish the SecAgg+ round"} for n in nodes if n not in metrics]
+        for f in failed:
+            self.log(f"round {server_round}: node {f['node']} left out: {f['error']}")
+        if average is not None:
+            records.check_arrays(self.bundle, average, "the SecAgg+ average")
+        return ([] if average is None else [(1.0, average)]), clients, failed
+
+    def _client_entry(self, node: int, metrics, sent: int, received: int, units: list[str]) -> dict:
+        self.capacity[node] = int(metrics["capacity"])
+        return {"node": node, "client": int(metrics["client"]), "sent": sent, "received": received,
+                "samples": int(metrics["num-examples"]), "units": units, "loss": float(metrics["loss"]),
+                "seconds": float(metrics["seconds"])}
+
+    def aggregate(self, server_round: int, current: dict, results: list[tuple[float, dict]]) -> None:
+        """Average each unit over the results (num-examples, arrays) that carry it, then let the
+        strategy take its server step (FedAvgM: with momentum; FedAdam: Adam on the averaged
+        update; FedAvg, FedProx: the average itself)."""
+        merged, _ = merge(current, results)
+        # The strategy steps from one message holding the average; it never travels.
+        meta = Metadata(0, "", 0, 0, "", "", time.time(), 0, MessageType.TRAIN)
         one = Message(RecordDict({"arrays": records.to_record(merged),
-                                  "metrics": MetricRecord({"num-examples": 1})}),
-                      dst_node_id=0, message_type=MessageType.TRAIN)
+                                  "metrics": MetricRecord({"num-examples": 1})}), metadata=meta)
+        if isinstance(self.strategy, FedAvgM):  # its step starts from this round's global state
+            self.strategy.current_arrays = records.to_record(current)
         quiet = logging.getLogger("flwr")  # it would log "Received 1 results" for this one message
         level, _ = quiet.level, quiet.setLevel(logging.WARNING)
         try:
@@ -270,9 +330,9 @@ class Fleet:
             value = merged[key] if key.endswith("/" + STATS) else value
             self.state[records.unit_of(key)][key.rsplit("/", 1)[1]][...] = value
 
-    def run(self, grid: Grid) -> list[dict]:
+    def run(self, grid: Grid, context: Context | None = None) -> list[dict]:
         while self.round < self.settings.rounds:
-            self.run_round(grid)
+            self.run_round(grid, context)
         return self.history
 
 
@@ -293,7 +353,7 @@ def server_app(fleet: Fleet | None = None) -> ServerApp:
     @app.main()
     def _main(grid: Grid, context: Context) -> None:
         if fleet is not None:
-            fleet.run(grid)
+            fleet.run(grid, context)
             return
         from edgeprop import lock
         try:
@@ -301,7 +361,7 @@ def server_app(fleet: Fleet | None = None) -> ServerApp:
             bundle = bundles.load(path)
             bundle.check_writable()
             with lock.held(bundle.root, "run a fleet on it"):
-                Fleet(bundle, settings).run(grid)
+                Fleet(bundle, settings).run(grid, context)
         except (EdgepropError, OSError) as e:
             print(f"edgeprop fleet server: error: {e}", file=sys.stderr)
             raise SystemExit(2) from None

@@ -62,14 +62,14 @@ exec "$here/.venv/bin/edgeprop" {command} "$here/bundle" {options}"$@"
 SUPERNODE = """#!/bin/sh
 # Join a fleet (after ./setup): ./supernode SUPERLINK_HOST:PORT DATA [flower-supernode options],
 # e.g. ./supernode server:8000 my_data.npz --root-certificates ca.crt (docs/fleet.md).
-# This device trains the units the server assigns on DATA, within device.toml's memory.
+# This device trains the units the server assigns on DATA, within device.toml's memory;
+# the data, the memory and the SuperLink's address are checked before it joins.
 set -e
 here="$(cd "$(dirname "$0")" && pwd)"
 [ $# -ge 2 ] || { echo "usage: $0 SUPERLINK_HOST:PORT DATA [flower-supernode options]" >&2; exit 2; }
 superlink="$1"; data="$2"; shift 2
 export FLWR_TELEMETRY_ENABLED=0  # nothing leaves the fleet
-exec "$here/.venv/bin/flower-supernode" --superlink "$superlink" \\
-    --node-config "bundle='$here/bundle' device='$here/device.toml' data='$data'" "$@"
+exec "$here/.venv/bin/edgeprop" fleet join --device "$here/device.toml" "$here/bundle" "$superlink" "$data" "$@"
 """
 FLWR = "flwr>=1.42,<2"  # as edgeprop's fleet extra
 

@@ -157,7 +157,7 @@ def test_fleet_deploy_adds_flower_wheels_and_a_supernode_script(small_bundle, tm
     assert all("aarch64" in w.name or w.name.endswith("-none-any.whl") for w in (out / "wheels").iterdir())
     assert "'edgeprop[fleet]'" in (out / "setup").read_text()
     script = (out / "supernode").read_text()
-    assert "flower-supernode" in script and "FLWR_TELEMETRY_ENABLED=0" in script and "device.toml" in script
+    assert "fleet join" in script and "FLWR_TELEMETRY_ENABLED=0" in script and "device.toml" in script
     assert (out / "supernode").stat().st_mode & 0o111
     check_checksums(out)
     proc = edgeprop("deploy", small_bundle, "--device", "stm32f746", "--out", tmp_path / "mcu", "--target", "c99",

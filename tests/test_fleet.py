@@ -1,7 +1,9 @@
 """Federated training on Flower (edgeprop.fleet): partitions, assignment, the client's
 round, the server's per-unit averaging and checkpoint, and `edgeprop fleet simulate`."""
 import json
+import shutil
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,9 +18,9 @@ from edgeprop.device_profile import Profile  # noqa: E402
 from edgeprop.errors import DataError, EdgepropError  # noqa: E402
 from edgeprop.fleet import assign, partition, records  # noqa: E402
 from edgeprop.fleet.client import Setup, train  # noqa: E402
-from edgeprop.fleet.server import merge  # noqa: E402
+from edgeprop.fleet.server import Fleet, Settings, merge  # noqa: E402
 from edgeprop.runtimes import get_engine  # noqa: E402
-from edgeprop.storage import load_arrays  # noqa: E402
+from edgeprop.storage import load_arrays, save_arrays  # noqa: E402
 
 Y = np.repeat(np.arange(10), 40)  # 40 shards of 10: each shard one class
 
@@ -151,6 +153,65 @@ def test_server_averages_each_unit_over_the_clients_that_trained_it():
     assert samples == {"a": 4, "b": 1}
 
 
+def test_fedavgm_steps_with_server_momentum_and_a_resumed_server_takes_the_same_step(bundle_copy):
+    def aggregate(fleet, server_round, shift):
+        current = {k: v.copy() for k, v in fleet.global_arrays().items()}
+        fleet.aggregate(server_round, current, [(5, {k: v + np.float32(shift) for k, v in current.items()})])
+        fleet.round = server_round
+        fleet.history.append({"round": server_round})
+        return current
+
+    b = bundles.load(bundle_copy)
+    settings = Settings(rounds=3, strategy="fedavgm", server_momentum=0.5)
+    fleet = Fleet(b, settings, log=lambda line: None)
+    before = aggregate(fleet, 1, 0.25)["head/param"]
+    assert np.allclose(fleet.state["head"]["param"], before + 0.25)  # first step: the average itself
+    fleet.save()
+    resumed = Fleet(b, settings, log=lambda line: None)
+    assert resumed.round == 1
+    for f in (fleet, resumed):
+        before = aggregate(f, 2, 0.25)["head/param"]
+        assert np.allclose(f.state["head"]["param"], before + 0.25 + 0.5 * 0.25)  # momentum carries on
+    arrays, meta = load_arrays(b.checkpoint_path())  # a momentum that misses a unit: refused in one line
+    save_arrays(b.checkpoint_path(), [(k, v) for k, v in arrays.items() if k != "server/momentum/head/param"], meta)
+    with pytest.raises(EdgepropError, match="momentum does not match"):
+        Fleet(b, settings, log=lambda line: None)
+
+
+def join(*args) -> int:
+    from edgeprop.cli import main
+    return main(["fleet", "join", *map(str, args)])
+
+
+def test_join_refuses_bad_data_an_address_and_a_silent_superlink_in_one_line(digits_bundle, tmp_path, capsys):
+    import socket
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    narrow = tmp_path / "narrow.npz"
+    np.savez(narrow, x=np.zeros((5, 32), np.float32), y=np.zeros(5, np.int64))
+    cases = [((narrow,), "samples have 32 features"),  # before it contacts anyone
+             (("--wait", 0, "digits"), f"the SuperLink at 127.0.0.1:{port} does not answer")]
+    for extra, message in cases:
+        args = [*extra[:-1], digits_bundle, f"127.0.0.1:{port}", extra[-1]]
+        assert join(*args) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+    assert join(digits_bundle, "server-without-port", "digits") == 2
+    assert "expected HOST:PORT" in capsys.readouterr().err
+
+
+def test_join_hands_flower_supernode_the_node_config_the_client_reads():
+    from flwr.common.config import parse_config_args
+
+    from edgeprop.fleet.join import supernode_command
+    node = {"bundle": "/b/my bundle", "data": "/d/x.npz", "client": 7, "engine": "onnxruntime"}
+    command = supernode_command("server:9092", node, ["--root-certificates", "ca.crt"])
+    assert Path(command[0]).name == "flower-supernode"
+    assert command[1:3] == ["--superlink", "server:9092"] and command[-2:] == ["--root-certificates", "ca.crt"]
+    assert parse_config_args([command[command.index("--node-config") + 1]]) == node
+
+
 def block_torch(tmp_path, monkeypatch) -> None:
     """Every process started from here on (Ray's workers, Flower's app processes) finds a
     `torch` that refuses to import: the fleet's device side must never need it."""
@@ -195,6 +256,13 @@ def test_simulate_refuses_bad_settings_before_flower_starts(bundle_copy):
                           (["--device", "nope"], "unknown device")):
         proc = edgeprop("fleet", "simulate", bundle_copy, "--data", "digits", *args, check=False)
         assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and message in proc.stderr, proc.stderr
+
+
+def test_settings_refuse_secagg_without_every_unit_and_a_momentum_of_one():
+    with pytest.raises(EdgepropError, match="--secagg needs --assign all"):
+        Settings(secagg=True, assign="blocks:1").check()
+    with pytest.raises(EdgepropError, match="--server-momentum must be in"):
+        Settings(server_momentum=1.0).check()
 
 
 def test_a_train_checkpoint_is_never_replaced_by_a_fleet(bundle_copy):
@@ -250,3 +318,21 @@ def test_flowers_other_strategies_train_and_checkpoint_their_state(bundle_copy, 
     assert (moments == set()) == (strategy == "fedprox")
     if strategy == "fedadam":
         assert {f"server/{m}/head/param" for m in ("m_t", "v_t")} <= moments
+
+
+@pytest.mark.slow  # two simulations
+def test_secagg_round_gives_the_plain_fedavg_aggregate(digits_bundle, tmp_path):
+    states = {}
+    for name, extra in (("plain", []), ("secagg", ["--secagg"])):
+        copy = tmp_path / name
+        shutil.copytree(digits_bundle, copy)
+        proc = edgeprop("fleet", "simulate", copy, "--data", "digits", "--clients", "3", "--rounds", "1",
+                        "--strategy", "fedavg", *extra, timeout=300)
+        assert "3 clients, 0 left out" in proc.stdout
+        states[name], meta = load_arrays(copy / "checkpoints" / "last.npz")
+        assert meta["fleet"]["settings"]["secagg"] == bool(extra)
+    init, _ = bundles.load(digits_bundle).initial_state()
+    for unit in ("block1", "head"):
+        plain, secure = states["plain"][f"{unit}/param"], states["secagg"][f"{unit}/param"]
+        assert np.abs(plain - init[unit]["param"]).max() > 1e-3  # the round moved the weights ...
+        assert np.abs(plain - secure).max() < 2e-5               # ... and SecAgg+ only by its quantisation

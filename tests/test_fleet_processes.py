@@ -1,8 +1,9 @@
 """A real fleet on loopback: Flower's stock flower-superlink, flower-supernode and flwr run,
-each a separate process, the clients torch-free; one client's data have the wrong feature
-count (left out every round with a one-line error). One SuperNode is killed mid-round (the round
-completes without it, and it rejoins); the SuperLink is killed after round 2 (restarted, the
-run resumes from round 2's checkpoint); the final global state evaluates."""
+each a separate process (one SuperNode through `edgeprop fleet join`), the clients torch-free;
+one client's data have the wrong feature count (left out every round with a one-line error).
+One SuperNode is killed mid-round (the round completes without it, and it rejoins); the
+SuperLink is killed after round 2 (restarted, the run resumes from round 2's checkpoint); the
+final global state evaluates."""
 import os
 import shutil
 import signal
@@ -101,6 +102,11 @@ class Fleet:
         return self.start(f"node{i}", "flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{self.port}",
                           "--port", free_port(), "--node-config", f"data='{self.tmp / f'{data}{i}.npz'}' client={i}")
 
+    def join(self, i: int, bundle: Path) -> subprocess.Popen:
+        """A SuperNode started the device's way: `edgeprop fleet join` checks, then execs it."""
+        return self.start(f"node{i}", "edgeprop", "fleet", "join", "--client", i, bundle, f"127.0.0.1:{self.port}",
+                          self.tmp / f"shard{i}.npz", "--insecure", "--port", free_port())
+
     def stop(self) -> None:
         for proc in self.procs:  # those that exited may have left Flower's processes behind
             kill_9(proc)
@@ -141,7 +147,8 @@ def test_superlink_and_supernodes_survive_kill_9(bundle_copy, tmp_path):
                                       f'address = "127.0.0.1:{fleet.port}"\ninsecure = true\n')
     try:
         link = fleet.superlink()
-        nodes = [fleet.supernode(i) for i in range(NODES)] + [fleet.supernode(NODES, "narrow")]
+        nodes = [fleet.join(0, bundle_copy)] + [fleet.supernode(i) for i in range(1, NODES)] + \
+            [fleet.supernode(NODES, "narrow")]
         run = fleet.start("run1", "flwr", "run", app, "fleet", "--stream")
         wait(lambda: fleet_round(bundle_copy) >= 1, 300, "round 1")
         kill_9(nodes[4])                       # mid-round 2
@@ -159,6 +166,7 @@ def test_superlink_and_supernodes_survive_kill_9(bundle_copy, tmp_path):
     _, meta = load_arrays(bundle_copy / "checkpoints" / "last.npz")
     history = meta["fleet"]["history"]
     assert [e["round"] for e in history] == [1, 2, 3]
+    assert "joining the fleet" in (tmp_path / "node0.log").read_text()
     assert len(history[0]["clients"]) == NODES  # the client with the wrong data is left out, in one line:
     assert [f["error"] for f in history[0]["failed"]] == [
         f"{tmp_path / f'narrow{NODES}.npz'}:train: samples have 32 features (shape [32]); the model expects 64 "
