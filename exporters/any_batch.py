@@ -38,10 +38,15 @@ def sentinel_inputs(make_inputs) -> dict[str, torch.Tensor]:
 
 
 def _batch_derived(value: float) -> bool:
-    """A nonzero float that is, or is the reciprocal of, a multiple of SENTINEL."""
-    for x in (abs(value), 1 / abs(value) if value else 0.0):
+    """A nonzero float that is, within two float32 steps, a multiple of SENTINEL or the
+    reciprocal of one (a tolerance relative to the multiple would call every large number
+    batch-derived, the 1e8 of an epsilon 1e-8 among them)."""
+    v = abs(value)
+    if not v:
+        return False
+    for x, f in ((v, lambda k: k * SENTINEL), (1 / v, lambda k: 1 / (k * SENTINEL))):
         k = round(x / SENTINEL)
-        if k >= 1 and abs(x / SENTINEL - k) < 1e-4 * k:
+        if k >= 1 and abs(v - f(k)) <= 2 * np.spacing(np.float32(v)):
             return True
     return False
 

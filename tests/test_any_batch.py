@@ -47,6 +47,13 @@ def test_a_batch_size_baked_in_otherwise_is_refused(const, scale):
         any_batch.check_generic(_reshape_model(const, scale))
 
 
+@pytest.mark.parametrize("scale", [1e-8, 1e-5, 0.5, 1e9])
+def test_a_float_that_only_looks_large_is_not_the_batch(scale):
+    """An epsilon's reciprocal (1e8) is near some multiple of the sentinel in relative terms;
+    only a float within float32 rounding of k * SENTINEL or 1 / (k * SENTINEL) is refused."""
+    any_batch.check_generic(_reshape_model([2 * P, 3], scale))
+
+
 class _Net(nn.Module):
     def __init__(self):
         super().__init__()
