@@ -1,7 +1,11 @@
+import collections
+import contextlib
+import importlib.util
 import platform
 import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -15,6 +19,11 @@ DEVICE_SIDE = ("import sys; blocked = sys.argv.pop(1).split(','); sys.modules.up
                "loaded = [m for m in blocked if sys.modules.get(m) is not None]; "
                "assert not loaded, f'{loaded} imported'; "
                "sys.exit(code)")
+
+# litert_torch takes ten seconds to import: a module that needs it is skipped by looking it
+# up, not by importing it while tests are collected.
+needs_litert_torch = pytest.mark.skipif(importlib.util.find_spec("litert_torch") is None,
+                                        reason="litert_torch is not installed (pip install 'edgeprop[tflite]')")
 
 
 def state_gap(weights, layout: dict, state: dict) -> float:
@@ -40,13 +49,102 @@ def edgeprop(*args, torch_allowed=False, blocked=("torch", "onnx"), check=True, 
     return proc
 
 
+# Bundles that tests in several places read (a test that changes one copies it first), each
+# exported once per test run through the CLI.
+SHARED_BUNDLES = {
+    "digits": ("--rule", "noprop-dt", "--model", "mlp", "--data", "digits"),  # the default
+    "noprop-small": ("--rule", "noprop-dt", "--model", "mlp", "--data", "digits", "--blocks", "3", "--width", "32",
+                     "--batch-size", "16"),
+}
+
+
+def _export_args(name: str, out) -> tuple:
+    return ("export", *SHARED_BUNDLES[name], "--out", out, "--quiet", "--force")
+
+
+def _build_in(root: Path, name: str, build) -> Path:
+    from filelock import FileLock
+    with FileLock(str(root / f"{name}.lock")):
+        if not (root / f"{name}.done").exists():
+            build(root / name)
+            (root / f"{name}.done").touch()
+    return root / name
+
+
+def built_once(tmp_path_factory, worker_id: str, name: str, build) -> Path:
+    """`build(path)` once per test run, shared by every xdist worker: the first to need it
+    builds it under a file lock while the others wait (each would otherwise spend its own
+    seconds on the same export)."""
+    root = tmp_path_factory.getbasetemp()
+    return _build_in(root if worker_id == "master" else root.parent, name, build)
+
+
+_early: list[subprocess.Popen] = []
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_configure(config):
+    """xdist's controller starts the shared exports at once: they run while the workers start
+    and collect, instead of one worker idling while another exports."""
+    if hasattr(config, "workerinput") or not config.getoption("numprocesses", None):
+        return
+
+    def build(out):
+        _early.append(subprocess.Popen([sys.executable, "-m", "edgeprop", *map(str, _export_args(out.name, out))],
+                                       cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        if _early[-1].wait():
+            raise RuntimeError("the early export failed: the worker that needs it exports again and says why")
+
+    def run():  # one export at a time: the workers need the other core
+        for name in SHARED_BUNDLES:
+            with contextlib.suppress(Exception):
+                _build_in(config._tmp_path_factory.getbasetemp(), name, build)
+
+    threading.Thread(target=run, daemon=True).start()
+
+
+SHARED_FIXTURES = {"digits_bundle", "bundle_copy", "trained_digits", "small_noprop_bundle"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Test files that need none of the shared bundles first, largest first (xdist's own order,
+    turned off in pyproject.toml): workers run them while the early exports finish."""
+    waits = {item.path for item in items if SHARED_FIXTURES & set(getattr(item, "fixturenames", ()))}
+    size = collections.Counter(item.path for item in items)
+    items.sort(key=lambda item: (item.path in waits, -size[item.path]))
+
+
+def pytest_unconfigure(config):
+    for export in _early:
+        if export.poll() is None:  # a run that never needed it
+            export.kill()
+            export.wait()
+
+
+def _shared_bundle(tmp_path_factory, worker_id, name: str) -> Path:
+    return built_once(tmp_path_factory, worker_id, name,
+                      lambda out: edgeprop(*_export_args(name, out), torch_allowed=True))
+
+
 @pytest.fixture(scope="session")
-def digits_bundle(tmp_path_factory) -> Path:
-    """The default NoProp-DT digits bundle (batch 64), exported once per session through the CLI."""
-    out = tmp_path_factory.mktemp("bundles") / "digits"
-    edgeprop("export", "--rule", "noprop-dt", "--model", "mlp", "--data", "digits", "--out", out, "--quiet",
-             torch_allowed=True)
-    return out
+def digits_bundle(tmp_path_factory, worker_id) -> Path:
+    """The default NoProp-DT digits bundle (batch 64). Tests that change it take `bundle_copy`."""
+    return _shared_bundle(tmp_path_factory, worker_id, "digits")
+
+
+@pytest.fixture(scope="session")
+def small_noprop_bundle(tmp_path_factory, worker_id) -> Path:
+    """NoProp-DT on digits with 3 MLP blocks of width 32, batch 16: quick to train a little."""
+    return _shared_bundle(tmp_path_factory, worker_id, "noprop-small")
+
+
+@pytest.fixture(scope="session")
+def trained_digits(digits_bundle, tmp_path_factory, worker_id) -> Path:
+    """The digits bundle after one epoch of `edgeprop train` (a checkpoint on disk)."""
+    def build(out):
+        shutil.copytree(digits_bundle, out, dirs_exist_ok=True)
+        edgeprop("train", out, "--epochs", "1", "--quiet")
+    return built_once(tmp_path_factory, worker_id, "digits-trained", build)
 
 
 @pytest.fixture(scope="session")

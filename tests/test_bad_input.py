@@ -1,6 +1,7 @@
 """Bad bundles and bad data: a clear error naming the problem, a non-zero exit, and the
 checkpoint already on disk left exactly as it was."""
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -10,10 +11,10 @@ from edgeprop.bundle import write_manifest
 
 
 @pytest.fixture
-def trained(bundle_copy):
-    """A bundle with a checkpoint on disk, and that checkpoint's bytes."""
-    edgeprop("train", bundle_copy, "--epochs", "1", "--quiet")
-    return bundle_copy, (bundle_copy / "checkpoints" / "last.npz").read_bytes()
+def trained(trained_digits, tmp_path):
+    """A private copy of a bundle with a checkpoint on disk, and that checkpoint's bytes."""
+    bundle = shutil.copytree(trained_digits, tmp_path / "digits")
+    return bundle, (bundle / "checkpoints" / "last.npz").read_bytes()
 
 
 def _fails(bundle, *extra, command="train", message):

@@ -80,6 +80,7 @@ def test_export_without_torch_says_what_to_install(tmp_path):
     assert "export extra" in proc.stderr
 
 
+@pytest.mark.slow  # two trainings and a kill: 7 s
 def test_resume_after_a_kill_gives_the_same_weights(digits_bundle, tmp_path):
     import shutil
     import signal
@@ -136,6 +137,7 @@ def test_bad_training_options(bundle_copy, argv):
     assert proc.returncode != 0 and "error" in proc.stderr
 
 
+@pytest.mark.slow  # three trainings and three plots: 9 s
 def test_info_and_plot_show_the_loss_history(bundle_copy):
     pytest.importorskip("matplotlib")
     proc = edgeprop("plot", bundle_copy, check=False)

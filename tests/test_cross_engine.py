@@ -12,16 +12,15 @@ import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
-pytest.importorskip("litert_torch")
 
-from conftest import ROOT, engine_venv  # noqa: E402
+from conftest import ROOT, engine_venv, needs_litert_torch  # noqa: E402
 from edgeprop import bundle as bundles  # noqa: E402
 from edgeprop import datasets  # noqa: E402
 from edgeprop.exporters.reference import TorchReference  # noqa: E402
 from edgeprop.runtimes import get_engine  # noqa: E402
 from edgeprop.trainer import TrainConfig, Trainer  # noqa: E402
 
-pytestmark = pytest.mark.slow  # engine venvs, the every-engine bundle
+pytestmark = [pytest.mark.slow, needs_litert_torch]  # engine venvs, the every-engine bundle
 
 STEPS = 50
 TOL = 1e-4

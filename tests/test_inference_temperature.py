@@ -18,7 +18,6 @@ from edgeprop import bundle as bundles  # noqa: E402
 from edgeprop import datasets  # noqa: E402
 from edgeprop.bundle import write_manifest  # noqa: E402
 from edgeprop.errors import BundleError, EdgepropError  # noqa: E402
-from edgeprop.exporters import export  # noqa: E402
 from edgeprop.exporters.reference import TorchReference  # noqa: E402
 from edgeprop.rules.noprop_dt import predict  # noqa: E402
 from edgeprop.runtimes import get_engine  # noqa: E402
@@ -26,9 +25,9 @@ from edgeprop.trainer import TrainConfig, evaluate, infer_state, load_graphs  # 
 
 
 @pytest.fixture(scope="module")
-def small(tmp_path_factory):
+def small(small_noprop_bundle):
     """3 MLP blocks of width 32, batch 16: small enough to train a little in every test."""
-    return export(tmp_path_factory.mktemp("tau") / "small", blocks=3, width=32, batch_size=16, progress=False)
+    return small_noprop_bundle
 
 
 @pytest.fixture(scope="module")

@@ -7,12 +7,10 @@ import shutil
 import numpy as np
 import pytest
 
-from conftest import edgeprop, engine_venv
+from conftest import edgeprop, engine_venv, needs_litert_torch
 from edgeprop.storage import load_arrays
 
-pytest.importorskip("litert_torch")
-
-pytestmark = pytest.mark.slow  # engine venvs
+pytestmark = [pytest.mark.slow, needs_litert_torch]  # engine venvs
 
 # Neither environment has these installed; importing one would fail anyway, but a module
 # that tried would show here by name.

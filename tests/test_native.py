@@ -76,6 +76,7 @@ def test_no_blas_says_what_to_install(monkeypatch, capsys):
     assert "no BLAS found" in capsys.readouterr().err and "pip install scipy-openblas32" in engine.warning
 
 
+@pytest.mark.slow  # a second C build: 7 s
 def test_without_blas_the_generated_loops_compute_the_same(tmp_path):
     path, spec = _products(tmp_path)
     rng = np.random.default_rng(1)
