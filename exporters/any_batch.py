@@ -18,6 +18,7 @@ from onnx import numpy_helper
 from .capture import SENTINEL_BATCH
 
 SENTINEL = SENTINEL_BATCH
+FLOAT32_STEPS = 2 * 2.0 ** -23  # two float32 rounding steps, relative
 
 
 class NotBatchGeneric(Exception):
@@ -46,7 +47,7 @@ def _batch_derived(value: float) -> bool:
         return False
     for x, f in ((v, lambda k: k * SENTINEL), (1 / v, lambda k: 1 / (k * SENTINEL))):
         k = round(x / SENTINEL)
-        if k >= 1 and abs(v - f(k)) <= 2 * np.spacing(np.float32(v)):
+        if k >= 1 and abs(v - f(k)) <= FLOAT32_STEPS * v:
             return True
     return False
 
