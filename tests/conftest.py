@@ -128,7 +128,7 @@ def _shared_bundle(tmp_path_factory, worker_id, name: str) -> Path:
 
 @pytest.fixture(scope="session")
 def digits_bundle(tmp_path_factory, worker_id) -> Path:
-    """The default NoProp-DT digits bundle (batch 64). Tests that change it take `bundle_copy`."""
+    """The default NoProp-DT digits bundle (batch 128). Tests that change it take `bundle_copy`."""
     return _shared_bundle(tmp_path_factory, worker_id, "digits")
 
 

@@ -25,15 +25,9 @@ from edgeprop.trainer import TrainConfig, evaluate, infer_state, load_graphs  # 
 
 
 @pytest.fixture(scope="module")
-def small(small_noprop_bundle):
-    """3 MLP blocks of width 32, batch 16: small enough to train a little in every test."""
-    return small_noprop_bundle
-
-
-@pytest.fixture(scope="module")
-def trained_reference(small):
+def trained_reference(small_noprop_bundle):
     """The torch reference after 30 steps of every unit (a chain whose blocks carry signal)."""
-    bundle = bundles.load(small)
+    bundle = bundles.load(small_noprop_bundle)
     train = datasets.load("digits", "train")
     reference = TorchReference(bundle, train, TrainConfig(epochs=1, seed=0))
     reference.run(30 * len(bundle.units))
@@ -85,7 +79,7 @@ def test_mean_chain_draws_no_noise_after_z0(trained_reference):
     np.testing.assert_allclose(other, logits, rtol=1e-6, atol=1e-6)
 
 
-def test_eval_reports_both_chains_and_block1s_diagnostic(small, trained_reference):
+def test_eval_reports_both_chains_and_block1s_diagnostic(small_noprop_bundle, trained_reference):
     bundle, reference, _ = trained_reference
     state = {u.name: reference.unit_state(i)[0] for i, u in enumerate(bundle.units)}
     test = datasets.load("digits", "test")
@@ -102,11 +96,12 @@ def test_eval_reports_both_chains_and_block1s_diagnostic(small, trained_referenc
 
 
 @pytest.mark.parametrize("value", ["-1", "nan", "inf", "-0.5"])
-def test_bad_temperature_is_refused(small, value):
-    proc = edgeprop("eval", small, "--temperature", value, check=False)
+def test_bad_temperature_is_refused(small_noprop_bundle, value):
+    proc = edgeprop("eval", small_noprop_bundle, "--temperature", value, check=False)
     assert proc.returncode == 2 and "temperature must be a finite number >= 0" in proc.stderr, proc.stderr
     with pytest.raises(EdgepropError, match="temperature must be a finite number"):
-        predict(bundles.load(small), np.eye(10, dtype=np.float32), np.zeros((1, 64)), None, 0, float(value))
+        predict(bundles.load(small_noprop_bundle), np.eye(10, dtype=np.float32), np.zeros((1, 64)), None, 0,
+                float(value))
 
 
 @pytest.mark.slow  # exports of their own
@@ -129,18 +124,18 @@ def _rewrite_manifest(root, change):
 
 
 @pytest.mark.parametrize("value", [-1.0, math.nan, "warm"])
-def test_manifest_with_a_bad_temperature_is_refused(small, tmp_path, value):
+def test_manifest_with_a_bad_temperature_is_refused(small_noprop_bundle, tmp_path, value):
     import shutil
-    root = shutil.copytree(small, tmp_path / "b")
+    root = shutil.copytree(small_noprop_bundle, tmp_path / "b")
     _rewrite_manifest(root, lambda m: m["inference"].update(temperature=value))
     with pytest.raises(BundleError, match="inference.temperature"):
         bundles.load(root)
 
 
-def test_bundle_from_before_temperature_loads_with_the_mean_chain(small, tmp_path):
+def test_bundle_from_before_temperature_loads_with_the_mean_chain(small_noprop_bundle, tmp_path):
     """A manifest with no 'inference' entry (edgeprop before τ): loads, τ 0, and says so."""
     import shutil
-    root = shutil.copytree(small, tmp_path / "old")
+    root = shutil.copytree(small_noprop_bundle, tmp_path / "old")
     _rewrite_manifest(root, lambda m: m.pop("inference"))
     bundle = bundles.load(root)
     assert bundle.temperature == 0.0 and "not in the manifest" in bundle.temperature_note
