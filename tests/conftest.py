@@ -148,16 +148,17 @@ def trained_digits(digits_bundle, tmp_path_factory, worker_id) -> Path:
 
 
 @pytest.fixture(scope="session")
-def engines_bundle(tmp_path_factory) -> Path:
+def engines_bundle(tmp_path_factory, worker_id) -> Path:
     """A small NoProp-DT digits bundle (2 blocks of width 48, batch 16) with every engine's
-    files: .onnx graphs, their .tflite twins, and onnxruntime-training artifacts (x86-64)."""
+    files: .onnx graphs, their .tflite twins, and onnxruntime-training artifacts (x86-64).
+    Exported once per run: its .tflite conversion alone is ~40 CPU seconds."""
     pytest.importorskip("litert_torch")
     from edgeprop.exporters import export
     ort = platform.machine() == "x86_64"  # onnxruntime-training has no other wheels
     if ort:
         engine_venv("ort-training")
-    return export(tmp_path_factory.mktemp("engines") / "digits", blocks=2, width=48, batch_size=16, tflite=True,
-                  ort_training=ort, progress=False)
+    return built_once(tmp_path_factory, worker_id, "engines", lambda out: export(
+        out, blocks=2, width=48, batch_size=16, tflite=True, ort_training=ort, progress=False))
 
 
 @pytest.fixture

@@ -1,5 +1,6 @@
 """End to end through the CLI, the device side in processes where torch cannot be imported."""
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -29,15 +30,23 @@ def test_export_train_eval_on_digits_reaches_95_percent(bundle_copy):
     assert "per-unit accuracy (each block's û_t alone, τ 0 chain):" in info, info
     assert "per-unit accuracy, sampled chain (τ 1):" in info, info
 
-@pytest.mark.slow  # exports and trains a CNN
-def test_cnn_blocks_train_on_digits_end_to_end(tmp_path):
+@pytest.fixture(scope="module")
+def cnn_bundle(tmp_path_factory):
+    """The paper's conv block, 4 blocks of width 32, batch 128 (the default): one export for
+    the tests below (each ~40 CPU seconds)."""
+    out = tmp_path_factory.mktemp("cnn") / "cnn"
+    edgeprop("export", "--model", "cnn", "--width", "32", "--blocks", "4", "--data", "digits", "--out", out,
+             "--quiet", torch_allowed=True)
+    return out
+
+
+@pytest.mark.slow  # trains a CNN
+def test_cnn_blocks_train_on_digits_end_to_end(cnn_bundle, tmp_path):
     """--model cnn: the paper's conv block (8x8 digits as 1x8x8 images, padded convs) with its
     dropout 0.2 (seeded masks fed by the device), 4 blocks of width 32, batch 128 (the default),
     10 epochs: as many steps as 5 epochs at batch 64, which measured 81.2% (per block 69-83%;
     10 blocks: 83.1%). 5 epochs at batch 128 reach only 56%. The floor leaves room."""
-    out = tmp_path / "cnn"
-    edgeprop("export", "--model", "cnn", "--width", "32", "--blocks", "4", "--out", out, "--quiet",
-             torch_allowed=True)
+    out = shutil.copytree(cnn_bundle, tmp_path / "cnn")
     edgeprop("train", out, "--data", "digits", "--epochs", "10", "--quiet")
     report = json.loads(edgeprop("eval", out, "--data", "digits", "--json", "--runs", "3").stdout)
     assert report["accuracy"] >= 0.75, report
@@ -158,16 +167,13 @@ def test_info_and_plot_show_the_loss_history(bundle_copy):
     assert "per-unit accuracy" not in edgeprop("info", bundle_copy).stdout
 
 
-@pytest.mark.slow  # exports of their own
-def test_validate_passes_the_default_cnn_export(tmp_path):
+@pytest.mark.slow  # the torch reference, 20 steps per unit
+def test_validate_passes_the_default_cnn_export(cnn_bundle):
     """A user's first validation of a correct CNN bundle (issue 15): AdamW turns a conv weight's
     near-zero gradient (cancellation noise) into a full ±lr step in either direction, so the
     lock-step's largest weight gap is ~2·lr (measured 2.0e-3) for a correct bundle. The
     gradient side (AdamW's moments, the loss) and the weights' RMS are what must agree."""
-    out = tmp_path / "cnn"
-    edgeprop("export", "--model", "cnn", "--width", "32", "--blocks", "3", "--data", "digits", "--out", out,
-             "--quiet", torch_allowed=True)
-    proc = edgeprop("validate", out, "--steps", "20", "--quiet", torch_allowed=True, check=False)
+    proc = edgeprop("validate", cnn_bundle, "--steps", "20", "--quiet", torch_allowed=True, check=False)
     assert proc.returncode == 0 and "FAILED" not in proc.stderr, proc.stdout + proc.stderr
     assert "gradient side" in proc.stdout and "inference     runtime chain vs torch chain" in proc.stdout
 
