@@ -66,7 +66,7 @@ def run(args) -> int:
         from edgeprop.runtimes import memory_model
         engine = memory_model(args.engine, device and device.arch)
         why = refusal(bundle, budget, device, stream=args.stream, engine=engine, data_bytes=data.nbytes,
-                      vector_width=shared.vector_width(args, device))
+                      vector_width=shared.vector_width(args, device), fused=args.fused_step)
         if why:
             raise EdgepropError(why)
     bundle.check_writable()

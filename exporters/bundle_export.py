@@ -119,6 +119,8 @@ def export(model_or_out=None, /, *, out: str | Path | None = None, rule: str = "
         extra["input_shape"] = [int(s) for s in example_input.shape[1:]]
     opts = rules.Options(rule=rule, model=model, extra=extra, **options)
     module = rules.rule_module(rule)  # an unknown rule fails before any work
+    if fused_step:
+        fused_format.check_rule(rule, rules.updates_itself(rule))
     if batch_size is None:  # the rule's (NoProp-DT: 128, the paper's), else 64
         batch_size = getattr(module, "DEFAULT_BATCH", 64)
     if tflite:
@@ -161,8 +163,6 @@ def export(model_or_out=None, /, *, out: str | Path | None = None, rule: str = "
     # A rule whose device half updates the weights itself (zeroth-order) exports no step
     # graph: its units' step names the inference graph, and they have no optimizer slots.
     own_update = rules.updates_itself(rule)
-    if fused_step:
-        fused_format.check_rule(rule, own_update)
     kinds = ("infer",) if own_update else ("step", "infer")
     slots = () if own_update else opt.slots
     with new_folder(out) as tmp:
