@@ -318,10 +318,7 @@ class Trainer:
             self.fused.run(feeds)
         for index, n in steps:
             unit = self.bundle.units[index]
-            mine = f"{unit.name}/"
-            outputs = {name[len(mine):]: value for name, value in results.items() if name.startswith(mine)}
-            outputs.update({"next." + name[len("next." + mine):]: value for name, value in results.items()
-                            if name.startswith("next." + mine)})
+            outputs = {key: results[fused.name(unit.name, key)] for key in self._outputs_of(unit.step_graph)}
             loss = float(outputs["loss"])
             if np.isfinite(loss):
                 state = self.state[unit.name]
@@ -330,6 +327,9 @@ class Trainer:
                         state[key][...] = outputs[f"next.{key}"]
                 self.rule.observe(index, epoch, batch, outputs)
             self._record(unit.name, epoch, n, loss)
+
+    def _outputs_of(self, key: str) -> tuple[str, ...]:
+        return tuple(t.name for t in self.bundle.graphs[key].outputs)
 
     def _graph_step(self, unit_index: int, epoch: int, batch: int, state: dict, lr: float, n: int) -> float:
         unit = self.bundle.units[unit_index]

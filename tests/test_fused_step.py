@@ -110,3 +110,17 @@ def test_export_refuses_fused_step_for_units_that_read_each_other(tmp_path):
     with pytest.raises(EdgepropError, match="rule local's units read each other's outputs"):
         export(tmp_path / "b", rule="local", fused_step=True, progress=False)
     assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize("field, value, says", [
+    ("units", ["head", "block1", "block2", "block3"], "fused_step.units' must list every unit"),
+    ("shared", "x", "fused_step.shared' must be a list"),
+    ("inputs", [{"name": "x"}], "bad tensor description in fused_step"),
+])
+def test_a_malformed_fused_entry_is_refused_naming_it(small_noprop_bundle, tmp_path, field, value, says):
+    root = shutil.copytree(small_noprop_bundle, tmp_path / "b")
+    manifest = bundles.load(root).manifest
+    manifest["fused_step"][field] = value
+    bundles.write_manifest(root, manifest)
+    with pytest.raises(bundles.BundleError, match=says):
+        bundles.load(root)
