@@ -14,6 +14,9 @@ exported with its .tflite twins, trained by:
   binary         no Python at all: `deploy --target native` for this host (-march=native,
                  Debian's OpenBLAS where installed), its ./train timing its own loop and
                  reporting its peak RSS as VmHWM from /proc/self/status
+  onnxruntime-fused, native-fused
+                 the same engines running the bundle's fused step graph (export --fused-step,
+                 train --fused-step): every unit of a batch in one call instead of one each
   torch          the eager torch reference (nn.Module + autograd + torch.optim): what a
                  user would otherwise run
 and ONNX Runtime's training API running end-to-end back-prop of an MLP of the same width
@@ -54,7 +57,8 @@ FASHION = Path("/usr/share/datasets/fashion-mnist")
 BATCHES = (1, 32)
 # engine -> the environment it runs in (an engine venv is built on first use)
 PYTHON = {"onnxruntime": sys.executable, "torch": sys.executable, "native": sys.executable, "litert": "litert",
-          "ort-training": "ort-training"}
+          "ort-training": "ort-training", "onnxruntime-fused": sys.executable, "native-fused": sys.executable}
+FUSED = "-fused"  # an engine name's suffix: train with the fused step graph
 
 
 def worker_throughput(bundle: str, which: str, seconds: float) -> dict:
@@ -62,7 +66,9 @@ def worker_throughput(bundle: str, which: str, seconds: float) -> dict:
     from edgeprop import datasets, rss
     from edgeprop.trainer import TrainConfig
     b, data = bundles.load(bundle), datasets.load("digits", "train")
-    config = TrainConfig(epochs=1000)
+    fused = which.endswith(FUSED)
+    which = which.removesuffix(FUSED)
+    config = TrainConfig(epochs=1000, fused=fused)
     if which == "torch":
         import torch
         torch.set_num_threads(1)
@@ -73,13 +79,20 @@ def worker_throughput(bundle: str, which: str, seconds: float) -> dict:
         from edgeprop.trainer import Trainer
         trainer = Trainer(b, get_engine(which, threads=1), data, config)
     units = len(b.units)
-    for i in range(2 * units):  # warm-up: graphs loaded, caches warm
-        trainer.step(i)
+
+    def batch(i: int) -> None:  # work items i .. i+units-1: every unit once
+        if fused:
+            trainer.fused_step(i)
+        else:
+            for k in range(units):
+                trainer.step(i + k)
+
+    for i in range(0, 2 * units, units):  # warm-up: graphs loaded, caches warm
+        batch(i)
     i, t0, c0 = 2 * units, time.perf_counter(), time.process_time()
     while time.perf_counter() - t0 < seconds or (i // units) < 3:
-        for _ in range(units):  # whole batches: every unit once
-            trainer.step(i)
-            i += 1
+        batch(i)
+        i += units
     elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0
     batches = (i - 2 * units) // units
     # Per CPU second too: on a shared machine the wall clock counts the time others had the core.
@@ -199,12 +212,14 @@ def main() -> None:
         for batch in BATCHES if engines else ():
             print(f"export: batch {batch} ...", file=sys.stderr)
             common_opts = {"batch_size": batch, "progress": False, "tflite": "litert" in engines,
+                           "fused_step": any(e.endswith(FUSED) for e in engines),
                            **({"ort_training": True} if "ort-training" in engines else {})}
             noprop = str(export(Path(tmp) / f"noprop{batch}", **common_opts))
             anchor = str(export(Path(tmp) / f"backprop{batch}", rule="backprop", width=128, depth=3,
                                 **common_opts)) if "ort-training" in engines else None
-            if "native" in engines:  # its libraries built once, before any timing
-                spawn("native", noprop, "native", 0.1)
+            for engine in ("native", "native" + FUSED):  # its libraries built once, before any timing
+                if engine in engines:
+                    spawn(engine, noprop, engine, 0.1)
             if "binary" in engines:  # built once; --steps sized to --seconds by a short run
                 binary = build_binary(noprop, Path(tmp) / f"binary{batch}")
                 binary_steps = max(3, round(args.seconds * binary["rate"] / batch)) * binary["units"]

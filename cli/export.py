@@ -75,6 +75,9 @@ def add_arguments(e) -> None:
     shared.add_inference_options(e, "the bundle's default for eval; default 0, the mean chain")
     e.add_argument("--tflite", action="store_true",
                    help="also write every graph as .tflite for --engine litert (needs edgeprop[tflite])")
+    e.add_argument("--fused-step", action="store_true",
+                   help="also write one step graph that steps every unit of an interleaved batch in one call "
+                        "(train --fused-step: fewer engine calls, every unit's activations in memory at once)")
     e.add_argument("--ort-training", action="store_true",
                    help="also write onnxruntime-training artifacts for --engine ort-training "
                         "(needs scripts/engine-venv.sh ort-training)")
@@ -116,7 +119,8 @@ def run(args) -> int:
                            width=args.width, depth=args.depth, embedding=args.embedding, embed_dim=args.embed_dim,
                            batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr, head_lr=args.head_lr,
                            weight_decay=args.weight_decay, eta=args.eta, seed=args.seed, tflite=args.tflite,
-                           ort_training=args.ort_training, force=args.force, progress=not args.quiet, **rule_options)
+                           ort_training=args.ort_training, fused_step=args.fused_step, force=args.force,
+                           progress=not args.quiet, **rule_options)
     auto = json.loads((out / "manifest.json").read_text())["model"].get("trainable_auto")
     if auto:
         print(auto["message"])

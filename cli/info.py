@@ -44,6 +44,11 @@ def run(args) -> int:
     for key, g in bundle.graphs.items():
         size = bundle.graph_path(key).stat().st_size
         print(f"graph      {key:12s} {g.file} ({size / 1024:.0f} KiB, {len(g.inputs)} inputs)")
+    if bundle.fused is not None:  # optional: train --fused-step
+        g = bundle.fused.graph
+        size = bundle.path(g.file).stat().st_size
+        print(f"graph      {'fused_step':12s} {g.file} ({size / 1024:.0f} KiB, {len(g.inputs)} inputs): every unit "
+              f"in one call (train --fused-step)")
     ckpt = bundle.checkpoint_path()
     if ckpt.exists():
         from edgeprop.trainer import epoch_losses

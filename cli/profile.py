@@ -21,6 +21,8 @@ def add_arguments(pr) -> None:
     shared.add_budget(pr, "bytes the working set may take, e.g. 48MB")
     pr.add_argument("--batch-size", type=int, default=None, help="plan this batch size (default: the bundle's)")
     pr.add_argument("--stream", action="store_true", help="plan with inactive units' state on disk")
+    pr.add_argument("--fused-step", action="store_true",
+                    help="plan train --fused-step: every unit steps at once in the bundle's fused step graph")
     pr.add_argument("--data", default=None, help="count this data set in RAM; needed by --measure")
     pr.add_argument("--measure", action="store_true",
                     help="also run it in a fresh process and measure it (a bundle: a few real steps)")
@@ -51,7 +53,8 @@ def run(args) -> int:
     data_bytes = data.nbytes if data is not None else 0
     stream = args.stream or (device is not None and device.kind == "mcu")  # bare metal: weights stay in flash
     model, width = memory_model(engine, device and device.arch), shared.vector_width(args, device)
-    p = memory.plan(bundle, args.batch_size, stream, engine=model, data_bytes=data_bytes, vector_width=width)
+    p = memory.plan(bundle, args.batch_size, stream, engine=model, data_bytes=data_bytes, vector_width=width,
+                    fused=args.fused_step)
     verdict = memory.check(p, budget, device) if (budget or device) else None
     measured = None
     if args.measure:
@@ -60,8 +63,11 @@ def run(args) -> int:
                                 f"drop --batch-size or export again with --batch-size {args.batch_size}")
         if data is None:
             raise EdgepropError("--measure trains a few real steps: give --data")
+        if args.fused_step:
+            raise EdgepropError("--measure measures each unit's own step; it does not run --fused-step")
         measured = _measure_fresh(args, engine, stream)
-    fits = memory.fit(bundle, budget, device, engine=model, data_bytes=data_bytes, vector_width=width) \
+    fits = memory.fit(bundle, budget, device, engine=model, data_bytes=data_bytes, vector_width=width,
+                      fused=args.fused_step) \
         if args.fit and verdict else None
     if args.fit and not verdict:
         raise EdgepropError("--fit needs a --budget or a --device to fit into")

@@ -33,6 +33,9 @@ def add_arguments(t) -> None:
     shared.add_device(t, "refuse to start unless training fits this device's profile")
     t.add_argument("--stream", action="store_true",
                    help="keep units that are not stepping in memory-mapped files, not RAM")
+    t.add_argument("--fused-step", action="store_true",
+                   help="step every unit of a batch in one engine call with the bundle's fused step graph "
+                        "(export --fused-step; interleaved order; onnxruntime or native)")
     g = t.add_mutually_exclusive_group()
     g.add_argument("--resume", action="store_true", help="continue from the bundle's checkpoint")
     g.add_argument("--restart", action="store_true", help="start over although a checkpoint exists")
@@ -50,7 +53,7 @@ def run(args) -> int:
     config = TrainConfig(epochs=args.epochs, order=args.order, seed=args.seed, lr=args.lr, head_lr=args.head_lr,
                          lr_schedule=args.lr_schedule, checkpoint_every=args.checkpoint_every,
                          checkpoint_seconds=args.checkpoint_seconds, stream=args.stream, budget=budget,
-                         holdout=args.holdout,
+                         holdout=args.holdout, fused=args.fused_step,
                          device_budget=device.budget if device is not None else None).check()
     ckpt = bundle.checkpoint_path()
     if args.resume and not ckpt.is_file():
@@ -63,7 +66,7 @@ def run(args) -> int:
         from edgeprop.runtimes import memory_model
         engine = memory_model(args.engine, device and device.arch)
         why = refusal(bundle, budget, device, stream=args.stream, engine=engine, data_bytes=data.nbytes,
-                      vector_width=shared.vector_width(args, device))
+                      vector_width=shared.vector_width(args, device), fused=args.fused_step)
         if why:
             raise EdgepropError(why)
     bundle.check_writable()

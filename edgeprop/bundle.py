@@ -38,6 +38,7 @@ SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 INIT_STATE = "state/init.npz"
 CHECKPOINT = "checkpoints/last.npz"
+FUSED = "fused_step"  # the manifest's entry of the optional fused step graph
 STREAM_FOLDER = "checkpoints/stream"  # --stream's memory-mapped working state
 MAX_MANIFEST = 64 << 20  # bytes: read whole, so bounded (a real one is tens of KB)
 
@@ -95,6 +96,21 @@ class View:
 
 
 STATS = "stats"  # the state buffer of BatchNorm's running statistics
+
+
+@dataclass(frozen=True)
+class FusedStep:
+    """The optional graph that steps every unit of an interleaved batch in one call
+    (`export --fused-step`): unit U's tensors are "U/K" in it, its updates "next.U/K"; the
+    inputs in `shared` (the same for every unit of a batch) are fed once, by their own name."""
+    graph: Graph
+    units: tuple[str, ...]   # every unit, in the order they step
+    shared: tuple[str, ...]
+
+    @staticmethod
+    def name(unit: str, key: str) -> str:
+        """Unit `unit`'s tensor `key` in the fused graph: "UNIT/KEY", an update "next.UNIT/K"."""
+        return f"next.{unit}/{key[5:]}" if key.startswith("next.") else f"{unit}/{key}"
 
 
 @dataclass(frozen=True)
@@ -165,6 +181,11 @@ class Bundle:
                                tuple(View(str(v["name"]), tuple(int(s) for s in v["shape"]), int(v["offset"]))
                                      for v in u["layout"]))
                           for u in manifest["units"]]
+            fused = manifest.get("fused_step")
+            self.fused = None if fused is None else FusedStep(
+                Graph({".onnx": fused["file"]}, tuple(Tensor.from_json(t, FUSED) for t in fused["inputs"]),
+                      tuple(Tensor.from_json(t, FUSED) for t in fused["outputs"])),
+                tuple(str(n) for n in fused["units"]), tuple(str(n) for n in fused["shared"]))
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise BundleError(f"{self.root / MANIFEST}: missing or malformed field ({e!r})") from None
         if self.rule not in RULES:
@@ -204,6 +225,16 @@ class Bundle:
     def load_graph(self, engine, key: str):
         """Graph `key` loaded by `engine` (edgeprop.engine.Engine) from the file in its format."""
         return engine.load(self.graph_path(key, engine.suffix), self.graphs[key])
+
+    def load_fused(self, engine):
+        """The fused step graph loaded by `engine`: an error naming the fix where there is none."""
+        if self.fused is None:
+            raise BundleError(f"{self.root}: this bundle has no fused step graph; export it with --fused-step "
+                              f"to train with --fused-step")
+        if engine.suffix != ".onnx":
+            raise BundleError(f"{self.root}: the fused step graph is ONNX only; engine {engine.name} reads "
+                              f"{engine.suffix} graphs (train it with onnxruntime or native)")
+        return engine.load(self.root / self.fused.graph.file, self.fused.graph)
 
     def initial_state(self) -> tuple[dict[str, dict[str, np.ndarray]], np.ndarray]:
         """({unit: {key: array}}, embedding), checked against the manifest."""
@@ -347,7 +378,8 @@ def load(path: str | Path) -> Bundle:
 def bundle_files(manifest: dict) -> set[str]:
     """Every file a manifest names: graphs in each format, onnxruntime-training artifacts."""
     return ({f for g in manifest["graphs"].values() for f in Graph.files_of(g).values()}
-            | {f for e in manifest.get("ort_training", {}).values() for f in e["files"].values()})
+            | {f for e in manifest.get("ort_training", {}).values() for f in e["files"].values()}
+            | ({manifest[FUSED]["file"]} if FUSED in manifest else set()))
 
 
 def write_manifest(root: Path, manifest: dict) -> None:

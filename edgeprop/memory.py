@@ -155,6 +155,7 @@ class MemoryPlan:
     flash: int            # bytes kept in storage (flash on a microcontroller): weights + graph files
     backprop: dict = field(default_factory=dict)
     engine_note: str = ""  # what the engine figures rest on: its memory model, or TFLM's measured arenas
+    fused: bool = False    # every unit steps at once in the fused step graph (train --fused-step)
 
     @property
     def working_set(self) -> int:
@@ -191,14 +192,17 @@ def exact_arenas(bundle: Bundle, fact: str) -> dict[str, list] | None:
 
 
 def plan(bundle: Bundle, batch: int | None = None, stream: bool = False, *, engine: EngineMemory,
-         data_bytes: int = 0, vector_width: int | None = None) -> MemoryPlan:
+         data_bytes: int = 0, vector_width: int | None = None, fused: bool = False) -> MemoryPlan:
     """Plan one training run of `bundle` at `batch` (default: the bundle's) on `engine` (its
     memory model: edgeprop.runtimes.memory_model(name)). `vector_width`: onnxruntime runs
     convolutions in its NCHWc layout with blocks of that many floats (its LAYOUT/ALL levels
-    on x86; the export stored each conv graph's peak for widths 8 and 16)."""
+    on x86; the export stored each conv graph's peak for widths 8 and 16). `fused`: the run
+    steps every unit at once with the bundle's fused step graph (train --fused-step)."""
     batch = bundle.batch_size if batch is None else int(batch)
     if batch < 1:
         raise EdgepropError(f"batch size must be at least 1, got {batch}")
+    if fused:
+        return fused_plan(bundle, batch, stream, engine, data_bytes, vector_width)
     eng = engine
     if stream and eng.holds_units:
         raise EdgepropError(f"engine {eng.name} holds every unit's state itself: --stream does not apply")
@@ -245,6 +249,37 @@ def plan(bundle: Bundle, batch: int | None = None, stream: bool = False, *, engi
         p.engine_note = eng.exact_note
         if batch != bundle.batch_size:
             p.engine_note += f"; exact at batch {bundle.batch_size}, scaled to {batch} by its growth per sample"
+    return p
+
+
+FUSED_UNIT = "fused"  # the plan's one unit of a --fused-step run
+
+
+def fused_plan(bundle: Bundle, batch: int, stream: bool, eng: EngineMemory, data_bytes: int,
+               vector_width: int | None) -> MemoryPlan:
+    """A --fused-step run: one graph steps every unit of a batch, so the plan has one "unit"
+    holding every unit's state, the fused graph's live tensors at their peak (each unit's
+    updated state stays live to the end of the call, so the peak is at least any unit's own
+    step peak) and every unit's batch inputs; the fused graph is the only step graph loaded."""
+    if bundle.fused is None:
+        raise EdgepropError(f"{bundle.root}: this bundle has no fused step graph; export it with --fused-step")
+    if stream:
+        raise EdgepropError("--fused-step holds every unit's state in memory at once: --stream does not apply")
+    if eng.holds_units or eng.exact_arena:
+        raise EdgepropError(f"engine {eng.name} cannot run the fused step graph (onnxruntime or native)")
+    facts = bundle.manifest["fused_step"]["memory"]
+    state = sum(FLOAT * t.shape[0] for u in bundle.units for t in u.state)
+    blocked = facts.get("nchwc_peak", {}).get(str(vector_width)) if eng.name == "onnxruntime" else None
+    step = _peak(blocked or facts["peak"], batch)
+    scratch = sum(int(u.get("scratch", 0)) for u in bundle.manifest["units"])
+    unit = UnitPlan(FUSED_UNIT, "fused_step", FLOAT * sum(u.n_params for u in bundle.units), state, step,
+                    eng.arena(step), _at(facts["inputs"], batch) - state, scratch, held=state)
+    unit.working_set = state + unit.engine + eng.first_session + unit.batch + scratch
+    runtime = None if eng.runtime is None else eng.runtime + eng.per_node * facts["nodes"] + facts.get("constants", 0)
+    files = sum(bundle.graph_path(k).stat().st_size for k in bundle.graphs) + \
+        bundle.path(bundle.fused.graph.file).stat().st_size
+    p = MemoryPlan(bundle.rule, batch, False, eng.name, [unit], runtime, data_bytes, unit.params + files)
+    p.backprop, p.engine_note, p.fused = backprop_plan(bundle, batch, eng), eng.note, True
     return p
 
 
@@ -324,31 +359,38 @@ def largest_batch(bundle: Bundle, fits, limit: int = 1 << 16) -> int | None:
 
 
 def fit(bundle: Bundle, budget: int | None = None, device=None, *, engine: EngineMemory,
-        data_bytes: int = 0, vector_width: int | None = None) -> dict[str, int | None]:
+        data_bytes: int = 0, vector_width: int | None = None, fused: bool = False) -> dict[str, int | None]:
     """The largest batch size that fits, for each way of holding the state."""
-    out, ways = {}, [("all state in RAM (interleaved or block-sequential)", False),
-                     ("--stream (one unit's state in RAM)", True)]
-    for name, stream in ways[:1] if engine.holds_units else ways:  # it cannot --stream
-        out[name] = largest_batch(bundle, lambda b, s=stream: check(
-            plan(bundle, b, s, engine=engine, data_bytes=data_bytes, vector_width=vector_width), budget,
+    out, ways = {}, [("all state in RAM (interleaved or block-sequential)", False, False),
+                     ("--stream (one unit's state in RAM)", True, False)]
+    if fused:
+        ways = [("--fused-step (every unit at once)", False, True), *ways]
+    for name, stream, together in [w for w in ways if not (w[1] and engine.holds_units)]:  # it cannot --stream
+        out[name] = largest_batch(bundle, lambda b, s=stream, f=together: check(
+            plan(bundle, b, s, engine=engine, data_bytes=data_bytes, vector_width=vector_width, fused=f), budget,
             device).fits)
     return out
 
 
 def refusal(bundle: Bundle, budget: int | None = None, device=None, stream: bool = False,
-            *, engine: EngineMemory, data_bytes: int = 0, vector_width: int | None = None) -> str | None:
+            *, engine: EngineMemory, data_bytes: int = 0, vector_width: int | None = None,
+            fused: bool = False) -> str | None:
     """None if the run fits; else what does not fit, by how much, and what would."""
     sized = {"engine": engine, "data_bytes": data_bytes, "vector_width": vector_width}
-    verdict = check(plan(bundle, None, stream, **sized), budget, device)
+    verdict = check(plan(bundle, None, stream, **sized, fused=fused), budget, device)
     if verdict.fits:
         return None
     target = f"device {device.name} ({fmt(device.budget)} for training)" if device else f"a budget of {fmt(budget)}"
     hints = []
-    if not stream and not engine.holds_units:
+    if fused:  # one unit's step at a time holds one unit's activations
+        alone = check(plan(bundle, None, stream, **sized), budget, device)
+        if alone.fits:
+            hints.append(f"drop --fused-step (then {fmt(alone.need)} of {fmt(alone.budget)})")
+    elif not stream and not engine.holds_units:
         streamed = check(plan(bundle, None, True, **sized), budget, device)
         if streamed.fits:
             hints.append(f"add --stream (then {fmt(streamed.need)} of {fmt(streamed.budget)})")
-    for how, batch in fit(bundle, budget, device, **sized).items():
+    for how, batch in fit(bundle, budget, device, **sized, fused=fused).items():
         hints.append(f"{how}: export again with --batch-size {batch} or less" if batch else f"{how}: no batch size")
     return f"{bundle.root} does not fit {target}: " + "; ".join(verdict.problems) + ". What would fit: " + \
         "; ".join(hints)

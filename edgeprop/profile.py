@@ -29,7 +29,8 @@ def measure(bundle, engine, data, config: TrainConfig, steps_per_unit: int = 3) 
 
 def report(p: MemoryPlan, verdict: Verdict | None, measured: dict | None, title: str) -> str:
     lines = [title, f"plan: {p.rule}, batch {p.batch}, engine {p.engine}, "
-                    + ("--stream: one unit's state in RAM" if p.stream else "every unit's state in RAM")]
+                    + ("--stream: one unit's state in RAM" if p.stream else "every unit's state in RAM")
+                    + (", --fused-step: every unit steps at once in one graph" if p.fused else "")]
     header = f"{'unit':8s} {'weights':>10s} {'w+optim':>10s} {'step peak':>10s} {'arena':>10s} {'batch':>10s} " \
              f"{'working set':>12s}"
     if measured:

@@ -65,10 +65,18 @@ class TrainConfig:
     # Share of the training data kept out of training (stratified, fixed): the validation
     # split `eval --predict-with best` judges the units on.
     holdout: float = 0.0
+    # Step every unit of a batch in one call of the bundle's fused step graph (export
+    # --fused-step): interleaved order, every unit's state and activations in memory at once.
+    fused: bool = False
 
     def check(self) -> TrainConfig:
         if self.order not in ORDERS:
             raise EdgepropError(f"--order must be one of {', '.join(ORDERS)}")
+        if self.fused and self.order != "interleaved":
+            raise EdgepropError(f"--fused-step steps every unit of a batch at once: interleaved order only, "
+                                f"not --order {self.order}")
+        if self.fused and self.stream:
+            raise EdgepropError("--fused-step holds every unit's state in memory at once: --stream does not apply")
         if self.epochs < 1:
             raise EdgepropError("--epochs must be at least 1")
         if not 0 <= self.holdout < 1:
@@ -119,7 +127,10 @@ class Trainer:
         # weights are copied back after every step (rules and eval read them); the optimizer
         # slots in self.state are brought up to date by unit_state() and save().
         trains_itself = engine.trains_itself
-        self.graphs = {} if trains_itself else load_graphs(bundle, engine, {u.step_graph for u in bundle.units})
+        # The fused step graph replaces the units' own (loaded only if a run starts mid-batch).
+        self.fused = self._fused_graph() if config.fused else None
+        self.graphs = {} if trains_itself or self.fused else \
+            load_graphs(bundle, engine, {u.step_graph for u in bundle.units})
         self.baseline = rss.current()
         self.budget = config.budget  # what the watchdog holds the working set to
         if config.budget is None and config.device_budget is not None:
@@ -141,6 +152,20 @@ class Trainer:
         # Per unit, per epoch: [sum of losses, updates]; one weighted loss per block to watch.
         self.history: dict[str, list[list[float]]] = {u.name: [] for u in bundle.units}
         self.saved = None  # work items done at the last checkpoint this run wrote or resumed from
+
+    def _fused_graph(self):
+        """The bundle's fused step graph, once this run is one it can serve."""
+        c = self.config
+        if self.engine.trains_itself:
+            raise EdgepropError(f"engine {self.engine.name} steps each unit itself: --fused-step does not apply")
+        if c.units is not None and set(c.units) != {u.name for u in self.bundle.units}:
+            raise EdgepropError("--fused-step steps every unit of the bundle: it cannot train only some of them")
+        return self.bundle.load_fused(self.engine)
+
+    def _step_graph(self, key: str):
+        if key not in self.graphs:  # a --fused-step run that starts mid-batch steps its first units alone
+            self.graphs[key] = self.bundle.load_graph(self.engine, key)
+        return self.graphs[key]
 
     def _trained_units(self) -> list[int]:
         names = [u.name for u in self.bundle.units]
@@ -253,18 +278,58 @@ class Trainer:
         n = self.steps[unit.name] + 1
         lr = self.lr_at(unit.name, n)
         if self.rule.updates_itself:  # its update is not one step-graph run
-            loss = self.rule.update(unit_index, epoch, batch, state, lr, n, self.graphs[unit.step_graph])
+            loss = self.rule.update(unit_index, epoch, batch, state, lr, n, self._step_graph(unit.step_graph))
         else:
             loss = self._graph_step(unit_index, epoch, batch, state, lr, n)
+        self._record(unit.name, epoch, n, loss)
+        return loss
+
+    def _record(self, name: str, epoch: int, n: int, loss: float) -> None:
+        """Unit `name`'s update `n` in `epoch` gave `loss`: stop on divergence, else log it."""
         if not np.isfinite(loss):
-            raise EdgepropError(f"training diverged: {unit.name} update {n} gave loss {loss}; {self._kept()}")
-        self.steps[unit.name] = n
-        self.losses[unit.name] = loss
-        log = self.history[unit.name]
+            raise EdgepropError(f"training diverged: {name} update {n} gave loss {loss}; {self._kept()}")
+        self.steps[name] = n
+        self.losses[name] = loss
+        log = self.history[name]
         log.extend([0.0, 0] for _ in range(epoch + 1 - len(log)))
         log[epoch][0] += loss
         log[epoch][1] += 1
-        return loss
+
+    def fused_step(self, i: int) -> None:
+        """Work items i .. i+U-1, every unit on one batch, in one call of the fused step graph:
+        each unit fed exactly what step() feeds it, the batch-wide feeds once."""
+        _, epoch, batch = self.plan.item(i)
+        fused = self.bundle.fused
+        feeds, out, steps = {}, {}, []
+        for index in self.trained:
+            unit = self.bundle.units[index]
+            state, n = self.state[unit.name], self.steps[unit.name] + 1
+            steps.append((index, n))
+            own = {**state, **self.rule.feeds(index, epoch, batch),
+                   "lr": np.array(self.lr_at(unit.name, n), np.float32), "step": np.array(n, np.float32)}
+            for key, value in own.items():
+                if key in fused.shared:
+                    feeds.setdefault(key, value)
+                else:
+                    feeds[fused.name(unit.name, key)] = value
+            out.update({fused.name(unit.name, f"next.{key}"): value for key, value in state.items()})
+        # The engine may write every next.U/K straight over U/K (native), as in _graph_step.
+        results = self.fused.run(feeds, out=out) if getattr(self.fused, "fills_outputs", False) else \
+            self.fused.run(feeds)
+        for index, n in steps:
+            unit = self.bundle.units[index]
+            outputs = {key: results[fused.name(unit.name, key)] for key in self._outputs_of(unit.step_graph)}
+            loss = float(outputs["loss"])
+            if np.isfinite(loss):
+                state = self.state[unit.name]
+                for key in state:
+                    if outputs[f"next.{key}"] is not state[key]:
+                        state[key][...] = outputs[f"next.{key}"]
+                self.rule.observe(index, epoch, batch, outputs)
+            self._record(unit.name, epoch, n, loss)
+
+    def _outputs_of(self, key: str) -> tuple[str, ...]:
+        return tuple(t.name for t in self.bundle.graphs[key].outputs)
 
     def _graph_step(self, unit_index: int, epoch: int, batch: int, state: dict, lr: float, n: int) -> float:
         unit = self.bundle.units[unit_index]
@@ -275,7 +340,7 @@ class Trainer:
         else:
             feeds = {**state, **self.rule.feeds(unit_index, epoch, batch),
                      "lr": np.array(lr, np.float32), "step": np.array(n, np.float32)}
-            graph = self.graphs[unit.step_graph]
+            graph = self._step_graph(unit.step_graph)
             if getattr(graph, "fills_outputs", False):
                 # The engine writes next.K straight over K (native): no output buffers, no copies.
                 # A diverging step then leaves its state in memory; the run stops on it below,
@@ -301,13 +366,19 @@ class Trainer:
         every, last_save = self.config.checkpoint_every, time.monotonic()
         last_watch = 0.0
         try:
+            units = len(self.trained)
             while self.done < end:
-                self.step(self.done)
-                self.done += 1
+                before = self.done
+                if self.fused is not None and self.done % units == 0 and self.done + units <= end:
+                    self.fused_step(self.done)
+                    self.done += units
+                else:
+                    self.step(self.done)
+                    self.done += 1
                 if self.budget and time.monotonic() - last_watch >= WATCH_SECONDS:
                     self._watch(checkpoints)
                     last_watch = time.monotonic()
-                due = (every and self.done % every == 0) or \
+                due = (every and self.done // every > before // every) or \
                     time.monotonic() - last_save >= self.config.checkpoint_seconds
                 if checkpoints and (due or self.done == end):
                     self.save()

@@ -10,13 +10,14 @@ from pathlib import Path
 import numpy as np
 
 from edgeprop import datasets
-from edgeprop.bundle import INIT_STATE, write_manifest
+from edgeprop.bundle import FUSED, INIT_STATE, write_manifest
 from edgeprop.bundle import load as load_bundle
 from edgeprop.errors import EdgepropError
 from edgeprop.progress import Progress
 from edgeprop.storage import new_folder, save_arrays
 
 from . import auto_trainable, graph_model, rules
+from . import fused as fused_format
 from . import ort_training as ort_format
 from . import tflite as tflite_format
 from .any_batch import NotBatchGeneric, at_batch, check_generic, sentinel_inputs
@@ -27,13 +28,14 @@ from .trace import describe, flatten, layout, onnx_model, save_checked, trace_in
 
 
 def export_graph(trace, inputs_of, batch: int, root: Path, rel: str, loss_output: str | None,
-                 tflite: bool = False, planned: bool = False) -> dict:
+                 tflite: bool = False, planned: bool = False, keep: dict | None = None) -> dict:
     """Export `trace(inputs_of(batch))` to root/rel (ONNX; also .tflite when asked) and
     describe it for the manifest, with the memory facts the device-side planner needs: the
     graph at batch + 1 too, so that the planner can scale every figure to other batch sizes.
     Both come from one export at the sentinel batch (any_batch) where the graph allows.
     `planned`: units step with this graph, so the planner needs TFLite Micro's arena for it
-    too (measured only then: a .tflite conversion costs seconds)."""
+    too (measured only then: a .tflite conversion costs seconds). `keep`: a dict that gets
+    keep[rel] = (the graph at batch, at batch + 1), for a graph built from this one."""
     try:
         try:
             gm, args, names, outputs = trace(sentinel_inputs(inputs_of), fake=True)
@@ -46,6 +48,8 @@ def export_graph(trace, inputs_of, batch: int, root: Path, rel: str, loss_output
         gm, args, names, outputs = trace(inputs_of(batch))
         model, bigger = onnx_model(gm, args, names, outputs), onnx_model(*trace(inputs_of(batch + 1)))
     save_checked(model, names, outputs, root / rel)
+    if keep is not None:
+        keep[rel] = (model, bigger)
     entry = describe(model, rel)
     facts = memory_facts(model, bigger, batch, loss_output, rel)
     if tflite:
@@ -78,7 +82,7 @@ def _auto_device(extra: dict):
 def export(model_or_out=None, /, *, out: str | Path | None = None, rule: str = "noprop-dt", model="mlp",
            data: str = "digits", batch_size: int | None = None, optimizer: str = "adamw", weight_decay: float = 1e-3,
            momentum: float = 0.9, example_input=None, tflite: bool = False, ort_training: bool = False,
-           force: bool = False, progress: bool = True, **options) -> Path:
+           force: bool = False, progress: bool = True, fused_step: bool = False, **options) -> Path:
     """Export `model` trained by `rule` on `data` as a bundle folder at `out`; return its path.
 
         export(seq, rule="local", example_input=torch.zeros(1, 1, 28, 28), out="runs/mine")
@@ -92,7 +96,9 @@ def export(model_or_out=None, /, *, out: str | Path | None = None, rule: str = "
     tflite=True also writes every graph as graphs/<unit>_{step,infer}.tflite for the litert
     engine (needs the tflite extra: litert-torch). ort_training=True also writes
     onnxruntime-training artifacts under ort_training/ for the ort-training engine (needs
-    that package's own environment: scripts/engine-venv.sh ort-training).
+    that package's own environment: scripts/engine-venv.sh ort-training). fused_step=True also
+    writes graphs/fused_step.onnx, every unit's step in one graph (exporters/fused.py), for a
+    rule whose units are independent within a batch.
 
     Files written: manifest.json, graphs/<unit>_{step,infer}.onnx, state/init.npz (see
     edgeprop.bundle). The bundle is built beside `out` and moved into place at the end, so a
@@ -113,6 +119,8 @@ def export(model_or_out=None, /, *, out: str | Path | None = None, rule: str = "
         extra["input_shape"] = [int(s) for s in example_input.shape[1:]]
     opts = rules.Options(rule=rule, model=model, extra=extra, **options)
     module = rules.rule_module(rule)  # an unknown rule fails before any work
+    if fused_step:
+        fused_format.check_rule(rule, rules.updates_itself(rule))
     if batch_size is None:  # the rule's (NoProp-DT: 128, the paper's), else 64
         batch_size = getattr(module, "DEFAULT_BATCH", 64)
     if tflite:
@@ -162,7 +170,7 @@ def export(model_or_out=None, /, *, out: str | Path | None = None, rule: str = "
         for u in spec.units:
             first.setdefault(u.graph, u)
         bar = Progress(len(kinds) * len(first), "export", unit="graphs", enabled=progress)
-        graphs = {}
+        graphs, kept = {}, {}
         for key, unit in first.items():
             def step_graph(data, fake=False, unit=unit):
                 return trace_step(unit.module, spec.rule.loss, unit, opt, data, fake)
@@ -176,7 +184,7 @@ def export(model_or_out=None, /, *, out: str | Path | None = None, rule: str = "
                 rel = f"graphs/{key}_{kind}.onnx"
                 graphs[f"{key}_{kind}"] = export_graph(trace, inputs_of, batch_size, tmp, rel,
                                                        "loss" if kind == "step" else None, tflite,
-                                                       planned=kind == kinds[0])
+                                                       planned=kind == kinds[0], keep=kept)
                 bar.update(len(graphs))
         bar.close()
 
@@ -195,6 +203,10 @@ def export(model_or_out=None, /, *, out: str | Path | None = None, rule: str = "
                                "infer_graph": f"{u.graph}_infer", "lr": u.lr, "state": state,
                                "layout": layout(u.module), "scratch": u.scratch})
         save_arrays(tmp / INIT_STATE, arrays)
+        fused = {}
+        if fused_step:
+            fused = {FUSED: fused_format.export_fused(rule, [(u.name, kept[f"graphs/{u.graph}_step.onnx"])
+                                                             for u in spec.units], batch_size, tmp)}
         ort = {"ort_training": ort_format.export_ort_training(spec, opt, batch_size, tmp)} if ort_training else {}
 
         write_manifest(tmp, {
@@ -202,7 +214,7 @@ def export(model_or_out=None, /, *, out: str | Path | None = None, rule: str = "
             "optimizer": opt.to_json(), "seed": opts.seed,
             "data": {"source": data, "n_train": len(train)},
             "input_norm": input_norm(train.x),
-            "graphs": graphs, "units": units_json, **ort,
+            "graphs": graphs, "units": units_json, **ort, **fused,
             **spec.manifest})  # the rule's entries win: its own optimizer, fine-tuned weights' input_norm
         load_bundle(tmp)  # the device-side loader must accept what we wrote
     return out

@@ -29,14 +29,16 @@ class Optimizer:
 
     def update(self, p, g, state: dict, lr, step):
         """One step for one tensor: (p', state'). `lr` and `step` (1-based) are graph inputs."""
-        if self.name == "adamw":  # torch.optim.AdamW's arithmetic, decoupled decay first
+        if self.name == "adamw":  # torch.optim.AdamW's step, decoupled decay first
             b1, b2 = self.betas
-            p = p * (1 - lr * self.weight_decay)
-            m = b1 * state["m"] + (1 - b1) * g
-            v = b2 * state["v"] + (1 - b2) * g * g
-            bias1 = 1 - torch.pow(torch.tensor(b1), step)
-            bias2 = 1 - torch.pow(torch.tensor(b2), step)
-            p = p - (lr / bias1) * m / (torch.sqrt(v) / torch.sqrt(bias2) + self.eps)
+            # The scalars once per step; per element, 13 operations instead of torch's 14:
+            # sqrt(v)/√bias2 + eps = (sqrt(v) + eps·√bias2)/√bias2, its 1/√bias2 folded into the
+            # step size (bench/optimizer_ops.py: 11% less time on onnxruntime, the same gap to torch).
+            root2 = torch.sqrt(1 - torch.pow(torch.tensor(b2), step))
+            size = lr / (1 - torch.pow(torch.tensor(b1), step)) * root2
+            m = state["m"] + (g - state["m"]) * (1 - b1)  # torch's lerp
+            v = state["v"] * b2 + g * (g * (1 - b2))
+            p = p * (1 - lr * self.weight_decay) - size * m / (torch.sqrt(v) + self.eps * root2)
             return p, {"m": m, "v": v}
         g = g + self.weight_decay * p  # torch.optim.SGD: L2 decay, then heavy-ball momentum
         buf = self.momentum * state["buf"] + g

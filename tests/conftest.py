@@ -53,8 +53,9 @@ def edgeprop(*args, torch_allowed=False, blocked=("torch", "onnx"), check=True, 
 # exported once per test run through the CLI.
 SHARED_BUNDLES = {
     "digits": ("--rule", "noprop-dt", "--model", "mlp", "--data", "digits"),  # the default
+    # with the optional fused step graph too (tests/test_fused_step.py)
     "noprop-small": ("--rule", "noprop-dt", "--model", "mlp", "--data", "digits", "--blocks", "3", "--width", "32",
-                     "--batch-size", "16"),
+                     "--batch-size", "16", "--fused-step"),
 }
 
 

@@ -70,6 +70,10 @@ class Rule:
 
     orders = ORDERS
     updates_itself = False  # True: `update` changes the weights; the bundle has no step graphs
+    # Feeds every unit of a batch gets alike, for a rule whose units are independent given a
+    # batch's feeds (no unit reads another's output): their step graphs can run as one fused
+    # graph (`export --fused-step`) that takes these once. None: the units cannot be fused.
+    batch_feeds: tuple[str, ...] | None = None
 
     def __init__(self, bundle: Bundle, data: Dataset, seed: int, run_unit: RunUnit | None = None,
                  state_of: StateOf | None = None):

@@ -17,6 +17,10 @@ from .base import Rule, RunUnit, normalise, padded
 
 
 class NopropDT(Rule):
+    # Each unit reads the batch, the labels and its own noise: independent within a batch (a
+    # learned W_embed is read from the head, which steps last, so every block sees it unchanged).
+    batch_feeds = ("x", "mask")
+
     def __init__(self, bundle, data, seed, run_unit=None, state_of=None):
         super().__init__(bundle, data, seed, run_unit, state_of)
         self.learned = learns_embedding(bundle)
