@@ -3,6 +3,7 @@
     python bench/fleet_gap.py BUNDLE [--data digits] [--clients 100] [--per-round 10]
                               [--rounds 40] [--local-epochs 2] [--partition iid] [--seed 0]
                               [--server-lr 1] [--momentum 0] [--slots reset|keep|average]
+                              [--assign all|blocks:K] [--equal-compute]
                               [--out bench/results/fleet_gap.json]
 
 One federated run in one process, without Flower's simulation engine (Ray): each round
@@ -11,8 +12,11 @@ samples --per-round clients, trains each with the fleet's own client code
 then takes the server step w -= server_lr * m, m = momentum * m + (w - average) (FedAvgM's;
 momentum 0 and server_lr 1: plain FedAvg). `--slots average` also averages the clients'
 AdamW slots (m, v, step count) on the server and sends them back each round: three times the
-upload, a variant edgeprop does not ship, measured to see what the reset slots cost. Prints
-the test accuracy every 10 rounds and appends the final one to --out.
+upload, a variant edgeprop does not ship, measured to see what the reset slots cost.
+`--assign blocks:K` deals each sampled client K units as the server does (edgeprop.fleet.assign);
+a unit nobody trained this round keeps its weights and its momentum. `--equal-compute` gives a
+client with K of T units T/K times the local epochs (rounded), the compute of a client training
+all of them. Prints the test accuracy every 10 rounds and appends the final one to --out.
 """
 from __future__ import annotations
 
@@ -30,6 +34,8 @@ from edgeprop import bundle as bundles  # noqa: E402
 from edgeprop import datasets  # noqa: E402
 from edgeprop.datasets import Dataset  # noqa: E402
 from edgeprop.fleet import records  # noqa: E402
+from edgeprop.fleet.assign import assign, check_coverage  # noqa: E402
+from edgeprop.fleet.assign import parse as parse_policy  # noqa: E402
 from edgeprop.fleet.client import Setup, train  # noqa: E402
 from edgeprop.fleet.partition import partition  # noqa: E402
 from edgeprop.fleet.server import merge  # noqa: E402
@@ -52,6 +58,8 @@ def main() -> int:
     p.add_argument("--server-lr", type=float, default=1.0)
     p.add_argument("--momentum", type=float, default=0.0)
     p.add_argument("--slots", default="reset", choices=["reset", "keep", "average"])
+    p.add_argument("--assign", default="all")
+    p.add_argument("--equal-compute", action="store_true")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "fleet_gap.json"))
     a = p.parse_args()
     b = bundles.load(a.bundle)
@@ -61,14 +69,22 @@ def main() -> int:
               for c, i in enumerate(partition(data.y, a.clients, a.partition, a.seed))]
     state, _ = b.initial_state()
     names = [u.name for u in b.units]
+    policy = parse_policy(a.assign)
+    check_coverage(policy, a.per_round, len(names))
+    if policy.kind == "by-memory" or (policy.kind == "blocks" and a.slots == "average"):
+        p.error("--assign: all or blocks:K; blocks:K with --slots reset or keep")
     kept = [{} for _ in setups]  # --slots keep: each client's own
     shared = {n: ({k: np.zeros_like(v) for k, v in state[n].items() if k.startswith("opt.")}, 0) for n in names}
     momentum, rng, start = None, np.random.default_rng(a.seed), time.perf_counter()
     for r in range(1, a.rounds + 1):
         current = {k: v.copy() for k, v in records.shared_arrays(b, state).items()}
         results, slot_results, steps = [], [], {}
-        for c in rng.choice(a.clients, a.per_round, replace=False):
-            config = {"bundle-id": b.id, "units": ",".join(names), "local-epochs": a.local_epochs, "seed": a.seed,
+        sampled = [int(c) for c in rng.choice(a.clients, a.per_round, replace=False)]
+        dealt = assign(policy, sampled, len(names), r)
+        for c in sampled:
+            mine = [names[i] for i in dealt[c]]
+            epochs = a.local_epochs * (max(1, round(len(names) / len(mine))) if a.equal_compute else 1)
+            config = {"bundle-id": b.id, "units": ",".join(mine), "local-epochs": epochs, "seed": a.seed,
                       "server-round": r, "slots": "reset" if a.slots == "reset" else "keep"}
             memory = kept[c] if a.slots != "average" else \
                 {n: ({k: v.copy() for k, v in s.items()}, st) for n, (s, st) in shared.items()}
@@ -77,10 +93,13 @@ def main() -> int:
             slot_results.append((metrics["num-examples"],
                                  {f"{n}/{k}": v for n, (s, _) in memory.items() for k, v in s.items()}))
             steps = {n: st for n, (_, st) in memory.items()}
-        merged, _ = merge(current, results)
+        merged, samples = merge(current, results)
         if a.server_lr != 1.0 or a.momentum:  # FedAvgM's step on the pseudo-gradient
-            delta = {k: current[k] - merged[k] for k in merged if not k.endswith("/stats")}  # as the server
-            momentum = delta if momentum is None else {k: a.momentum * momentum[k] + delta[k] for k in delta}
+            # as the server: only the units trained this round step, and only their momentum moves
+            delta = {k: current[k] - merged[k] for k in merged
+                     if not k.endswith("/stats") and records.unit_of(k) in samples}
+            momentum = momentum or {}
+            momentum.update({k: a.momentum * momentum[k] + d if k in momentum else d for k, d in delta.items()})
             merged = {**merged, **{k: current[k] - a.server_lr * momentum[k] for k in delta}}
         for key, value in merged.items():
             state[records.unit_of(key)][key.rsplit("/", 1)[1]][...] = value

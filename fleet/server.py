@@ -311,13 +311,19 @@ class Fleet:
         """Average each unit over the results (num-examples, arrays) that carry it, then let the
         strategy take its server step (FedAvgM: with momentum; FedAdam: Adam on the averaged
         update; FedAvg, FedProx: the average itself)."""
-        merged, _ = merge(current, results)
+        merged, samples = merge(current, results)
+        # A unit nobody trained this round has no update: it keeps its weights and the server
+        # keeps its momentum (FedAdam: its moments) for it, rather than stepping on a zero delta.
+        idle = {records.unit_of(k) for k in current} - set(samples)
+        before = {k: v.copy() for k, v in self._server_state().items()} if idle else {}
         # The strategy steps from one message holding the average; it never travels.
         meta = Metadata(0, "", 0, 0, "", "", time.time(), 0, MessageType.TRAIN)
         one = Message(RecordDict({"arrays": records.to_record(merged),
                                   "metrics": MetricRecord({"num-examples": 1})}), metadata=meta)
         if isinstance(self.strategy, FedAvgM):  # its step starts from this round's global state
             self.strategy.current_arrays = records.to_record(current)
+        elif isinstance(self.strategy, FedAdam):  # (as configure_train would set it)
+            self.strategy.current_arrays = dict(current)
         quiet = logging.getLogger("flwr")  # it would log "Received 1 results" for this one message
         level, _ = quiet.level, quiet.setLevel(logging.WARNING)
         try:
@@ -327,8 +333,15 @@ class Fleet:
         result = records.from_record(arrays)
         for key, value in result.items():
             # Running statistics are averages, not gradients' products: never a server step.
-            value = merged[key] if key.endswith("/" + STATS) else value
+            value = current[key] if records.unit_of(key) in idle else merged[key] if key.endswith("/" + STATS) \
+                else value
             self.state[records.unit_of(key)][key.rsplit("/", 1)[1]][...] = value
+        if idle:
+            server = self._server_state()
+            for key, value in server.items():  # "momentum/UNIT/param": before this round, or none yet
+                if records.unit_of(key.split("/", 1)[1]) in idle:
+                    server[key] = before.get(key, np.zeros_like(value))
+            self._set_server_state(server)
 
     def run(self, grid: Grid, context: Context | None = None) -> list[dict]:
         while self.round < self.settings.rounds:

@@ -178,6 +178,27 @@ def test_fedavgm_steps_with_server_momentum_and_a_resumed_server_takes_the_same_
         Fleet(b, settings, log=lambda line: None)
 
 
+@pytest.mark.parametrize("strategy", ["fedavgm", "fedadam"])
+def test_a_unit_nobody_trained_keeps_its_weights_and_its_server_momentum(bundle_copy, strategy):
+    def aggregate(fleet, server_round, shift, skip=()):
+        current = {k: v.copy() for k, v in fleet.global_arrays().items()}
+        trained = {k: v + np.float32(shift) for k, v in current.items() if records.unit_of(k) not in skip}
+        fleet.aggregate(server_round, current, [(5, trained)])
+        return current
+
+    fleet = Fleet(bundles.load(bundle_copy), Settings(strategy=strategy, server_momentum=0.5, server_lr=0.1),
+                  log=lambda line: None)
+    aggregate(fleet, 1, 0.25)
+    saved = {k: v.copy() for k, v in fleet._server_state().items() if "/head/" in k}
+    before = aggregate(fleet, 2, 0.25, skip=("head",))  # by-memory, or a client that dropped out
+    assert np.array_equal(fleet.state["head"]["param"], before["head/param"])  # no step on a zero delta
+    assert saved and all(np.array_equal(fleet._server_state()[k], v) for k, v in saved.items())
+    assert not np.array_equal(fleet.state["block1"]["param"], before["block1/param"])  # the others stepped
+    if strategy == "fedavgm":  # the head's momentum from round 1, undecayed, carries on
+        before = aggregate(fleet, 3, 0.25)["head/param"]
+        assert np.allclose(fleet.state["head"]["param"], before + 0.25 + 0.5 * 0.25)
+
+
 def join(*args) -> int:
     from edgeprop.cli import main
     return main(["fleet", "join", *map(str, args)])
