@@ -181,7 +181,7 @@ class Bundle:
                                tuple(View(str(v["name"]), tuple(int(s) for s in v["shape"]), int(v["offset"]))
                                      for v in u["layout"]))
                           for u in manifest["units"]]
-            fused = manifest.get("fused_step")
+            fused = manifest.get(FUSED)
             self.fused = None if fused is None else FusedStep(
                 Graph({".onnx": fused["file"]}, tuple(Tensor.from_json(t, FUSED) for t in fused["inputs"]),
                       tuple(Tensor.from_json(t, FUSED) for t in fused["outputs"])),

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
 
-from .bundle import Bundle
+from .bundle import FUSED, Bundle
 from .errors import EdgepropError
 from .sizes import format_size as fmt
 
@@ -267,12 +267,12 @@ def fused_plan(bundle: Bundle, batch: int, stream: bool, eng: EngineMemory, data
         raise EdgepropError("--fused-step holds every unit's state in memory at once: --stream does not apply")
     if eng.holds_units or eng.exact_arena:
         raise EdgepropError(f"engine {eng.name} cannot run the fused step graph (onnxruntime or native)")
-    facts = bundle.manifest["fused_step"]["memory"]
+    facts = bundle.manifest[FUSED]["memory"]
     state = sum(FLOAT * t.shape[0] for u in bundle.units for t in u.state)
     blocked = facts.get("nchwc_peak", {}).get(str(vector_width)) if eng.name == "onnxruntime" else None
     step = _peak(blocked or facts["peak"], batch)
     scratch = sum(int(u.get("scratch", 0)) for u in bundle.manifest["units"])
-    unit = UnitPlan(FUSED_UNIT, "fused_step", FLOAT * sum(u.n_params for u in bundle.units), state, step,
+    unit = UnitPlan(FUSED_UNIT, FUSED, FLOAT * sum(u.n_params for u in bundle.units), state, step,
                     eng.arena(step), _at(facts["inputs"], batch) - state, scratch, held=state)
     unit.working_set = state + unit.engine + eng.first_session + unit.batch + scratch
     runtime = None if eng.runtime is None else eng.runtime + eng.per_node * facts["nodes"] + facts.get("constants", 0)

@@ -184,7 +184,7 @@ def export(model_or_out=None, /, *, out: str | Path | None = None, rule: str = "
                 rel = f"graphs/{key}_{kind}.onnx"
                 graphs[f"{key}_{kind}"] = export_graph(trace, inputs_of, batch_size, tmp, rel,
                                                        "loss" if kind == "step" else None, tflite,
-                                                       planned=kind == kinds[0], keep=kept)
+                                                       planned=kind == kinds[0], keep=kept if fused_step else None)
                 bar.update(len(graphs))
         bar.close()
 

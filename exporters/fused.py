@@ -14,14 +14,12 @@ from __future__ import annotations
 
 import onnx
 
-from edgeprop.bundle import FusedStep
+from edgeprop.bundle import FUSED, FusedStep
 from edgeprop.errors import EdgepropError
 from edgeprop.rules import rule_class
 
 from .liveness import memory_facts
 from .trace import describe, save_checked
-
-FUSED_KEY = "fused_step"
 
 
 def _rename(graph: onnx.GraphProto, unit: str, shared: set[str]) -> onnx.GraphProto:
@@ -53,7 +51,7 @@ def fuse(models: list[tuple[str, onnx.ModelProto]], shared: set[str]) -> onnx.Mo
     if not models:
         raise ValueError("no units to fuse")
     first = models[0][1]
-    graph = onnx.helper.make_graph([], FUSED_KEY, [], [])
+    graph = onnx.helper.make_graph([], FUSED, [], [])
     seen: dict[str, onnx.ValueInfoProto] = {}
     for unit, model in models:
         if {(o.domain, o.version) for o in model.opset_import} != {(o.domain, o.version) for o in first.opset_import}:
@@ -91,7 +89,7 @@ def export_fused(rule: str, units: list[tuple[str, tuple[onnx.ModelProto, onnx.M
     shared = sorted(names & set(rule_class(rule).batch_feeds))
     model = fuse([(u, m) for u, (m, _) in units], set(shared))
     bigger = fuse([(u, b) for u, (_, b) in units], set(shared))
-    rel = f"graphs/{FUSED_KEY}.onnx"
+    rel = f"graphs/{FUSED}.onnx"
     save_checked(model, [i.name for i in model.graph.input], [o.name for o in model.graph.output], root / rel)
     return {**describe(model, rel), "memory": memory_facts(model, bigger, batch, None, rel),
             "units": [u for u, _ in units], "shared": shared}
