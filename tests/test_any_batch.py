@@ -47,10 +47,11 @@ def test_a_batch_size_baked_in_otherwise_is_refused(const, scale):
         any_batch.check_generic(_reshape_model(const, scale))
 
 
-@pytest.mark.parametrize("scale", [1e-8, 1e-5, 0.5, 1e9])
+@pytest.mark.parametrize("scale", [1e-8, 1e-5, 0.5, 1e9, -3.4028234663852886e38, float("inf")])
 def test_a_float_that_only_looks_large_is_not_the_batch(scale):
     """An epsilon's reciprocal (1e8) is near some multiple of the sentinel in relative terms;
-    only a float within float32 rounding of k * SENTINEL or 1 / (k * SENTINEL) is refused."""
+    only a float within float32 rounding of k * SENTINEL or 1 / (k * SENTINEL) is refused.
+    Max pooling pads with -FLT_MAX, whose float32 spacing is wider than any multiple."""
     any_batch.check_generic(_reshape_model([2 * P, 3], scale))
 
 
@@ -61,7 +62,8 @@ class _Net(nn.Module):
         self.drop, self.fc = nn.Dropout(0.2), nn.Linear(4 * 4 * 4, 10)
 
     def forward(self, x):
-        h = nn.functional.avg_pool2d(torch.relu(self.bn(self.conv(x))), 2)
+        h = torch.relu(self.bn(self.conv(x)))
+        h = nn.functional.avg_pool2d(nn.functional.max_pool2d(h, 3, stride=1, padding=1), 2)  # pads with -FLT_MAX
         return self.fc(self.drop(h.flatten(1)))
 
 
