@@ -58,7 +58,8 @@ def export_graph(trace, inputs_of, batch: int, root: Path, rel: str, loss_output
         if planned:
             scratch = root / ".planner" / Path(rel).with_suffix(".tflite").name
             try:
-                arena = tflite_format.tflm_arena(root / entry["tflite"], batch, trace(inputs_of(batch + 1)), scratch)
+                arena = tflite_format.tflm_arena(root / entry["tflite"], batch,
+                                                 lambda: trace(inputs_of(batch + 1)), scratch)
             finally:
                 shutil.rmtree(scratch.parent, ignore_errors=True)
             if arena:

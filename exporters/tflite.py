@@ -103,7 +103,7 @@ def to_tflite(graph_module, args, path: Path) -> None:
 def tflm_arena(path: Path, batch: int, bigger, scratch: Path) -> list[int] | None:
     """TFLite Micro's arena for the .tflite graph at `path` (traced at `batch`) as [c, s],
     bytes = c + s·B like every memory fact: exact at `batch` (the tflm engine's own figure);
-    the slope from the graph traced at batch + 1 (`bigger`, converted to `scratch`). None
+    the slope from the graph traced at batch + 1 (`bigger()`, converted to `scratch`). None
     where tflite-micro is not installed (its wheels are x86-64 Linux only) or TFLM cannot
     run the graph: the planner then estimates, and the tflm engine says what is wrong."""
     try:
@@ -112,7 +112,7 @@ def tflm_arena(path: Path, batch: int, bigger, scratch: Path) -> list[int] | Non
         return None
     try:
         exact = arena_bytes(path.read_bytes(), str(path))
-        to_tflite(*bigger[:2], scratch)
+        to_tflite(*bigger()[:2], scratch)
         slope = arena_bytes(scratch.read_bytes(), str(scratch)) - exact
     except BundleError:
         return None
