@@ -3,19 +3,26 @@
     python bench/fleet.py [--data digits,fashion] [--rules noprop-dt,local] [--clients 100]
                           [--fraction 0.1] [--rounds 80] [--local-epochs 1]
                           [--partitions iid,dirichlet:0.5,dirichlet:0.1] [--assign all,blocks]
-                          [--slots reset] [--strategies fedavgm] [--out bench/results/fleet.json]
+                          [--slots reset] [--strategies fedavgm] [--server-momentum 0.9]
+                          [--seeds 0] [--blocks-clients same|scaled] [--out bench/results/fleet.json]
 
 For each data set and rule: export once (torch), then
   central    `edgeprop train` on the whole training split for the same total sample-epochs
              as the fleet (rounds x fraction x local epochs), in a torch-free process
   fleet      `edgeprop fleet simulate` per partition and assignment, torch-free; `blocks`
              deals ceil(units / clients per round) units to each client, the least that
-             covers every unit each round
+             covers every unit each round; `blocks:K` deals K
 (`--slots keep,reset` also compares keeping each client's optimizer slots between rounds
 with resetting them, `--strategies fedavgm,fedavg` the server's step with and without
-momentum) and records the final test accuracy, the gap to central in points, the mean upload per
-client per round (array payload bytes) against `all`'s, and wall time. Fashion-MNIST comes
-from Debian's dataset-fashion-mnist package; without it those rows are skipped.
+momentum) and records the final test accuracy, the mean of the last rounds' accuracy (one
+round's is noisy under server momentum), the gap to central in points, the mean upload per
+client per round (array payload bytes) against `all`'s, and wall time. `--seeds 0,1,2` runs
+central and every fleet setting once per seed (the seed draws the partition, the clients
+sampled, batches and noise) and adds a row per setting with the means. `--blocks-clients
+scaled` samples T/K times the clients a round for `blocks` (capped at all of them): each
+unit then hears from as many clients as under `all`, each client uploading K of T units.
+Fashion-MNIST comes from Debian's dataset-fashion-mnist package; without it those rows are
+skipped.
 """
 from __future__ import annotations
 
@@ -51,29 +58,85 @@ def edgeprop(*args, device: bool = True) -> tuple[str, float]:
     return out.stdout, time.perf_counter() - t0
 
 
-def central(bundle: Path, data: str, epochs: int, tmp: Path) -> dict:
+LAST = 10  # rounds whose mean accuracy is reported beside the final round's
+
+
+def central(bundle: Path, data: str, epochs: int, seed: int, tmp: Path) -> dict:
     copy = tmp / "central"
+    shutil.rmtree(copy, ignore_errors=True)
     shutil.copytree(bundle, copy)
-    _, seconds = edgeprop("train", copy, "--data", data, "--epochs", epochs, "--quiet")
+    _, seconds = edgeprop("train", copy, "--data", data, "--epochs", epochs, "--seed", seed, "--quiet")
     report, _ = edgeprop("eval", copy, "--data", data, "--json")
     return {"accuracy": json.loads(report)["accuracy"], "epochs": epochs, "seconds": seconds}
 
 
-def fleet(bundle: Path, data: str, args, partition: str, assign: str, slots: str, strategy: str, tmp: Path) -> dict:
+def fleet(bundle: Path, data: str, args, partition: str, assign: str, slots: str, strategy: str, fraction: float,
+          seed: int, tmp: Path) -> dict:
     copy, out = tmp / "fleet", tmp / "fleet.json"
     shutil.rmtree(copy, ignore_errors=True)
     shutil.copytree(bundle, copy)
     _, seconds = edgeprop("fleet", "simulate", copy, "--data", data, "--clients", args.clients, "--rounds",
-                          args.rounds, "--fraction", args.fraction, "--local-epochs", args.local_epochs,
+                          args.rounds, "--fraction", fraction, "--local-epochs", args.local_epochs,
                           "--partition", partition, "--assign", assign, "--slots", slots, "--strategy", strategy,
-                          "--json", out)
+                          "--server-momentum", args.server_momentum, "--seed", seed, "--json", out)
     r = json.loads(out.read_text())
     uploads = [c["received"] for e in r["history"] for c in e["clients"]]
     downloads = [c["sent"] for e in r["history"] for c in e["clients"]]
     return {"accuracy": r["final_accuracy"], "accuracy_per_round": r["accuracy"],
+            "last_rounds_mean": sum(r["accuracy"][-LAST:]) / len(r["accuracy"][-LAST:]), "fraction": fraction,
             "upload_per_client_round": sum(uploads) / len(uploads),
             "download_per_client_round": sum(downloads) / len(downloads),
             "upload_per_round": sum(uploads) / len(r["history"]), "seconds": seconds}
+
+
+def run_fleet(bundle: Path, source: str, data: str, rule: str, units: int, setting: tuple, seed: int, ref: dict,
+              args, tmp: Path) -> dict:
+    """One fleet run of (partition, assign, slots, strategy) at `seed`, as a row."""
+    partition, assign, slots, strategy = setting
+    per_round = max(int(args.clients * args.fraction), 1)
+    fraction, policy = args.fraction, assign
+    if assign.startswith("blocks"):  # `blocks`: the fewest units per client that cover every unit each round
+        k = int(assign.split(":")[1]) if ":" in assign else math.ceil(units / per_round)
+        policy = f"blocks:{k}"
+        if args.blocks_clients == "scaled":  # each unit hears from as many clients as under `all`
+            fraction = min(1.0, args.fraction * units / k)
+    row = {"data": data, "rule": rule, "kind": "fleet", "units": units, "partition": partition, "assign": policy,
+           "slots": slots, "strategy": strategy, "seed": seed}
+    name = f"{data:8s} {rule:10s} seed {seed} {partition:15s} {policy:9s} slots {slots:5s} {strategy:8s}"
+    try:
+        row.update(fleet(bundle, source, args, partition, policy, slots, strategy, fraction, seed, tmp))
+    except RuntimeError as e:  # a setting that fails is a result too
+        print(f"{name} FAILED: {e}", flush=True)
+        return {**row, "error": str(e)}
+    row["vs_central_pp"] = round(100 * (row["accuracy"] - ref["accuracy"]), 2)
+    print(f"{name} acc {row['accuracy']:.4f} ({row['vs_central_pp']:+.2f} pp), last {LAST} rounds "
+          f"{row['last_rounds_mean']:.4f}  upload/client/round {row['upload_per_client_round'] / 1024:8.1f} KiB  "
+          f"{row['seconds']:.0f} s", flush=True)
+    return row
+
+
+SETTING = ("data", "rule", "kind", "partition", "assign", "slots", "strategy")
+
+
+def means(rows: list[dict], seeds: list[int]) -> list[dict]:
+    """With several seeds: one row per setting (central included) with the means over them."""
+    if len(seeds) < 2:
+        return []
+    out = {}
+    for r in rows:
+        if "error" not in r:
+            out.setdefault(tuple(r.get(k) for k in SETTING), []).append(r)
+    summary = []
+    for key, group in out.items():
+        row = {**dict(zip(SETTING, key)), "kind": key[2] + "-mean", "seeds": [r["seed"] for r in group]}
+        for metric in ("accuracy", "last_rounds_mean", "vs_central_pp", "vs_all_pp"):
+            if metric in group[0]:
+                row[metric] = round(sum(r[metric] for r in group) / len(group), 4)
+        summary.append(row)
+        print(f"mean over seeds {row['seeds']}: {' '.join(str(v) for v in key if v)} accuracy {row['accuracy']:.4f}"
+              + (f" ({row['vs_central_pp']:+.2f} pp from central)" if "vs_central_pp" in row else "")
+              + (f" ({row['vs_all_pp']:+.2f} pp from all)" if "vs_all_pp" in row else ""), flush=True)
+    return summary
 
 
 def main() -> int:
@@ -88,9 +151,12 @@ def main() -> int:
     p.add_argument("--assign", default="all,blocks")
     p.add_argument("--slots", default="reset")
     p.add_argument("--strategies", default="fedavgm")
+    p.add_argument("--server-momentum", type=float, default=0.9)
+    p.add_argument("--seeds", default="0")
+    p.add_argument("--blocks-clients", default="same", choices=["same", "scaled"])
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "fleet.json"))
     args = p.parse_args()
-    per_round = max(int(args.clients * args.fraction), 1)
+    seeds = [int(x) for x in args.seeds.split(",")]
     central_epochs = max(1, round(args.rounds * args.fraction * args.local_epochs))
     rows, skipped = [], []
     for data in args.data.split(","):
@@ -106,36 +172,26 @@ def main() -> int:
                 bundle = tmp / "bundle"
                 edgeprop("export", "--rule", rule, "--data", source, "--out", bundle, "--quiet", device=False)
                 units = len(json.loads((bundle / "manifest.json").read_text())["units"])
-                ref = central(bundle, source, central_epochs, tmp)
-                print(f"{data:8s} {rule:10s} central {central_epochs} epochs: {ref['accuracy']:.4f} "
-                      f"({ref['seconds']:.0f} s)", flush=True)
-                rows.append({"data": data, "rule": rule, "kind": "central", "units": units, **ref})
-                for partition, assign, slots, strategy in itertools.product(
-                        *(getattr(args, k).split(",") for k in ("partitions", "assign", "slots", "strategies"))):
-                    policy = f"blocks:{math.ceil(units / per_round)}" if assign == "blocks" else assign
-                    row = {"data": data, "rule": rule, "kind": "fleet", "units": units, "partition": partition,
-                           "assign": policy, "slots": slots, "strategy": strategy}
-                    name = f"{data:8s} {rule:10s} {partition:15s} {policy:9s} slots {slots:5s} {strategy:8s}"
-                    try:
-                        row.update(fleet(bundle, source, args, partition, policy, slots, strategy, tmp))
-                    except RuntimeError as e:  # a setting that fails is a result too
-                        row["error"] = str(e)
-                        print(f"{name} FAILED: {e}", flush=True)
-                        rows.append(row)
-                        continue
-                    row["vs_central_pp"] = round(100 * (row["accuracy"] - ref["accuracy"]), 2)
-                    rows.append(row)
-                    print(f"{name} acc {row['accuracy']:.4f} ({row['vs_central_pp']:+.2f} pp)  upload/client/round "
-                          f"{row['upload_per_client_round'] / 1024:8.1f} KiB  {row['seconds']:.0f} s", flush=True)
-    for r in rows:  # upload relative to `all` with the same data, rule and partition
-        full = next((a for a in rows if a.get("assign") == "all" and "error" not in a and
-                     (a["data"], a["rule"], a["partition"], a["slots"], a["strategy"]) ==
-                     (r["data"], r["rule"], r.get("partition"), r.get("slots"), r.get("strategy"))), None)
-        if full and "error" not in r:
+                for seed in seeds:
+                    ref = central(bundle, source, central_epochs, seed, tmp)
+                    print(f"{data:8s} {rule:10s} seed {seed} central {central_epochs} epochs: {ref['accuracy']:.4f} "
+                          f"({ref['seconds']:.0f} s)", flush=True)
+                    rows.append({"data": data, "rule": rule, "kind": "central", "units": units, "seed": seed, **ref})
+                    for setting in itertools.product(
+                            *(getattr(args, k).split(",") for k in ("partitions", "assign", "slots", "strategies"))):
+                        rows.append(run_fleet(bundle, source, data, rule, units, setting, seed, ref, args, tmp))
+    runs = [r for r in rows if r["kind"] == "fleet" and "error" not in r]
+    for r in runs:  # upload relative to `all` with the same data, rule, partition and seed
+        same = ("data", "rule", "partition", "slots", "strategy", "seed")
+        full = next((a for a in runs if a["assign"] == "all" and all(a[k] == r[k] for k in same)), None)
+        if full:
             r["upload_vs_all"] = r["upload_per_client_round"] / full["upload_per_client_round"]
+            r["vs_all_pp"] = round(100 * (r["accuracy"] - full["accuracy"]), 2)
+    rows += means(rows, seeds)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    settings = {k: getattr(args, k) for k in ("clients", "fraction", "rounds", "local_epochs")}
+    settings = {k: getattr(args, k) for k in ("clients", "fraction", "rounds", "local_epochs", "server_momentum",
+                                              "seeds", "blocks_clients")}
     out.write_text(json.dumps({"machine": platform.machine(), "python": platform.python_version(),
                                "settings": {**settings, "central_epochs": central_epochs},
                                "rows": rows, "skipped": skipped}, indent=1) + "\n")

@@ -2,8 +2,9 @@
 
     python bench/fleet_gap.py BUNDLE [--data digits] [--clients 100] [--per-round 10]
                               [--rounds 40] [--local-epochs 2] [--partition iid] [--seed 0]
-                              [--server-lr 1] [--momentum 0] [--slots reset|keep|average]
-                              [--assign all|blocks:K] [--equal-compute]
+                              [--server-lr 1] [--momentum 0]
+                              [--slots reset|keep|average|keep-v|average-v]
+                              [--assign all|blocks:K] [--equal-compute] [--lr-schedule cosine]
                               [--out bench/results/fleet_gap.json]
 
 One federated run in one process, without Flower's simulation engine (Ray): each round
@@ -12,7 +13,11 @@ samples --per-round clients, trains each with the fleet's own client code
 then takes the server step w -= server_lr * m, m = momentum * m + (w - average) (FedAvgM's;
 momentum 0 and server_lr 1: plain FedAvg). `--slots average` also averages the clients'
 AdamW slots (m, v, step count) on the server and sends them back each round: three times the
-upload, a variant edgeprop does not ship, measured to see what the reset slots cost.
+upload, a variant edgeprop does not ship, measured to see what the reset slots cost;
+`keep-v` / `average-v` keep (or average) only Adam's second moment and the step count, the
+first moment starting from zero each round: scaled steps instead of a fresh Adam's first
+steps of about lr * sign(gradient). `--lr-schedule cosine` has the server scale the clients'
+learning rate by a cosine over the rounds (config "lr-scale", read by the fleet's client).
 `--assign blocks:K` deals each sampled client K units as the server does (edgeprop.fleet.assign);
 a unit nobody trained this round keeps its weights and its momentum. `--equal-compute` gives a
 client with K of T units T/K times the local epochs (rounded), the compute of a client training
@@ -57,9 +62,10 @@ def main() -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--server-lr", type=float, default=1.0)
     p.add_argument("--momentum", type=float, default=0.0)
-    p.add_argument("--slots", default="reset", choices=["reset", "keep", "average"])
+    p.add_argument("--slots", default="reset", choices=["reset", "keep", "average", "keep-v", "average-v"])
     p.add_argument("--assign", default="all")
     p.add_argument("--equal-compute", action="store_true")
+    p.add_argument("--lr-schedule", default="constant", choices=["constant", "cosine"])
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "fleet_gap.json"))
     a = p.parse_args()
     b = bundles.load(a.bundle)
@@ -81,13 +87,17 @@ def main() -> int:
         results, slot_results, steps = [], [], {}
         sampled = [int(c) for c in rng.choice(a.clients, a.per_round, replace=False)]
         dealt = assign(policy, sampled, len(names), r)
+        scale = 0.5 * (1 + np.cos(np.pi * (r - 1) / a.rounds)) if a.lr_schedule == "cosine" else 1.0
         for c in sampled:
             mine = [names[i] for i in dealt[c]]
             epochs = a.local_epochs * (max(1, round(len(names) / len(mine))) if a.equal_compute else 1)
             config = {"bundle-id": b.id, "units": ",".join(mine), "local-epochs": epochs, "seed": a.seed,
-                      "server-round": r, "slots": "reset" if a.slots == "reset" else "keep"}
-            memory = kept[c] if a.slots != "average" else \
+                      "server-round": r, "lr-scale": scale, "slots": "reset" if a.slots == "reset" else "keep"}
+            memory = kept[c] if not a.slots.startswith("average") else \
                 {n: ({k: v.copy() for k, v in s.items()}, st) for n, (s, st) in shared.items()}
+            if a.slots.endswith("-v"):  # the second moment only: the first starts from zero
+                for slots, _ in memory.values():
+                    slots.pop("opt.m", None)
             arrays, metrics = train(setups[c], engine, current, config, memory)
             results.append((metrics["num-examples"], arrays))
             slot_results.append((metrics["num-examples"],
@@ -103,7 +113,7 @@ def main() -> int:
             merged = {**merged, **{k: current[k] - a.server_lr * momentum[k] for k in delta}}
         for key, value in merged.items():
             state[records.unit_of(key)][key.rsplit("/", 1)[1]][...] = value
-        if a.slots == "average":
+        if a.slots.startswith("average"):
             slots, _ = merge({k: np.zeros(1) for k in slot_results[0][1]}, slot_results)
             shared = {n: ({k.rsplit("/", 1)[1]: v for k, v in slots.items() if records.unit_of(k) == n}, steps[n])
                       for n in names}

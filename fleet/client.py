@@ -2,9 +2,9 @@
 
 torch-free: numpy, the engine and flwr. Each train message carries the units' weights and
 statistics and a config (bundle id, units, local epochs, seed, optimizer-slot policy,
-FedProx's mu); the reply carries the trained units' weights and statistics and metrics:
-num-examples (FedAvg's weight), the units' last-epoch loss, seconds, and how many units
-this device's memory holds (by-memory assignment). Bad input (another bundle, data the
+FedProx's mu, a learning-rate scale for this round); the reply carries the trained units'
+weights and statistics and metrics: num-examples (FedAvg's weight), the units' last-epoch
+loss, seconds, and how many units this device's memory holds (by-memory assignment). Bad input (another bundle, data the
 model cannot take, a device too small for one unit) is a one-line error reply: the server
 logs it and the round goes on without this client.
 """
@@ -75,6 +75,8 @@ def train(setup: Setup, engine, arrays: dict[str, np.ndarray], config: dict, mem
     cfg = TrainConfig(epochs=int(config.get("local-epochs", 1)), order=str(config.get("order", "interleaved")),
                       seed=seed, units=tuple(units))
     trainer = Trainer(b, engine, setup.data, cfg)
+    scale = float(config.get("lr-scale", 1.0))  # the server's learning-rate schedule over rounds
+    trainer.lr = {name: lr * scale for name, lr in trainer.lr.items()}
     keep = config.get("slots") == "keep"
     for name in units:
         state = trainer.state[name]

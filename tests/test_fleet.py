@@ -124,6 +124,17 @@ def test_fedprox_pulls_the_trained_weights_towards_the_global_ones(client):
     assert drift[1] < drift[0]
 
 
+def test_the_servers_learning_rate_scale_scales_the_clients_steps(client):
+    """Config "lr-scale" (a schedule over rounds): 0 leaves the weights, 0.5 moves them less."""
+    b, engine = client.bundle, get_engine("onnxruntime")
+    state, _ = b.initial_state()
+    sent = records.shared_arrays(b, state)
+    moved = {scale: np.linalg.norm(train(client, engine, sent, config(b, units="block1", slots="reset",
+                                                                       **{"lr-scale": scale}), {})[0]["block1/param"]
+                                   - sent["block1/param"]) for scale in (0.0, 0.5, 1.0)}
+    assert moved[0.0] == 0 and 0 < moved[0.5] < moved[1.0]
+
+
 def test_client_refuses_another_bundle_and_bad_data_in_one_line(client):
     b = client.bundle
     state, _ = b.initial_state()
