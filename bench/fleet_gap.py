@@ -66,6 +66,8 @@ def main() -> int:
     p.add_argument("--assign", default="all")
     p.add_argument("--equal-compute", action="store_true")
     p.add_argument("--lr-schedule", default="constant", choices=["constant", "cosine"])
+    p.add_argument("--tail-average", type=float, default=0.0,
+                   help="also evaluate the mean of the global weights over this share of the last rounds")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "fleet_gap.json"))
     a = p.parse_args()
     b = bundles.load(a.bundle)
@@ -82,6 +84,7 @@ def main() -> int:
     kept = [{} for _ in setups]  # --slots keep: each client's own
     shared = {n: ({k: np.zeros_like(v) for k, v in state[n].items() if k.startswith("opt.")}, 0) for n in names}
     momentum, rng, start = None, np.random.default_rng(a.seed), time.perf_counter()
+    tail, tail_n = None, 0
     for r in range(1, a.rounds + 1):
         current = {k: v.copy() for k, v in records.shared_arrays(b, state).items()}
         results, slot_results, steps = [], [], {}
@@ -117,11 +120,18 @@ def main() -> int:
             slots, _ = merge({k: np.zeros(1) for k in slot_results[0][1]}, slot_results)
             shared = {n: ({k.rsplit("/", 1)[1]: v for k, v in slots.items() if records.unit_of(k) == n}, steps[n])
                       for n in names}
+        if a.tail_average and r > a.rounds * (1 - a.tail_average):  # a running mean of the global weights
+            tail_n += 1
+            tail = {n: {k: v.copy() if tail is None else tail[n][k] + (v - tail[n][k]) / tail_n
+                        for k, v in s.items()} for n, s in state.items()}
         if r % 10 == 0 or r == a.rounds:
             accuracy = float(evaluate(b, engine, test, state)["accuracy"])
             print(f"round {r}: {accuracy:.4f} ({time.perf_counter() - start:.0f} s)", flush=True)
     row = {k: v for k, v in vars(a).items() if k != "out"}
     row.update(rule=b.rule, accuracy=accuracy, seconds=round(time.perf_counter() - start, 1))
+    if tail:
+        row["tail_average_accuracy"] = float(evaluate(b, engine, test, tail)["accuracy"])
+        print(f"mean of the last {tail_n} rounds' weights: {row['tail_average_accuracy']:.4f}")
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     rows = json.loads(out.read_text()) if out.is_file() else []

@@ -38,7 +38,7 @@ SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 INIT_STATE = "state/init.npz"
 CHECKPOINT = "checkpoints/last.npz"
-FUSED = "fused_step"  # the manifest's entry of the optional fused step graph
+FUSED = manifest_fields.FUSED  # the manifest's entry of the optional fused step graph
 STREAM_FOLDER = "checkpoints/stream"  # --stream's memory-mapped working state
 MAX_MANIFEST = 64 << 20  # bytes: read whole, so bounded (a real one is tens of KB)
 

@@ -11,6 +11,8 @@ import math
 
 from .errors import BundleError
 
+FUSED = "fused_step"  # the manifest's entry of the optional fused step graph
+
 MAX_BATCH = 1 << 20
 MAX_CLASSES = 1 << 20
 
@@ -69,14 +71,14 @@ def check(manifest: dict, where: str) -> None:
             need(u.get(key) in graphs, f"{at}.{key}", f"must name a graph listed under 'graphs' (got {u.get(key)!r})")
         need(isinstance(u.get("state"), list) and u["state"], f"{at}.state", "must be a non-empty list of tensors")
         need(isinstance(u.get("layout"), list) and u["layout"], f"{at}.layout", "must be a non-empty list")
-    fused = manifest.get("fused_step")
+    fused = manifest.get(FUSED)
     if fused is not None:
-        need(isinstance(fused, dict) and _text(fused.get("file")), "fused_step.file", "must be a graph file")
-        need(fused.get("units") == names, "fused_step.units", "must list every unit, in the manifest's order")
+        need(isinstance(fused, dict) and _text(fused.get("file")), f"{FUSED}.file", "must be a graph file")
+        need(fused.get("units") == names, f"{FUSED}.units", "must list every unit, in the manifest's order")
         need(isinstance(fused.get("shared"), list) and all(_text(n) for n in fused["shared"]),
-             "fused_step.shared", "must be a list of input names")
+             f"{FUSED}.shared", "must be a list of input names")
         for key in ("inputs", "outputs"):
-            need(isinstance(fused.get(key), list) and fused[key], f"fused_step.{key}", "must be a non-empty list")
+            need(isinstance(fused.get(key), list) and fused[key], f"{FUSED}.{key}", "must be a non-empty list")
     noise = manifest.get("noise")
     if noise is not None:
         alpha = noise.get("alpha_bar") if isinstance(noise, dict) else None

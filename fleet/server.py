@@ -315,7 +315,8 @@ class Fleet:
         # A unit nobody trained this round has no update: it keeps its weights and the server
         # keeps its momentum (FedAdam: its moments) for it, rather than stepping on a zero delta.
         idle = {records.unit_of(k) for k in current} - set(samples)
-        before = {k: v.copy() for k, v in self._server_state().items()} if idle else {}
+        before = {k: v.copy() for k, v in self._server_state().items()
+                  if records.unit_of(k.split("/", 1)[1]) in idle} if idle else {}
         # The strategy steps from one message holding the average; it never travels.
         meta = Metadata(0, "", 0, 0, "", "", time.time(), 0, MessageType.TRAIN)
         one = Message(RecordDict({"arrays": records.to_record(merged),
