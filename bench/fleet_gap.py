@@ -5,6 +5,7 @@
                               [--server-lr 1] [--momentum 0]
                               [--slots reset|keep|average|keep-v|average-v]
                               [--assign all|blocks:K] [--equal-compute] [--lr-schedule cosine]
+                              [--server-adam ETA] [--tau 1e-3] [--tail-average F]
                               [--out bench/results/fleet_gap.json]
 
 One federated run in one process, without Flower's simulation engine (Ray): each round
@@ -18,6 +19,9 @@ upload, a variant edgeprop does not ship, measured to see what the reset slots c
 first moment starting from zero each round: scaled steps instead of a fresh Adam's first
 steps of about lr * sign(gradient). `--lr-schedule cosine` has the server scale the clients'
 learning rate by a cosine over the rounds (config "lr-scale", read by the fleet's client).
+`--server-adam ETA` takes FedAdam's server step instead of FedAvgM's (Flower's equations,
+β 0.9/0.99, `--tau`); `--tail-average F` also evaluates the mean of the global weights over
+the last F of the rounds.
 `--assign blocks:K` deals each sampled client K units as the server does (edgeprop.fleet.assign);
 a unit nobody trained this round keeps its weights and its momentum. `--equal-compute` gives a
 client with K of T units T/K times the local epochs (rounded), the compute of a client training
@@ -66,6 +70,8 @@ def main() -> int:
     p.add_argument("--assign", default="all")
     p.add_argument("--equal-compute", action="store_true")
     p.add_argument("--lr-schedule", default="constant", choices=["constant", "cosine"])
+    p.add_argument("--server-adam", type=float, default=0.0, help="FedAdam's server learning rate (0: FedAvgM)")
+    p.add_argument("--tau", type=float, default=1e-3, help="FedAdam's tau (Flower's default)")
     p.add_argument("--tail-average", type=float, default=0.0,
                    help="also evaluate the mean of the global weights over this share of the last rounds")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "fleet_gap.json"))
@@ -84,7 +90,7 @@ def main() -> int:
     kept = [{} for _ in setups]  # --slots keep: each client's own
     shared = {n: ({k: np.zeros_like(v) for k, v in state[n].items() if k.startswith("opt.")}, 0) for n in names}
     momentum, rng, start = None, np.random.default_rng(a.seed), time.perf_counter()
-    tail, tail_n = None, 0
+    tail, tail_n, adam = None, 0, None
     for r in range(1, a.rounds + 1):
         current = {k: v.copy() for k, v in records.shared_arrays(b, state).items()}
         results, slot_results, steps = [], [], {}
@@ -107,7 +113,16 @@ def main() -> int:
                                  {f"{n}/{k}": v for n, (s, _) in memory.items() for k, v in s.items()}))
             steps = {n: st for n, (_, st) in memory.items()}
         merged, samples = merge(current, results)
-        if a.server_lr != 1.0 or a.momentum:  # FedAvgM's step on the pseudo-gradient
+        if a.server_adam:  # FedAdam's step (Reddi et al.; Flower's equations): Adam on the pseudo-gradient
+            delta = {k: merged[k] - current[k] for k in merged
+                     if not k.endswith("/stats") and records.unit_of(k) in samples}
+            adam = adam or {}
+            for k, d in delta.items():
+                m, v = adam.get(k, (np.zeros_like(d), np.zeros_like(d)))
+                adam[k] = (0.9 * m + 0.1 * d, 0.99 * v + 0.01 * d * d)
+            eta = a.server_adam * np.sqrt(1 - 0.99 ** (r + 1)) / (1 - 0.9 ** (r + 1))
+            merged = {**merged, **{k: current[k] + eta * adam[k][0] / (np.sqrt(adam[k][1]) + a.tau) for k in delta}}
+        elif a.server_lr != 1.0 or a.momentum:  # FedAvgM's step on the pseudo-gradient
             # as the server: only the units trained this round step, and only their momentum moves
             delta = {k: current[k] - merged[k] for k in merged
                      if not k.endswith("/stats") and records.unit_of(k) in samples}
