@@ -4,9 +4,9 @@ torch-free: numpy, the engine and flwr. Each train message carries the units' we
 statistics and a config (bundle id, units, local epochs, seed, optimizer-slot policy,
 FedProx's mu, a learning-rate scale for this round); the reply carries the trained units'
 weights and statistics and metrics: num-examples (FedAvg's weight), the units' last-epoch
-loss, seconds, and how many units this device's memory holds (by-memory assignment). Bad input (another bundle, data the
-model cannot take, a device too small for one unit) is a one-line error reply: the server
-logs it and the round goes on without this client.
+loss, seconds, and how many units this device's memory holds (by-memory assignment). Bad
+input (another bundle, data the model cannot take, a device too small for one unit) is a
+one-line error reply: the server logs it and the round goes on without this client.
 """
 from __future__ import annotations
 
@@ -74,8 +74,10 @@ def train(setup: Setup, engine, arrays: dict[str, np.ndarray], config: dict, mem
     seed = round_seed(int(config.get("seed", 0)), int(config.get("server-round", 1)), setup.client)
     cfg = TrainConfig(epochs=int(config.get("local-epochs", 1)), order=str(config.get("order", "interleaved")),
                       seed=seed, units=tuple(units))
-    trainer = Trainer(b, engine, setup.data, cfg)
     scale = float(config.get("lr-scale", 1.0))  # the server's learning-rate schedule over rounds
+    if not 0 <= scale < float("inf"):
+        raise EdgepropError(f"the server sent lr-scale {scale}; it must be a finite number >= 0")
+    trainer = Trainer(b, engine, setup.data, cfg)
     trainer.lr = {name: lr * scale for name, lr in trainer.lr.items()}
     keep = config.get("slots") == "keep"
     for name in units:

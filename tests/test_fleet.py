@@ -133,6 +133,9 @@ def test_the_servers_learning_rate_scale_scales_the_clients_steps(client):
                                                                        **{"lr-scale": scale}), {})[0]["block1/param"]
                                    - sent["block1/param"]) for scale in (0.0, 0.5, 1.0)}
     assert moved[0.0] == 0 and 0 < moved[0.5] < moved[1.0]
+    for bad in (-1.0, float("nan")):
+        with pytest.raises(EdgepropError, match="lr-scale"):
+            train(client, engine, sent, config(b, **{"lr-scale": bad}), {})
 
 
 def test_client_refuses_another_bundle_and_bad_data_in_one_line(client):
