@@ -168,7 +168,9 @@ def client_app(resolve: Callable[[Context], Setup], engine_options: dict | None 
 def setup_from_node(context: Context) -> Setup:
     """A real SuperNode's client, from its --node-config: data=PATH (required; its training
     split), device=PROFILE, bundle=PATH (default: the run config's), client=N (a label for
-    reports), engine=NAME."""
+    reports, and this device's share of the round's seed), engine=NAME. Without client=N (or
+    with a negative one) the node id stands in: two devices must never draw the same batches
+    and noise, or their averaged updates would not average the noise out."""
     from edgeprop import bundle as bundles
     from edgeprop.devices import load_profile
     node, run = dict(context.node_config), dict(context.run_config)
@@ -176,5 +178,6 @@ def setup_from_node(context: Context) -> Setup:
         raise EdgepropError("this SuperNode has no data: start it with --node-config \"data='PATH'\"")
     bundle = bundles.load(str(node.get("bundle", run.get("bundle", ""))))
     device = load_profile(str(node["device"])) if node.get("device") else None
-    return Setup(bundle, datasets.load(str(node["data"]), "train"), int(node.get("client", -1)), device,
-                 str(node.get("engine", "onnxruntime")))
+    client = int(node.get("client", -1))
+    return Setup(bundle, datasets.load(str(node["data"]), "train"), client if client >= 0 else context.node_id,
+                 device, str(node.get("engine", "onnxruntime")))

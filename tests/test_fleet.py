@@ -138,6 +138,23 @@ def test_the_servers_learning_rate_scale_scales_the_clients_steps(client):
             train(client, engine, sent, config(b, **{"lr-scale": bad}), {})
 
 
+def test_supernodes_without_a_client_number_draw_their_own_batches_and_noise(digits_bundle, tmp_path):
+    """`edgeprop fleet join` without --client passes client=-1: the node id stands in, so two
+    devices never share a round's seed (their updates would share the same noise)."""
+    from types import SimpleNamespace
+
+    from edgeprop.fleet.client import round_seed, setup_from_node
+    data = tmp_path / "d.npz"
+    train_split = datasets.load("digits", "train")
+    save_arrays(data, {"x": train_split.x[:50], "y": train_split.y[:50]})
+    node = {"data": str(data), "bundle": str(digits_bundle), "client": -1}
+    nodes = [setup_from_node(SimpleNamespace(node_id=n, node_config=node, run_config={})) for n in (7, 8)]
+    assert [s.client for s in nodes] == [7, 8]
+    assert round_seed(0, 3, nodes[0].client) != round_seed(0, 3, nodes[1].client)
+    named = setup_from_node(SimpleNamespace(node_id=7, node_config={**node, "client": 2}, run_config={}))
+    assert named.client == 2
+
+
 def test_client_refuses_another_bundle_and_bad_data_in_one_line(client):
     b = client.bundle
     state, _ = b.initial_state()
