@@ -301,6 +301,7 @@ def test_simulate_20_clients_3_rounds_then_resume_and_evaluate(bundle_copy, tmp_
     assert f"{json.loads(report.read_text())['final_accuracy']:.4f}" in out
 
 
+@pytest.mark.slow  # over 5 s alone
 def test_simulate_refuses_bad_settings_before_flower_starts(bundle_copy):
     for args, message in ((["--assign", "blocks:1", "--clients", "5"], "cover fewer"),
                           (["--partition", "dirichlet:0"], "--partition"),

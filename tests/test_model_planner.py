@@ -47,6 +47,7 @@ def test_skeleton_keeps_shapes_and_small_values_but_not_the_weights(tmp_path):
         load_skeleton(tmp_path / "bad.onnx")
 
 
+@pytest.mark.slow  # over 5 s alone
 def test_profiler_holds_at_most_twice_the_largest_weight_plus_100_mib(tmp_path):
     # Four weights of 32 MiB: reading the whole model (128 MiB) beside onnx and numpy would
     # pass the bound of 2 * 32 + 100 MiB. Measured in a fresh process of its own.

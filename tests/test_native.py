@@ -53,6 +53,7 @@ def _products(tmp_path):
                   [_tensor("y", (5, 3)), _tensor("g", (7, 3))])
 
 
+@pytest.mark.slow  # over 5 s alone
 def test_products_and_folded_transposes_compute_what_numpy_does(tmp_path, cache):
     path, spec = _products(tmp_path)
     graph = get_engine("native").load(path, spec)

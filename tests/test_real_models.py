@@ -145,6 +145,7 @@ def _convolutions(gm) -> tuple[int, int]:
     return len(convs) - transposed, transposed
 
 
+@pytest.mark.slow  # over 5 s alone
 def test_frozen_weights_get_no_gradient_and_no_optimizer_slot():
     """A step computes only the gradients it needs: with biases training, no weight's
     gradient convolution is in the graph (every forward convolution is one of the model's)."""
