@@ -85,7 +85,7 @@ def main() -> int:
     names = [u.name for u in b.units]
     policy = parse_policy(a.assign)
     check_coverage(policy, a.per_round, len(names))
-    if policy.kind == "by-memory" or (policy.kind == "blocks" and a.slots == "average"):
+    if policy.kind == "by-memory" or (policy.kind == "blocks" and a.slots.startswith("average")):
         p.error("--assign: all or blocks:K; blocks:K with --slots reset or keep")
     kept = [{} for _ in setups]  # --slots keep: each client's own
     shared = {n: ({k: np.zeros_like(v) for k, v in state[n].items() if k.startswith("opt.")}, 0) for n in names}
@@ -113,19 +113,18 @@ def main() -> int:
                                  {f"{n}/{k}": v for n, (s, _) in memory.items() for k, v in s.items()}))
             steps = {n: st for n, (_, st) in memory.items()}
         merged, samples = merge(current, results)
+        # The pseudo-gradient, as the server sees it: only the units trained this round step,
+        # and only their momentum (or moments) move; running statistics are never stepped.
+        delta = {k: current[k] - merged[k] for k in merged
+                 if not k.endswith("/stats") and records.unit_of(k) in samples}
         if a.server_adam:  # FedAdam's step (Reddi et al.; Flower's equations): Adam on the pseudo-gradient
-            delta = {k: merged[k] - current[k] for k in merged
-                     if not k.endswith("/stats") and records.unit_of(k) in samples}
             adam = adam or {}
             for k, d in delta.items():
                 m, v = adam.get(k, (np.zeros_like(d), np.zeros_like(d)))
-                adam[k] = (0.9 * m + 0.1 * d, 0.99 * v + 0.01 * d * d)
+                adam[k] = (0.9 * m - 0.1 * d, 0.99 * v + 0.01 * d * d)
             eta = a.server_adam * np.sqrt(1 - 0.99 ** (r + 1)) / (1 - 0.9 ** (r + 1))
             merged = {**merged, **{k: current[k] + eta * adam[k][0] / (np.sqrt(adam[k][1]) + a.tau) for k in delta}}
         elif a.server_lr != 1.0 or a.momentum:  # FedAvgM's step on the pseudo-gradient
-            # as the server: only the units trained this round step, and only their momentum moves
-            delta = {k: current[k] - merged[k] for k in merged
-                     if not k.endswith("/stats") and records.unit_of(k) in samples}
             momentum = momentum or {}
             momentum.update({k: a.momentum * momentum[k] + d if k in momentum else d for k, d in delta.items()})
             merged = {**merged, **{k: current[k] - a.server_lr * momentum[k] for k in delta}}

@@ -20,7 +20,7 @@ from .capture import SENTINEL_BATCH
 SENTINEL = SENTINEL_BATCH
 FLOAT32_STEPS = 2 * 2.0 ** -23  # two float32 rounding steps, relative
 # Past this a float32's spacing is wider than the sentinel, so "a multiple of it" means
-# nothing: such a value (max pooling's padding of -FLT_MAX) cannot carry the batch size.
+# nothing: such a value (max pooling's padding of -FLT_MAX, inf) cannot carry the batch size.
 TOO_LARGE = SENTINEL * 2.0 ** 23
 
 
@@ -46,7 +46,7 @@ def _batch_derived(value: float) -> bool:
     reciprocal of one (a tolerance relative to the multiple would call every large number
     batch-derived, the 1e8 of an epsilon 1e-8 among them)."""
     v = abs(value)
-    if not v or v == float("inf"):
+    if not v:
         return False
     for x, f in ((v, lambda k: k * SENTINEL), (1 / v, lambda k: 1 / (k * SENTINEL))):
         if x >= TOO_LARGE:
