@@ -299,6 +299,38 @@ def test_simulate_20_clients_3_rounds_then_resume_and_evaluate(bundle_copy, tmp_
     assert meta["fleet"]["round"] == 3 and len(json.loads(report.read_text())["history"]) == 3
     out = edgeprop("eval", bundle_copy, "--data", "digits").stdout
     assert f"{json.loads(report.read_text())['final_accuracy']:.4f}" in out
+    # Flower's engine, Ray's workers and the resume between rounds 2 and 3 change nothing: the
+    # fleet's global state is the one an in-process replay of the same clients computes.
+    history = json.loads(report.read_text())["history"]
+    replayed = replay(b, "dirichlet:0.5", 20, history, local_epochs=3, momentum=0.9)
+    fleet = load_arrays(bundle_copy / "checkpoints" / "last.npz")[0]
+    for key, value in replayed.items():
+        assert np.allclose(fleet[key], value, atol=1e-5), key
+
+
+def replay(b, how: str, clients: int, history: list[dict], local_epochs: int, momentum: float) -> dict:
+    """The FedAvgM run a fleet report describes, in this process: each round the clients it
+    names train the units it names (the fleet's client code), averaged per unit over the
+    clients that trained it (weighted by samples), then w -= m, m = momentum * m + (w - average)."""
+    data, engine = datasets.load("digits", "train"), get_engine("onnxruntime", threads=1)
+    setups = [Setup(b, Dataset(data.x[p], data.y[p], f"client{i}"), i).check()
+              for i, p in enumerate(partition.partition(data.y, clients, how, 0))]
+    state, _ = b.initial_state()
+    weights, velocity = records.shared_arrays(b, state), {}
+    for entry in history:
+        sums, counts = {}, {}
+        for c in entry["clients"]:
+            config = {"bundle-id": b.id, "units": ",".join(c["units"]), "local-epochs": local_epochs, "seed": 0,
+                      "server-round": entry["round"], "slots": "reset"}
+            arrays, metrics = train(setups[c["client"]], engine, weights, config, {})
+            for key, value in arrays.items():
+                sums[key] = sums.get(key, 0) + metrics["num-examples"] * value.astype(np.float64)
+                counts[key] = counts.get(key, 0) + metrics["num-examples"]
+        for key in sums:
+            delta = weights[key] - sums[key] / counts[key]
+            velocity[key] = momentum * velocity[key] + delta if key in velocity else delta
+            weights = {**weights, key: (weights[key] - velocity[key]).astype(np.float32)}
+    return weights
 
 
 @pytest.mark.slow  # over 5 s alone
