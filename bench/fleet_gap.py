@@ -74,6 +74,8 @@ def main() -> int:
     p.add_argument("--tau", type=float, default=1e-3, help="FedAdam's tau (Flower's default)")
     p.add_argument("--tail-average", type=float, default=0.0,
                    help="also evaluate the mean of the global weights over this share of the last rounds")
+    p.add_argument("--client-lr-scale", type=float, default=1.0,
+                   help="the clients' learning rate times this, every round (with --lr-schedule: times both)")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "fleet_gap.json"))
     a = p.parse_args()
     b = bundles.load(a.bundle)
@@ -97,6 +99,7 @@ def main() -> int:
         sampled = [int(c) for c in rng.choice(a.clients, a.per_round, replace=False)]
         dealt = assign(policy, sampled, len(names), r)
         scale = 0.5 * (1 + np.cos(np.pi * (r - 1) / a.rounds)) if a.lr_schedule == "cosine" else 1.0
+        scale *= a.client_lr_scale
         for c in sampled:
             mine = [names[i] for i in dealt[c]]
             epochs = a.local_epochs * (max(1, round(len(names) / len(mine))) if a.equal_compute else 1)
