@@ -6,6 +6,7 @@
                               [--slots reset|keep|average|keep-v|average-v]
                               [--assign all|blocks:K] [--equal-compute] [--lr-schedule cosine]
                               [--server-adam ETA] [--tau 1e-3] [--tail-average F]
+                              [--client-lr-scale S]
                               [--out bench/results/fleet_gap.json]
 
 One federated run in one process, without Flower's simulation engine (Ray): each round
