@@ -329,7 +329,7 @@ def replay(b, how: str, clients: int, history: list[dict], local_epochs: int, mo
         for key in sums:
             delta = weights[key] - sums[key] / counts[key]
             velocity[key] = momentum * velocity[key] + delta if key in velocity else delta
-            weights = {**weights, key: (weights[key] - velocity[key]).astype(np.float32)}
+        weights = {**weights, **{k: (weights[k] - velocity[k]).astype(np.float32) for k in sums}}
     return weights
 
 
