@@ -1,14 +1,16 @@
 """Federated NoProp-DT and `local` on Flower's simulation engine against central training.
 
     python bench/fleet.py [--data digits,fashion] [--rules noprop-dt,local] [--clients 100]
-                          [--fraction 0.1] [--rounds 80] [--local-epochs 1]
+                          [--fraction 0.1] [--rounds 80] [--local-epochs 1] [--local-steps 0]
                           [--partitions iid,dirichlet:0.5,dirichlet:0.1] [--assign all,blocks]
                           [--slots reset] [--strategies fedavgm] [--server-momentum 0.9]
+                          [--server-lr 0.01] [--fleet-export "--optimizer sgd ..."]
                           [--seeds 0] [--blocks-clients same|scaled] [--out bench/results/fleet.json]
 
 For each data set and rule: export once (torch), then
   central    `edgeprop train` on the whole training split for the same total sample-epochs
-             as the fleet (rounds x fraction x local epochs), in a torch-free process
+             as the fleet (rounds x fraction x local epochs; with --local-steps S, rounds x
+             clients a round x S x batch / training samples), in a torch-free process
   fleet      `edgeprop fleet simulate` per partition and assignment, torch-free; `blocks`
              deals ceil(units / clients per round) units to each client, the least that
              covers every unit each round; `blocks:K` deals K
@@ -21,8 +23,10 @@ central and every fleet setting once per seed (the seed draws the partition, the
 sampled, batches and noise) and adds a row per setting with the means. `--blocks-clients
 scaled` samples T/K times the clients a round for `blocks` (capped at all of them): each
 unit then hears from as many clients as under `all`, each client uploading K of T units.
-Fashion-MNIST comes from Debian's dataset-fashion-mnist package; without it those rows are
-skipped.
+`--fleet-export` exports the fleet's bundle with these extra flags (central keeps the
+default export: what a user would train otherwise), e.g. SGD clients for `--strategies
+fedadam --local-steps 2` (docs/fleet.md). Fashion-MNIST comes from Debian's
+dataset-fashion-mnist package; without it those rows are skipped.
 """
 from __future__ import annotations
 
@@ -38,6 +42,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from edgeprop import datasets
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = {"digits": "digits", "fashion": "/usr/share/datasets/fashion-mnist"}
@@ -78,7 +84,8 @@ def fleet(bundle: Path, data: str, args, partition: str, assign: str, slots: str
     _, seconds = edgeprop("fleet", "simulate", copy, "--data", data, "--clients", args.clients, "--rounds",
                           args.rounds, "--fraction", fraction, "--local-epochs", args.local_epochs,
                           "--partition", partition, "--assign", assign, "--slots", slots, "--strategy", strategy,
-                          "--server-momentum", args.server_momentum, "--seed", seed, "--json", out)
+                          "--local-steps", args.local_steps, "--server-momentum", args.server_momentum,
+                          "--server-lr", args.server_lr, "--seed", seed, "--json", out)
     r = json.loads(out.read_text())
     uploads = [c["received"] for e in r["history"] for c in e["clients"]]
     downloads = [c["sent"] for e in r["history"] for c in e["clients"]]
@@ -115,6 +122,14 @@ def run_fleet(bundle: Path, source: str, data: str, rule: str, units: int, setti
     return row
 
 
+def sample_epochs(args, source: str, batch: int) -> int:
+    """Central's epochs: the fleet's total samples over the training split's size."""
+    if not args.local_steps:
+        return max(1, round(args.rounds * args.fraction * args.local_epochs))
+    n = len(datasets.load(source, "train"))
+    return max(1, round(args.rounds * max(1, int(args.clients * args.fraction)) * args.local_steps * batch / n))
+
+
 SETTING = ("data", "rule", "kind", "partition", "assign", "slots", "strategy")
 
 
@@ -147,17 +162,19 @@ def main() -> int:
     p.add_argument("--fraction", type=float, default=0.1)
     p.add_argument("--rounds", type=int, default=80)
     p.add_argument("--local-epochs", type=int, default=1)
+    p.add_argument("--local-steps", type=int, default=0, help="batches per unit and round instead of epochs")
     p.add_argument("--partitions", default="iid,dirichlet:0.5,dirichlet:0.1")
     p.add_argument("--assign", default="all,blocks")
     p.add_argument("--slots", default="reset")
     p.add_argument("--strategies", default="fedavgm")
     p.add_argument("--server-momentum", type=float, default=0.9)
+    p.add_argument("--server-lr", type=float, default=0.01, help="FedAdam's eta")
+    p.add_argument("--fleet-export", default="", help="extra `edgeprop export` flags for the fleet's bundle")
     p.add_argument("--seeds", default="0")
     p.add_argument("--blocks-clients", default="same", choices=["same", "scaled"])
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "fleet.json"))
     args = p.parse_args()
     seeds = [int(x) for x in args.seeds.split(",")]
-    central_epochs = max(1, round(args.rounds * args.fraction * args.local_epochs))
     rows, skipped = [], []
     for data in args.data.split(","):
         source = DATA.get(data, data)
@@ -169,9 +186,15 @@ def main() -> int:
         for rule in args.rules.split(","):
             with tempfile.TemporaryDirectory() as tmp:
                 tmp = Path(tmp)
-                bundle = tmp / "bundle"
+                bundle = fleet_bundle = tmp / "bundle"
                 edgeprop("export", "--rule", rule, "--data", source, "--out", bundle, "--quiet", device=False)
-                units = len(json.loads((bundle / "manifest.json").read_text())["units"])
+                if args.fleet_export:
+                    fleet_bundle = tmp / "fleet-bundle"
+                    edgeprop("export", "--rule", rule, "--data", source, "--out", fleet_bundle, "--quiet",
+                             *args.fleet_export.split(), device=False)
+                manifest = json.loads((fleet_bundle / "manifest.json").read_text())
+                units = len(manifest["units"])
+                central_epochs = sample_epochs(args, source, manifest["batch_size"])
                 for seed in seeds:
                     ref = central(bundle, source, central_epochs, seed, tmp)
                     print(f"{data:8s} {rule:10s} seed {seed} central {central_epochs} epochs: {ref['accuracy']:.4f} "
@@ -179,7 +202,7 @@ def main() -> int:
                     rows.append({"data": data, "rule": rule, "kind": "central", "units": units, "seed": seed, **ref})
                     for setting in itertools.product(
                             *(getattr(args, k).split(",") for k in ("partitions", "assign", "slots", "strategies"))):
-                        rows.append(run_fleet(bundle, source, data, rule, units, setting, seed, ref, args, tmp))
+                        rows.append(run_fleet(fleet_bundle, source, data, rule, units, setting, seed, ref, args, tmp))
     runs = [r for r in rows if r["kind"] == "fleet" and "error" not in r]
     for r in runs:  # upload relative to `all` with the same data, rule, partition and seed
         same = ("data", "rule", "partition", "slots", "strategy", "seed")
@@ -190,10 +213,11 @@ def main() -> int:
     rows += means(rows, seeds)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    settings = {k: getattr(args, k) for k in ("clients", "fraction", "rounds", "local_epochs", "server_momentum",
-                                              "seeds", "blocks_clients")}
+    settings = {k: getattr(args, k) for k in ("clients", "fraction", "rounds", "local_epochs", "local_steps",
+                                              "server_momentum", "server_lr", "fleet_export", "seeds",
+                                              "blocks_clients")}
     out.write_text(json.dumps({"machine": platform.machine(), "python": platform.python_version(),
-                               "settings": {**settings, "central_epochs": central_epochs},
+                               "settings": settings,
                                "rows": rows, "skipped": skipped}, indent=1) + "\n")
     print(f"wrote {out}")
     return 0

@@ -5,7 +5,8 @@
                               [--server-lr 1] [--momentum 0]
                               [--slots reset|keep|average|keep-v|average-v]
                               [--assign all|blocks:K] [--equal-compute] [--lr-schedule cosine]
-                              [--server-adam ETA] [--tau 1e-3] [--tail-average F]
+                              [--local-steps S] [--server-adam ETA] [--tau 1e-3] [--beta2 0.99]
+                              [--tail-average F]
                               [--client-lr-scale S]
                               [--out bench/results/fleet_gap.json]
 
@@ -21,8 +22,9 @@ first moment starting from zero each round: scaled steps instead of a fresh Adam
 steps of about lr * sign(gradient). `--lr-schedule cosine` has the server scale the clients'
 learning rate by a cosine over the rounds (config "lr-scale", read by the fleet's client).
 `--server-adam ETA` takes FedAdam's server step instead of FedAvgM's (Flower's equations,
-β 0.9/0.99, `--tau`); `--tail-average F` also evaluates the mean of the global weights over
-the last F of the rounds.
+β1 0.9, `--beta2`, `--tau`); `--local-steps S` makes a client's round S batches per unit
+instead of whole epochs (with SGD clients and FedAdam: docs/fleet.md); `--tail-average F`
+also evaluates the mean of the global weights over the last F of the rounds.
 `--assign blocks:K` deals each sampled client K units as the server does (edgeprop.fleet.assign);
 a unit nobody trained this round keeps its weights and its momentum. `--equal-compute` gives a
 client with K of T units T/K times the local epochs (rounded), the compute of a client training
@@ -73,6 +75,8 @@ def main() -> int:
     p.add_argument("--lr-schedule", default="constant", choices=["constant", "cosine"])
     p.add_argument("--server-adam", type=float, default=0.0, help="FedAdam's server learning rate (0: FedAvgM)")
     p.add_argument("--tau", type=float, default=1e-3, help="FedAdam's tau (Flower's default)")
+    p.add_argument("--local-steps", type=int, default=0, help="a client's round: this many batches, not epochs")
+    p.add_argument("--beta2", type=float, default=0.99, help="FedAdam's beta 2 (Flower's default)")
     p.add_argument("--tail-average", type=float, default=0.0,
                    help="also evaluate the mean of the global weights over this share of the last rounds")
     p.add_argument("--client-lr-scale", type=float, default=1.0,
@@ -105,7 +109,8 @@ def main() -> int:
             mine = [names[i] for i in dealt[c]]
             epochs = a.local_epochs * (max(1, round(len(names) / len(mine))) if a.equal_compute else 1)
             config = {"bundle-id": b.id, "units": ",".join(mine), "local-epochs": epochs, "seed": a.seed,
-                      "server-round": r, "lr-scale": scale, "slots": "reset" if a.slots == "reset" else "keep"}
+                      "local-steps": a.local_steps, "server-round": r, "lr-scale": scale,
+                      "slots": "reset" if a.slots == "reset" else "keep"}
             memory = kept[c] if not a.slots.startswith("average") else \
                 {n: ({k: v.copy() for k, v in s.items()}, st) for n, (s, st) in shared.items()}
             if a.slots.endswith("-v"):  # the second moment only: the first starts from zero
@@ -125,8 +130,8 @@ def main() -> int:
             adam = adam or {}
             for k, d in delta.items():
                 m, v = adam.get(k, (np.zeros_like(d), np.zeros_like(d)))
-                adam[k] = (0.9 * m - 0.1 * d, 0.99 * v + 0.01 * d * d)
-            eta = a.server_adam * np.sqrt(1 - 0.99 ** (r + 1)) / (1 - 0.9 ** (r + 1))
+                adam[k] = (0.9 * m - 0.1 * d, a.beta2 * v + (1 - a.beta2) * d * d)
+            eta = a.server_adam * np.sqrt(1 - a.beta2 ** (r + 1)) / (1 - 0.9 ** (r + 1))
             merged = {**merged, **{k: current[k] + eta * adam[k][0] / (np.sqrt(adam[k][1]) + a.tau) for k in delta}}
         elif a.server_lr != 1.0 or a.momentum:  # FedAvgM's step on the pseudo-gradient
             momentum = momentum or {}

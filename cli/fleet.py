@@ -24,12 +24,17 @@ def _settings_arguments(p) -> None:
     p.add_argument("--fraction", type=float, default=1.0, help="share of the clients sampled each round (default: 1)")
     p.add_argument("--min-clients", type=int, default=1, help="a round waits for this many clients (default: 1)")
     p.add_argument("--local-epochs", type=int, default=1, help="epochs each client trains per round (default: 1)")
+    p.add_argument("--local-steps", type=int, default=0,
+                   help="batches each client trains per unit and round instead of whole epochs (default: 0, "
+                        "epochs); with SGD clients and --strategy fedadam, 1 or 2 come closest to central training")
     p.add_argument("--assign", default="all", help="all | blocks:K | by-memory: which units each client trains")
     p.add_argument("--strategy", default="fedavgm", choices=["fedavgm", "fedavg", "fedprox", "fedadam"],
                    help="the server's step: FedAvg with server momentum (default; measured closest to central "
                         "training), plain FedAvg, FedProx or FedAdam")
     p.add_argument("--mu", type=float, default=0.01, help="FedProx's proximal weight (default: 0.01)")
     p.add_argument("--server-lr", type=float, default=0.01, help="FedAdam's server learning rate (default: 0.01)")
+    p.add_argument("--server-beta2", type=float, default=0.999, help="FedAdam's beta 2 (default: 0.999)")
+    p.add_argument("--tau", type=float, default=1e-9, help="FedAdam's epsilon (default: 1e-9)")
     p.add_argument("--server-momentum", type=float, default=0.9, help="FedAvgM's server momentum (default: 0.9)")
     p.add_argument("--slots", default="reset", choices=["keep", "reset"],
                    help="each client's optimizer slots between rounds: zero each round (default; measured "
@@ -79,8 +84,10 @@ def add_arguments(p) -> None:
 def settings(args, test_data: str):
     from edgeprop.fleet.server import Settings
     return Settings(rounds=args.rounds, fraction=args.fraction, min_clients=args.min_clients,
-                    local_epochs=args.local_epochs, assign=args.assign, strategy=args.strategy, mu=args.mu,
-                    server_lr=args.server_lr, server_momentum=args.server_momentum, slots=args.slots,
+                    local_epochs=args.local_epochs, local_steps=args.local_steps, assign=args.assign,
+                    strategy=args.strategy, mu=args.mu,
+                    server_lr=args.server_lr, server_beta2=args.server_beta2, tau=args.tau,
+                    server_momentum=args.server_momentum, slots=args.slots,
                     order=args.order, seed=args.seed,
                     round_timeout=args.round_timeout, test_data=test_data, restart=args.restart,
                     secagg=args.secagg).check()

@@ -23,6 +23,7 @@ from edgeprop import datasets
 from edgeprop.bundle import Bundle
 from edgeprop.datasets import Dataset
 from edgeprop.errors import EdgepropError
+from edgeprop.rules.base import Plan
 from edgeprop.trainer import TrainConfig, Trainer
 
 from . import records, secagg
@@ -58,8 +59,19 @@ def round_seed(seed: int, server_round: int, client: int) -> int:
     return (seed * 1_000_003 + server_round * 10_007 + client + 1) % (1 << 63)
 
 
+def round_items(plan: Plan, local_steps: int) -> list[int]:
+    """The plan's items this round trains: all of them, or with local_steps > 0 only each
+    unit's first local_steps batches (a round shorter than an epoch: FedSGD at 1)."""
+    items = []
+    for i in range(plan.total):
+        _, epoch, batch = plan.item(i)
+        if local_steps <= 0 or epoch * plan.n_batches + batch < local_steps:
+            items.append(i)
+    return items
+
+
 def train(setup: Setup, engine, arrays: dict[str, np.ndarray], config: dict, memory: dict) -> tuple[dict, dict]:
-    """Train the assigned units from `arrays` for the config's local epochs; `memory` keeps
+    """Train the assigned units from `arrays` for the config's local epochs (or local steps); `memory` keeps
     this client's optimizer slots between rounds ("keep"). Returns (arrays, metrics)."""
     b = setup.bundle
     if config.get("bundle-id") != b.id:
@@ -92,7 +104,7 @@ def train(setup: Setup, engine, arrays: dict[str, np.ndarray], config: dict, mem
             trainer.steps[name] = steps
     mu = float(config.get("proximal-mu", 0.0))
     start = time.monotonic()
-    for i in range(trainer.plan.total):
+    for i in round_items(trainer.plan, int(config.get("local-steps", 0))):
         trainer.step(i)
         if mu > 0:  # FedProx, decoupled: pull the unit that stepped back towards the global weights
             name = b.units[trainer.trained[trainer.plan.item(i)[0]]].name

@@ -37,8 +37,8 @@ from .client import SLOT_POLICIES
 
 STRATEGIES = ("fedavgm", "fedavg", "fedprox", "fedadam")
 # must match to resume
-RESUMABLE = ("strategy", "assign", "local_epochs", "order", "slots", "seed", "mu", "server_lr", "server_momentum",
-             "secagg")
+RESUMABLE = ("strategy", "assign", "local_epochs", "local_steps", "order", "slots", "seed", "mu", "server_lr",
+             "server_momentum", "server_beta2", "tau", "secagg")
 
 
 @dataclass
@@ -48,10 +48,13 @@ class Settings:
     min_clients: int = 1        # clients sampled each round at least
     wait_for: int = 0           # a round starts once this many clients are connected (0: min_clients)
     local_epochs: int = 1
+    local_steps: int = 0        # > 0: a client's round is this many batches per unit, not whole epochs
     assign: str = "all"
     strategy: str = "fedavgm"   # measured closest to central training (docs/fleet.md)
     mu: float = 0.01            # FedProx's proximal weight
     server_lr: float = 0.01     # FedAdam's server learning rate (eta)
+    server_beta2: float = 0.999  # FedAdam's second-moment decay (Adam's; Flower's default is 0.99)
+    tau: float = 1e-9           # FedAdam's epsilon: far below the updates of SGD clients (Flower's: 1e-3)
     server_momentum: float = 0.9  # FedAvgM's server momentum
     slots: str = "reset"        # optimizer slots between rounds on each client (reset: measured better,
                                 # docs/results.md; keep: a client's slots from its last round)
@@ -67,16 +70,18 @@ class Settings:
             raise EdgepropError("--rounds must be at least 1")
         if not 0 < self.fraction <= 1:
             raise EdgepropError(f"--fraction must be in (0, 1], got {self.fraction}")
-        if self.local_epochs < 1:
-            raise EdgepropError("--local-epochs must be at least 1")
+        if self.local_epochs < 1 or self.local_steps < 0:
+            raise EdgepropError("--local-epochs must be at least 1 and --local-steps at least 0")
         if self.min_clients < 1:
             raise EdgepropError("--min-clients must be at least 1")
         if self.strategy not in STRATEGIES:
             raise EdgepropError(f"--strategy must be one of {', '.join(STRATEGIES)}")
         if self.slots not in SLOT_POLICIES:
             raise EdgepropError(f"--slots must be one of {', '.join(SLOT_POLICIES)}")
-        if not self.mu >= 0 or not self.server_lr > 0 or not self.round_timeout > 0:
-            raise EdgepropError("--mu must be >= 0, --server-lr and --round-timeout positive")
+        if not self.mu >= 0 or not self.server_lr > 0 or not self.round_timeout > 0 or not self.tau > 0:
+            raise EdgepropError("--mu must be >= 0, --server-lr, --tau and --round-timeout positive")
+        if not 0 <= self.server_beta2 < 1:
+            raise EdgepropError(f"--server-beta2 must be in [0, 1), got {self.server_beta2}")
         if not 0 <= self.server_momentum < 1:
             raise EdgepropError(f"--server-momentum must be in [0, 1), got {self.server_momentum}")
         if self.secagg and self.assign != "all":
@@ -96,7 +101,7 @@ def strategy(s: Settings):
     if s.strategy == "fedprox":
         return FedProx(**common, proximal_mu=s.mu)
     if s.strategy == "fedadam":
-        return FedAdam(**common, eta=s.server_lr)
+        return FedAdam(**common, eta=s.server_lr, beta_2=s.server_beta2, tau=s.tau)
     if s.strategy == "fedavgm":
         return FedAvgM(**common, server_momentum=s.server_momentum)
     return FedAvg(**common)
@@ -212,7 +217,8 @@ class Fleet:
         s = self.settings
         self._wait_for_clients(grid)
         random.seed(s.seed * 1_000_003 + server_round)  # Flower samples nodes with `random`
-        config = ConfigRecord({"bundle-id": self.bundle.id, "local-epochs": s.local_epochs, "order": s.order,
+        config = ConfigRecord({"bundle-id": self.bundle.id, "local-epochs": s.local_epochs,
+                               "local-steps": s.local_steps, "order": s.order,
                                "slots": s.slots, "seed": s.seed})
         sampled = list(self.strategy.configure_train(server_round, records.to_record(current), config, grid))
         nodes = [m.metadata.dst_node_id for m in sampled]

@@ -333,6 +333,20 @@ def replay(b, how: str, clients: int, history: list[dict], local_epochs: int, mo
     return weights
 
 
+@pytest.mark.parametrize("order", ["interleaved", "block-sequential"])
+def test_local_steps_train_each_unit_that_many_batches_of_its_epochs(client, order):
+    """Config "local-steps" S: a round of S batches per unit (FedSGD at 1), in either order;
+    0 (or more batches than the epochs hold) is the whole local epochs."""
+    b, engine = client.bundle, get_engine("onnxruntime")
+    state, _ = b.initial_state()
+    sent = records.shared_arrays(b, state)
+    batches = -(-200 // b.batch_size)
+    for steps, expected in ((1, 1), (2, 2), (0, 2 * batches), (100, 2 * batches)):
+        memory = {}
+        train(client, engine, sent, config(b, order=order, **{"local-epochs": 2, "local-steps": steps}), memory)
+        assert {u: s for u, (_, s) in memory.items()} == {"block3": expected, "head": expected}, (steps, order)
+
+
 @pytest.mark.slow  # over 5 s alone
 def test_simulate_refuses_bad_settings_before_flower_starts(bundle_copy):
     for args, message in ((["--assign", "blocks:1", "--clients", "5"], "cover fewer"),
@@ -343,11 +357,17 @@ def test_simulate_refuses_bad_settings_before_flower_starts(bundle_copy):
         assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and message in proc.stderr, proc.stderr
 
 
-def test_settings_refuse_secagg_without_every_unit_and_a_momentum_of_one():
+def test_settings_refuse_what_cannot_run_in_one_line():
     with pytest.raises(EdgepropError, match="--secagg needs --assign all"):
         Settings(secagg=True, assign="blocks:1").check()
     with pytest.raises(EdgepropError, match="--server-momentum must be in"):
         Settings(server_momentum=1.0).check()
+    with pytest.raises(EdgepropError, match="--local-steps at least 0"):
+        Settings(local_steps=-1).check()
+    with pytest.raises(EdgepropError, match="--server-beta2 must be in"):
+        Settings(server_beta2=1.0).check()
+    with pytest.raises(EdgepropError, match="--tau"):
+        Settings(tau=0.0).check()
 
 
 def test_a_train_checkpoint_is_never_replaced_by_a_fleet(bundle_copy):
