@@ -29,8 +29,9 @@ def _settings_arguments(p) -> None:
                         "epochs); with SGD clients and --strategy fedadam, 1 or 2 come closest to central training")
     p.add_argument("--assign", default="all", help="all | blocks:K | by-memory: which units each client trains")
     p.add_argument("--strategy", default="fedavgm", choices=["fedavgm", "fedavg", "fedprox", "fedadam"],
-                   help="the server's step: FedAvg with server momentum (default; measured closest to central "
-                        "training), plain FedAvg, FedProx or FedAdam")
+                   help="the server's step: FedAvg with server momentum (default; closest to central training "
+                        "with AdamW clients and whole local epochs), plain FedAvg, FedProx or FedAdam (with SGD "
+                        "clients and --local-steps 2: within 1 pp of central, docs/fleet.md)")
     p.add_argument("--mu", type=float, default=0.01, help="FedProx's proximal weight (default: 0.01)")
     p.add_argument("--server-lr", type=float, default=0.01, help="FedAdam's server learning rate (default: 0.01)")
     p.add_argument("--server-beta2", type=float, default=0.999, help="FedAdam's beta 2 (default: 0.999)")

@@ -50,7 +50,7 @@ class Settings:
     local_epochs: int = 1
     local_steps: int = 0        # > 0: a client's round is this many batches per unit, not whole epochs
     assign: str = "all"
-    strategy: str = "fedavgm"   # measured closest to central training (docs/fleet.md)
+    strategy: str = "fedavgm"   # closest to central with AdamW clients and whole epochs (docs/fleet.md)
     mu: float = 0.01            # FedProx's proximal weight
     server_lr: float = 0.01     # FedAdam's server learning rate (eta)
     server_beta2: float = 0.999  # FedAdam's second-moment decay (Adam's; Flower's default is 0.99)
