@@ -71,8 +71,8 @@ def round_items(plan: Plan, local_steps: int) -> list[int]:
 
 
 def train(setup: Setup, engine, arrays: dict[str, np.ndarray], config: dict, memory: dict) -> tuple[dict, dict]:
-    """Train the assigned units from `arrays` for the config's local epochs (or local steps); `memory` keeps
-    this client's optimizer slots between rounds ("keep"). Returns (arrays, metrics)."""
+    """Train the assigned units from `arrays` for the config's local epochs (or local steps);
+    `memory` keeps this client's optimizer slots between rounds ("keep"). Returns (arrays, metrics)."""
     b = setup.bundle
     if config.get("bundle-id") != b.id:
         raise EdgepropError(f"the server trains bundle {config.get('bundle-id')}, this client holds {b.id} "
@@ -89,6 +89,9 @@ def train(setup: Setup, engine, arrays: dict[str, np.ndarray], config: dict, mem
     scale = float(config.get("lr-scale", 1.0))  # the server's learning-rate schedule over rounds
     if not 0 <= scale < float("inf"):
         raise EdgepropError(f"the server sent lr-scale {scale}; it must be a finite number >= 0")
+    local_steps = config.get("local-steps", 0)
+    if not (isinstance(local_steps, int) and local_steps >= 0):
+        raise EdgepropError(f"the server sent local-steps {local_steps!r}; it must be a whole number >= 0")
     trainer = Trainer(b, engine, setup.data, cfg)
     trainer.lr = {name: lr * scale for name, lr in trainer.lr.items()}
     keep = config.get("slots") == "keep"
@@ -104,7 +107,7 @@ def train(setup: Setup, engine, arrays: dict[str, np.ndarray], config: dict, mem
             trainer.steps[name] = steps
     mu = float(config.get("proximal-mu", 0.0))
     start = time.monotonic()
-    for i in round_items(trainer.plan, int(config.get("local-steps", 0))):
+    for i in round_items(trainer.plan, local_steps):
         trainer.step(i)
         if mu > 0:  # FedProx, decoupled: pull the unit that stepped back towards the global weights
             name = b.units[trainer.trained[trainer.plan.item(i)[0]]].name

@@ -345,6 +345,9 @@ def test_local_steps_train_each_unit_that_many_batches_of_its_epochs(client, ord
         memory = {}
         train(client, engine, sent, config(b, order=order, **{"local-epochs": 2, "local-steps": steps}), memory)
         assert {u: s for u, (_, s) in memory.items()} == {"block3": expected, "head": expected}, (steps, order)
+    for bad in (-1, 1.5, "2"):
+        with pytest.raises(EdgepropError, match="local-steps"):
+            train(client, engine, sent, config(b, **{"local-steps": bad}), {})
 
 
 @pytest.mark.slow  # over 5 s alone
