@@ -22,7 +22,8 @@ first moment starting from zero each round: scaled steps instead of a fresh Adam
 steps of about lr * sign(gradient). `--lr-schedule cosine` has the server scale the clients'
 learning rate by a cosine over the rounds (config "lr-scale", read by the fleet's client).
 `--server-adam ETA` takes FedAdam's server step instead of FedAvgM's (Flower's equations,
-β1 0.9, `--beta2`, `--tau`); `--local-steps S` makes a client's round S batches per unit
+β1 0.9, `--beta2`, `--tau`; each unit's step times its learning rate over the first unit's,
+as the fleet's server does); `--local-steps S` makes a client's round S batches per unit
 instead of whole epochs (with SGD clients and FedAdam: docs/fleet.md); `--tail-average F`
 also evaluates the mean of the global weights over the last F of the rounds.
 `--assign blocks:K` deals each sampled client K units as the server does (edgeprop.fleet.assign);
@@ -90,6 +91,9 @@ def main() -> int:
               for c, i in enumerate(partition(data.y, a.clients, a.partition, a.seed))]
     state, _ = b.initial_state()
     names = [u.name for u in b.units]
+    # FedAdam's step per unit scales with the unit's learning rate (the head's is ten times the
+    # blocks'), as the fleet's server does: Adam divides the clients' own rates out
+    pace = {u.name: u.lr / b.units[0].lr for u in b.units}
     policy = parse_policy(a.assign)
     check_coverage(policy, a.per_round, len(names))
     if policy.kind == "by-memory" or (policy.kind == "blocks" and a.slots.startswith("average")):
@@ -132,7 +136,8 @@ def main() -> int:
                 m, v = adam.get(k, (np.zeros_like(d), np.zeros_like(d)))
                 adam[k] = (0.9 * m - 0.1 * d, a.beta2 * v + (1 - a.beta2) * d * d)
             eta = a.server_adam * np.sqrt(1 - a.beta2 ** (r + 1)) / (1 - 0.9 ** (r + 1))
-            merged = {**merged, **{k: current[k] + eta * adam[k][0] / (np.sqrt(adam[k][1]) + a.tau) for k in delta}}
+            merged = {**merged, **{k: current[k] + eta * pace[records.unit_of(k)] * adam[k][0]
+                                   / (np.sqrt(adam[k][1]) + a.tau) for k in delta}}
         elif a.server_lr != 1.0 or a.momentum:  # FedAvgM's step on the pseudo-gradient
             momentum = momentum or {}
             momentum.update({k: a.momentum * momentum[k] + d if k in momentum else d for k, d in delta.items()})

@@ -132,6 +132,10 @@ class Fleet:
         self.round, self.history = 0, []
         self.capacity = {}  # units each node's device holds, from its replies (by-memory)
         self.strategy = strategy(settings)
+        # Adam divides the clients' learning rates out of their updates: FedAdam's step puts
+        # them back, each unit at server-lr x its rate / the first unit's (a head's is ten times)
+        self.pace = {u.name: u.lr / bundle.units[0].lr for u in bundle.units} \
+            if isinstance(self.strategy, FedAdam) else {}
         self._resume()
 
     # -- checkpoint ---------------------------------------------------------------------------
@@ -339,10 +343,14 @@ class Fleet:
             quiet.setLevel(level)
         result = records.from_record(arrays)
         for key, value in result.items():
-            # Running statistics are averages, not gradients' products: never a server step.
-            value = current[key] if records.unit_of(key) in idle else merged[key] if key.endswith("/" + STATS) \
-                else value
-            self.state[records.unit_of(key)][key.rsplit("/", 1)[1]][...] = value
+            unit = records.unit_of(key)
+            if unit in idle:
+                value = current[key]
+            elif key.endswith("/" + STATS):  # running statistics are averages: never a server step
+                value = merged[key]
+            elif self.pace.get(unit, 1.0) != 1.0:
+                value = current[key] + np.float32(self.pace[unit]) * (value - current[key])
+            self.state[unit][key.rsplit("/", 1)[1]][...] = value
         if idle:
             server = self._server_state()
             for key, value in server.items():  # "momentum/UNIT/param": before this round, or none yet

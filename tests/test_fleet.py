@@ -209,6 +209,20 @@ def test_fedavgm_steps_with_server_momentum_and_a_resumed_server_takes_the_same_
         Fleet(b, settings, log=lambda line: None)
 
 
+def test_fedadam_steps_each_unit_at_its_learning_rate(bundle_copy):
+    """Adam divides the clients' learning rates out of their updates; the server puts them back:
+    a unit's step is server-lr x its rate / the first unit's (the head's: ten times a block's)."""
+    b = bundles.load(bundle_copy)
+    fleet = Fleet(b, Settings(strategy="fedadam", server_lr=0.01), log=lambda line: None)
+    current = {k: v.copy() for k, v in fleet.global_arrays().items()}
+    fleet.aggregate(1, current, [(5, {k: v + np.float32(0.25) for k, v in current.items()})])
+    step = {u.name: float(np.mean(fleet.state[u.name]["param"] - current[f"{u.name}/param"])) for u in b.units}
+    lr = {u.name: u.lr for u in b.units}
+    assert lr["head"] != lr["block1"] and step["block1"] > 0
+    assert step["head"] / step["block1"] == pytest.approx(lr["head"] / lr["block1"], rel=1e-3)
+    assert step["block2"] == pytest.approx(step["block1"], rel=1e-3)
+
+
 @pytest.mark.parametrize("strategy", ["fedavgm", "fedadam"])
 def test_a_unit_nobody_trained_keeps_its_weights_and_its_server_momentum(bundle_copy, strategy):
     def aggregate(fleet, server_round, shift, skip=()):
