@@ -137,6 +137,11 @@ class Fleet:
         self.pace = {u.name: u.lr / bundle.units[0].lr for u in bundle.units} \
             if isinstance(self.strategy, FedAdam) else {}
         self._resume()
+        opt = bundle.optimizer if isinstance(bundle.optimizer, dict) else {}
+        if settings.strategy == "fedadam" and (opt.get("name") != "sgd" or opt.get("weight_decay")):
+            log("note: FedAdam measured within 1 pp of central training with SGD clients without weight decay "
+                "(export --optimizer sgd --weight-decay 0) and rounds of a batch or two (--local-steps); "
+                "docs/fleet.md")
 
     # -- checkpoint ---------------------------------------------------------------------------
     def _settings_record(self) -> dict:

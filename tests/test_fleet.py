@@ -212,8 +212,9 @@ def test_fedavgm_steps_with_server_momentum_and_a_resumed_server_takes_the_same_
 def test_fedadam_steps_each_unit_at_its_learning_rate(bundle_copy):
     """Adam divides the clients' learning rates out of their updates; the server puts them back:
     a unit's step is server-lr x its rate / the first unit's (the head's: ten times a block's)."""
-    b = bundles.load(bundle_copy)
-    fleet = Fleet(b, Settings(strategy="fedadam", server_lr=0.01), log=lambda line: None)
+    b, lines = bundles.load(bundle_copy), []
+    fleet = Fleet(b, Settings(strategy="fedadam", server_lr=0.01), log=lines.append)
+    assert any("SGD clients" in line for line in lines)  # an AdamW bundle: the measured setting is named
     current = {k: v.copy() for k, v in fleet.global_arrays().items()}
     fleet.aggregate(1, current, [(5, {k: v + np.float32(0.25) for k, v in current.items()})])
     step = {u.name: float(np.mean(fleet.state[u.name]["param"] - current[f"{u.name}/param"])) for u in b.units}
