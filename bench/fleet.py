@@ -36,6 +36,7 @@ import json
 import math
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import sys
@@ -191,7 +192,7 @@ def main() -> int:
                 if args.fleet_export:
                     fleet_bundle = tmp / "fleet-bundle"
                     edgeprop("export", "--rule", rule, "--data", source, "--out", fleet_bundle, "--quiet",
-                             *args.fleet_export.split(), device=False)
+                             *shlex.split(args.fleet_export), device=False)
                 manifest = json.loads((fleet_bundle / "manifest.json").read_text())
                 units = len(manifest["units"])
                 central_epochs = sample_epochs(args, source, manifest["batch_size"])
