@@ -51,7 +51,7 @@ from edgeprop.fleet.assign import assign, check_coverage  # noqa: E402
 from edgeprop.fleet.assign import parse as parse_policy  # noqa: E402
 from edgeprop.fleet.client import Setup, train  # noqa: E402
 from edgeprop.fleet.partition import partition  # noqa: E402
-from edgeprop.fleet.server import merge  # noqa: E402
+from edgeprop.fleet.server import merge, unit_pace  # noqa: E402
 from edgeprop.runtimes import get_engine  # noqa: E402
 from edgeprop.trainer import evaluate  # noqa: E402
 
@@ -91,9 +91,7 @@ def main() -> int:
               for c, i in enumerate(partition(data.y, a.clients, a.partition, a.seed))]
     state, _ = b.initial_state()
     names = [u.name for u in b.units]
-    # FedAdam's step per unit scales with the unit's learning rate (the head's is ten times the
-    # blocks'), as the fleet's server does: Adam divides the clients' own rates out
-    pace = {u.name: u.lr / b.units[0].lr for u in b.units}
+    pace = unit_pace(b)  # FedAdam's step per unit, as the fleet's server takes it
     policy = parse_policy(a.assign)
     check_coverage(policy, a.per_round, len(names))
     if policy.kind == "by-memory" or (policy.kind == "blocks" and a.slots.startswith("average")):

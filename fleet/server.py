@@ -107,6 +107,13 @@ def strategy(s: Settings):
     return FedAvg(**common)
 
 
+def unit_pace(bundle: Bundle) -> dict[str, float]:
+    """FedAdam's step per unit as a multiple of --server-lr: Adam divides the clients' learning
+    rates out of their updates, so each unit steps at its rate over the first unit's (a head's
+    is ten times a block's)."""
+    return {u.name: u.lr / bundle.units[0].lr for u in bundle.units}
+
+
 def merge(global_arrays: dict, results: list[tuple[float, dict]]) -> tuple[dict, dict]:
     """Each unit's arrays averaged over the results (num-examples, arrays) that carry it,
     weighted by num-examples; a unit no result carries keeps its global arrays. Also the
@@ -132,13 +139,10 @@ class Fleet:
         self.round, self.history = 0, []
         self.capacity = {}  # units each node's device holds, from its replies (by-memory)
         self.strategy = strategy(settings)
-        # Adam divides the clients' learning rates out of their updates: FedAdam's step puts
-        # them back, each unit at server-lr x its rate / the first unit's (a head's is ten times)
-        self.pace = {u.name: u.lr / bundle.units[0].lr for u in bundle.units} \
-            if isinstance(self.strategy, FedAdam) else {}
+        self.pace = unit_pace(bundle) if settings.strategy == "fedadam" else {}
         self._resume()
         opt = bundle.optimizer if isinstance(bundle.optimizer, dict) else {}
-        if settings.strategy == "fedadam" and (opt.get("name") != "sgd" or opt.get("weight_decay")):
+        if self.pace and (opt.get("name") != "sgd" or opt.get("weight_decay")):
             log("note: FedAdam measured within 1 pp of central training with SGD clients without weight decay "
                 "(export --optimizer sgd --weight-decay 0) and rounds of a batch or two (--local-steps); "
                 "docs/fleet.md")
