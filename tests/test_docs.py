@@ -1,6 +1,7 @@
 """Every relative link in README.md and docs/ points at a file that exists and, with a
 #fragment, at a heading that file has (as GitHub makes anchors from headings)."""
 import re
+from functools import cache
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -8,6 +9,7 @@ PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 LINK = re.compile(r"\]\(([^)\s]+)\)")
 
 
+@cache
 def anchors(page: Path) -> set[str]:
     """GitHub's anchors: a heading lower-cased, punctuation other than '-' and '_' dropped,
     spaces made '-'; code fences are not headings."""

@@ -325,28 +325,27 @@ def test_simulate_20_clients_3_rounds_then_resume_and_evaluate(bundle_copy, tmp_
 
 def replay(b, how: str, clients: int, history: list[dict], local_epochs: int, momentum: float) -> dict:
     """The FedAvgM run a fleet report describes, in this process: each round the clients it
-    names train the units it names (the fleet's client code), averaged per unit over the
-    clients that trained it (weighted by samples), then m = momentum * m + (w - average),
-    w -= m, in float32 as Flower's FedAvgM computes it: nine local epochs would amplify any
-    other rounding past the tolerance."""
+    names train the units it names (the fleet's client code), `merge` averages each unit over
+    the clients that trained it, then m = momentum * m + (w - average), w -= m, in float32 as
+    Flower's FedAvgM computes it (nine local epochs amplify any other rounding into a
+    visible difference)."""
     data, engine = datasets.load("digits", "train"), get_engine("onnxruntime", threads=1)
     setups = [Setup(b, Dataset(data.x[p], data.y[p], f"client{i}"), i).check()
               for i, p in enumerate(partition.partition(data.y, clients, how, 0))]
     state, _ = b.initial_state()
     weights, velocity = records.shared_arrays(b, state), {}
     for entry in history:
-        sums, counts = {}, {}
+        results = []
         for c in entry["clients"]:
             config = {"bundle-id": b.id, "units": ",".join(c["units"]), "local-epochs": local_epochs, "seed": 0,
                       "server-round": entry["round"], "slots": "reset"}
             arrays, metrics = train(setups[c["client"]], engine, weights, config, {})
-            for key, value in arrays.items():
-                sums[key] = sums.get(key, 0) + metrics["num-examples"] * value.astype(np.float64)
-                counts[key] = counts.get(key, 0) + metrics["num-examples"]
-        for key in sums:
-            delta = weights[key] - (sums[key] / counts[key]).astype(np.float32)
+            results.append((metrics["num-examples"], arrays))
+        average, samples = merge(weights, results)
+        for key in [k for k in weights if records.unit_of(k) in samples]:
+            delta = weights[key] - average[key]
             velocity[key] = momentum * velocity[key] + delta if key in velocity else delta
-        weights = {**weights, **{k: weights[k] - velocity[k] for k in sums}}
+            weights[key] = weights[key] - velocity[key]
     return weights
 
 
